@@ -12,7 +12,7 @@
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify, pytest, hypothesis" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify, pytest, hypothesis, matplotlib, pyarrow" 2>/dev/null; then
   echo "setup_cpu: reusing $VENV"; exit 0
 fi
 "$PY" -m venv "$VENV"
