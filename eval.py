@@ -1,0 +1,365 @@
+"""Evaluation: Mean@n, unbiased Pass@k and K&K accuracy per PPL, for any checkpoint; training curves.
+
+For every problem we draw `n` samples (temperature 0.6, top-p 0.95, as in the paper's Evaluation
+section), score each with rewards.py, and report per level (a K&K column PPL2..PPL8, or a math benchmark):
+
+    Mean@n   = 1/(P n) sum_p c_p                 mean correctness over all samples (= average Pass@1)
+    Pass@k   = 1/P sum_p [1 - C(n - c_p, k) / C(n, k)]   unbiased estimator (Chen et al. 2021), c_p of n correct
+
+and, as the paper reports, the average over levels (each level weighs the same, however many problems it
+has; the sample-weighted mean is kept beside it). K&K "accuracy" in the paper's tables is Mean@n.
+
+The same `evaluate` serves train.py's periodic evaluation in-process (it takes the engine that is already
+running, nothing is reloaded) and the command line:
+
+    python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
+    python eval.py --model PATH --task kk --data ../shared/data/kk/people3_test.jsonl
+    python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
+    python eval.py plot runs/grpo runs/kdrl runs/rlad --out curves.png   # reward / accuracy vs step
+
+It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every
+sample (prompt, response, reward, correct) for inspection.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+KK_EVAL_SEED = 0  # the default K&K evaluation set: data.kk_examples(split="eval") with this seed
+KK_EVAL_PER_LEVEL = 100  # puzzles per PPL, the size of the public K&K test set
+KK_EVAL_PEOPLE = (2, 3, 4, 5, 6, 7, 8)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k for one problem with `c` correct among `n` samples (Chen et al. 2021).
+
+    1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i): the product form never builds the huge
+    binomials (C(32, 16) is fine, C(1000, 500) is not as a float) and is exact at the edges:
+    c = 0 -> 0, and any k-subset must contain a correct sample when n - c < k -> 1.
+    """
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
+        raise TypeError(f"pass_at_k takes integers, got n={n!r}, c={c!r}, k={k!r}")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k needs n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 1 <= k <= n (cannot pick {k} of {n} samples): lower k or raise n")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def _level_order(levels):
+    """K&K columns in numeric order (PPL2 .. PPL8, PPL10 after PPL9); anything else in first-seen order."""
+    levels = list(dict.fromkeys(levels))
+    if levels and all(re.fullmatch(r"PPL\d+", lv) for lv in levels):
+        return sorted(levels, key=lambda lv: int(lv[3:]))
+    return levels
+
+
+def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
+    """Aggregate per-sample results into the summary. Samples are laid out problem by problem:
+    `levels` has one entry per problem, `correct` / `rewards` have n entries per problem.
+
+    Returns {level: {"count", "n", "mean_at_n", "pass_at_k": {k: v}, "mean_reward"}, ...,
+             "average": same keys averaged over levels, plus "mean_at_n_weighted", "pass_at_k_weighted"}.
+    """
+    if len(correct) != len(levels) * n or len(rewards) != len(correct):
+        raise ValueError(f"expected {len(levels)} problems x n={n} samples, got {len(correct)} results")
+    per_level = {}  # level -> list of (c, reward sum) per problem
+    for p, level in enumerate(levels):
+        block = slice(p * n, (p + 1) * n)
+        per_level.setdefault(level, []).append((sum(bool(x) for x in correct[block]), sum(rewards[block])))
+    summary = {}
+    for level in _level_order(levels):
+        probs = per_level[level]
+        summary[level] = {
+            "count": len(probs),
+            "n": n,
+            "mean_at_n": sum(c for c, _ in probs) / (len(probs) * n),
+            "pass_at_k": {k: sum(pass_at_k(n, c, k) for c, _ in probs) / len(probs) for k in ks},
+            "mean_reward": sum(r for _, r in probs) / (len(probs) * n),
+        }
+    rows = list(summary.values())
+    total = sum(r["count"] for r in rows)
+    weighted = lambda key: sum(r[key] * r["count"] for r in rows) / total if total else 0.0  # noqa: E731
+    avg = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    summary["average"] = {
+        "count": total,
+        "n": n,
+        # The paper's "average": every level (PPL, benchmark) counts the same.
+        "mean_at_n": avg([r["mean_at_n"] for r in rows]),
+        "pass_at_k": {k: avg([r["pass_at_k"][k] for r in rows]) for k in ks},
+        "mean_reward": avg([r["mean_reward"] for r in rows]),
+        # Every problem counts the same (differs from the above when levels have different sizes).
+        "mean_at_n_weighted": weighted("mean_at_n"),
+        "pass_at_k_weighted": {k: (sum(r["pass_at_k"][k] * r["count"] for r in rows) / total if total else 0.0)
+                               for k in ks},
+    }
+    return summary
+
+
+# ----------------------------------------------------------------------------- sampling + scoring
+
+def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperature: float = 0.6,
+             top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False) -> dict:
+    """Sample `n` responses per example with `engine`, score them, aggregate. Returns
+    {"summary": summarize(...), "samples": [one record per sample, problem by problem], "config": {...}}.
+
+    `engine` is anything with the rollout.py interface (VLLMEngine, HFEngine): train.py passes its own,
+    already-running engine. `batch_size` prompts go to each generate call (None: all in one call, the
+    fastest with vLLM); `progress` shows a tqdm bar over those calls (the CLI uses it, train.py does not).
+    """
+    import data
+    import rewards
+
+    if not examples:
+        raise ValueError("evaluate: no examples (empty evaluation set): check --data / --limit")
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    if n < 1 or max(ks) > n or min(ks) < 1:
+        raise ValueError(f"evaluate: need 1 <= k <= n for every k, got n={n}, ks={ks}: raise --n or lower --k")
+    prompts, prefills = zip(*(data.build_prompt(ex, tokenizer) for ex in examples))
+    batch_size = batch_size or len(examples)
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(examples) * n, desc="sampling", unit="sample")
+    outputs = []  # per prompt: list of n sample dicts
+    for start in starts:
+        chunk = list(prompts[start:start + batch_size])
+        # A distinct seed per call, so that chunks do not replay one another's random stream.
+        chunk_seed = None if seed is None else seed + start
+        outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
+                                       top_p=top_p, seed=chunk_seed))
+        if progress:
+            bar.update(len(chunk) * n)
+    if progress:
+        bar.close()
+    if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
+        raise RuntimeError(f"engine returned {len(outputs)} prompts / sample counts "
+                           f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
+
+    # What is scored is the whole assistant turn: the pre-filled opening (e.g. "<think>") + the generated
+    # text. Special tokens (the EOS that ends a finished sample) are dropped, as verl / Logic-RL do.
+    responses, flat_examples = [], []
+    for ex, prefill, outs in zip(examples, prefills, outputs):
+        for out in outs:
+            responses.append(prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True))
+            flat_examples.append(ex)
+    scores = rewards.score_batch(flat_examples, responses)
+
+    samples = []
+    for p, (ex, prompt_ids, outs) in enumerate(zip(examples, prompts, outputs)):
+        prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        for i, out in enumerate(outs):
+            s = scores[p * n + i]
+            samples.append({
+                "id": ex.get("id"), "level": ex["level"], "sample": i, "prompt": prompt_text,
+                "response": responses[p * n + i], "answer": ex.get("answer"),
+                "reward": float(s["reward"]), "correct": bool(s["correct"]), "format_ok": bool(s["format_ok"]),
+                "finish_reason": out["finish_reason"], "response_tokens": len(out["response_ids"]),
+            })
+    summary = summarize([ex["level"] for ex in examples], [s["correct"] for s in samples],
+                        [s["reward"] for s in samples], n, ks)
+    config = {"n": n, "ks": list(ks), "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+              "seed": seed}
+    return {"summary": summary, "samples": samples, "config": config}
+
+
+# ----------------------------------------------------------------------------- the paper's tables
+
+def format_table(summary: dict, task: str, name: str = "model") -> str:
+    """The paper's table for one model as Markdown (one row named `name`).
+
+    K&K: accuracy (Mean@n, as a fraction) per PPL column and the average over PPLs.
+    math: Mean@n and Pass@k (k > 1) per benchmark and their average over benchmarks, in percent.
+    Accepts a summary straight from `evaluate` or re-read from the JSON file (string keys).
+    """
+    if task not in ("kk", "math"):
+        raise ValueError(f"unknown task {task!r}: use 'kk' or 'math'")
+    levels = [lv for lv in summary if lv != "average"]
+    if not levels or "average" not in summary:
+        raise ValueError("format_table: summary has no levels or no 'average' (expected evaluate()['summary'])")
+    cells = lambda row: "| " + " | ".join(row) + " |"  # noqa: E731
+    name = name.replace("|", "\\|")  # a '|' in a run name would split the row
+    if task == "kk":
+        header = ["model"] + levels + ["Avg"]
+        values = [name] + [f"{summary[lv]['mean_at_n']:.2f}" for lv in levels + ["average"]]
+    else:
+        n = summary["average"]["n"]
+        ks = sorted(int(k) for k in summary["average"]["pass_at_k"] if int(k) > 1)
+        header, values = ["model"], [name]
+        for lv in levels + ["average"]:
+            label = "Avg" if lv == "average" else lv
+            pk = {int(k): v for k, v in summary[lv]["pass_at_k"].items()}
+            header += [f"{label} Mean@{n}"] + [f"{label} Pass@{k}" for k in ks]
+            values += [f"{100 * summary[lv]['mean_at_n']:.1f}"] + [f"{100 * pk[k]:.1f}" for k in ks]
+    return "\n".join([cells(header), cells(["---"] * len(header)), cells(values)])
+
+
+# ----------------------------------------------------------------------------- training curves
+
+def read_metrics(run_dir: str) -> list:
+    """RUN_DIR/metrics.jsonl as a list of dicts sorted by step; after a resume the last line of a step wins."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass run directories written by train.py")
+    with open(path) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    by_step = {}
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a line still being written by a live run
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not JSON: {line[:80]!r}")
+        if "step" not in rec:
+            raise ValueError(f"{path}, line {i + 1}: no 'step' field")
+        by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(run_dirs, out: str = "curves.png") -> str:
+    """Reward, accuracy (and eval accuracy when logged) vs step, one line per run, on one figure."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for d in run_dirs:
+        label = os.path.basename(os.path.normpath(d))
+        runs[label if label not in runs else d] = read_metrics(d)
+    keys = ["reward", "accuracy"]
+    if any("eval_accuracy" in r for recs in runs.values() for r in recs):
+        keys.append("eval_accuracy")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, recs in runs.items():
+            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if key == "eval_accuracy" else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+def load_examples(task: str, files, limit=None, seed=KK_EVAL_SEED) -> list:
+    """Examples from files (K&K or math), or the default held-out K&K set; at most `limit` per level."""
+    import data
+
+    if task not in ("kk", "math"):
+        raise ValueError(f"unknown task {task!r}: use --task kk or --task math")
+    if files:
+        for path in files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--data {path}: no such file")
+        load = data.load_kk if task == "kk" else data.load_math
+        examples = [ex for path in files for ex in load(path)]
+    elif task == "kk":
+        per_level = KK_EVAL_PER_LEVEL if limit is None else min(limit, KK_EVAL_PER_LEVEL)
+        examples = data.kk_examples(people=KK_EVAL_PEOPLE, per_level=per_level, seed=seed, split="eval")
+    else:
+        raise ValueError("--task math needs --data FILE... (e.g. ../shared/data/math/aime_2021_2024.jsonl)")
+    if limit is not None:
+        kept, per_level = [], {}
+        for ex in examples:
+            per_level[ex["level"]] = per_level.get(ex["level"], 0) + 1
+            if per_level[ex["level"]] <= limit:
+                kept.append(ex)
+        examples = kept
+    if not examples:
+        raise ValueError(f"no examples loaded from {files or 'the K&K generator'}")
+    return examples
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        p = argparse.ArgumentParser(prog="eval.py plot", description="reward / accuracy vs step for runs")
+        p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+        p.add_argument("--out", default="curves.png")
+        a = p.parse_args(argv[1:])
+        try:
+            print(plot(a.run_dirs, a.out))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        return
+
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint dir (HF format) or hub id")
+    p.add_argument("--task", required=True, choices=["kk", "math"])
+    p.add_argument("--data", nargs="*", default=None, help="K&K or math files (jsonl/parquet)")
+    p.add_argument("--n", type=int, default=32, help="samples per problem")
+    p.add_argument("--k", default="1,8,32", help="comma-separated k for Pass@k (each <= n)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--max_tokens", type=int, default=4096, help="response length cap")
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
+    p.add_argument("--dtype", default=None, help="model dtype (default: the engine's, bfloat16 for vLLM)")
+    p.add_argument("--max_model_len", type=int, default=None, help="default: longest prompt + max_tokens")
+    p.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    p.add_argument("--kv_cache_memory_bytes", type=int, default=None, help="vLLM KV cache size (CPU runs)")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (progress bar steps)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many problems per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results.json")
+    a = p.parse_args(argv)
+
+    try:
+        ks = [int(k) for k in a.k.split(",") if k.strip()]
+    except ValueError:
+        p.error(f"--k {a.k!r}: expected comma-separated integers, e.g. 1,8,32")
+    if a.n < 1 or not ks or min(ks) < 1 or max(ks) > a.n:
+        p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
+    if a.limit is not None and a.limit < 1:
+        p.error("--limit must be >= 1")
+    if not os.path.exists(a.model) and (a.model.startswith((".", "/", "~")) or a.model.count("/") != 1):
+        p.error(f"--model {a.model}: no such directory (give a checkpoint dir or a hub id like Qwen/Qwen3-1.7B)")
+    try:
+        examples = load_examples(a.task, a.data, a.limit)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+
+    from transformers import AutoTokenizer
+    import data
+    import rollout
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+    except OSError as e:
+        p.error(f"--model {a.model}: cannot load a tokenizer from it ({e})")
+    if a.engine == "vllm":
+        max_len = a.max_model_len or max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples) + a.max_tokens
+        kw = {"dtype": a.dtype} if a.dtype else {}
+        engine = rollout.VLLMEngine(a.model, max_model_len=max_len, gpu_memory_utilization=a.gpu_memory_utilization,
+                                    seed=a.seed, kv_cache_memory_bytes=a.kv_cache_memory_bytes, **kw)
+    else:
+        engine = rollout.HFEngine(a.model, dtype=a.dtype)
+    print(f"eval: {len(examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
+    result = evaluate(engine, tokenizer, examples, n=a.n, max_tokens=a.max_tokens, temperature=a.temperature,
+                      top_p=a.top_p, seed=a.seed, ks=ks, batch_size=a.batch_size, progress=True)
+    engine.shutdown()
+    result["config"].update(model=a.model, task=a.task, data=a.data, engine=a.engine, limit=a.limit)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(format_table(result["summary"], a.task, name=os.path.basename(os.path.normpath(a.model))))
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
