@@ -116,45 +116,63 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
     fastest with vLLM); `progress` shows a tqdm bar over those calls (the CLI uses it, train.py does not).
     """
     import data
-    import rewards
 
     if not examples:
         raise ValueError("evaluate: no examples (empty evaluation set): check --data / --limit")
-    ks = tuple(sorted(set(int(k) for k in ks)))
-    if n < 1 or max(ks) > n or min(ks) < 1:
-        raise ValueError(f"evaluate: need 1 <= k <= n for every k, got n={n}, ks={ks}: raise --n or lower --k")
-    prompts, prefills = zip(*(data.build_prompt(ex, tokenizer) for ex in examples))
+    _check_ks(n, ks)
+    prompts = [data.build_prompt(ex, tokenizer) for ex in examples]  # (prompt_ids, prefill) per example
     batch_size = batch_size or len(examples)
-    starts = range(0, len(examples), batch_size)
+    bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(examples) * n, desc="sampling", unit="sample")
     outputs = []  # per prompt: list of n sample dicts
-    for start in starts:
-        chunk = list(prompts[start:start + batch_size])
+    for start in range(0, len(examples), batch_size):
+        chunk = [ids for ids, _ in prompts[start:start + batch_size]]
         # A distinct seed per call, so that chunks do not replay one another's random stream.
         chunk_seed = None if seed is None else seed + start
         outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
                                        top_p=top_p, seed=chunk_seed))
-        if progress:
+        if bar is not None:
             bar.update(len(chunk) * n)
-    if progress:
+    if bar is not None:
         bar.close()
     if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
-        raise RuntimeError(f"engine returned {len(outputs)} prompts / sample counts "
+        raise RuntimeError(f"engine returned {len(outputs)} prompts with sample counts "
                            f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
+    result = score_outputs(tokenizer, examples, prompts, outputs, ks=ks)
+    result["config"] = {"n": n, "ks": sorted(set(int(k) for k in ks)), "max_tokens": max_tokens,
+                        "temperature": temperature, "top_p": top_p, "seed": seed}
+    return result
 
+
+def _check_ks(n, ks):
+    if n < 1 or not ks or max(ks) > n or min(ks) < 1:
+        raise ValueError(f"need 1 <= k <= n for every k of Pass@k, got n={n}, ks={tuple(ks)}: raise n or lower k")
+
+
+def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,)) -> dict:
+    """Score engine outputs and aggregate them: {"summary", "samples"}.
+
+    prompts: data.build_prompt(ex, tokenizer) per example, i.e. (prompt_ids, prefill);
+    outputs: engine.generate's return value for those prompts (n samples each, the same n for all).
+    """
+    import rewards
+
+    n = len(outputs[0]) if outputs else 0
+    if len(outputs) != len(examples) or len(prompts) != len(examples) or any(len(o) != n for o in outputs):
+        raise ValueError(f"score_outputs: {len(examples)} examples, {len(prompts)} prompts, {len(outputs)} "
+                         "outputs: expected one prompt and n samples per example")
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    _check_ks(n, ks)
     # What is scored is the whole assistant turn: the pre-filled opening (e.g. "<think>") + the generated
     # text. Special tokens (the EOS that ends a finished sample) are dropped, as verl / Logic-RL do.
-    responses, flat_examples = [], []
-    for ex, prefill, outs in zip(examples, prefills, outputs):
-        for out in outs:
-            responses.append(prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True))
-            flat_examples.append(ex)
-    scores = rewards.score_batch(flat_examples, responses)
+    responses = [prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True)
+                 for (_, prefill), outs in zip(prompts, outputs) for out in outs]
+    scores = rewards.score_batch([ex for ex in examples for _ in range(n)], responses)
 
     samples = []
-    for p, (ex, prompt_ids, outs) in enumerate(zip(examples, prompts, outputs)):
+    for p, (ex, (prompt_ids, _), outs) in enumerate(zip(examples, prompts, outputs)):
         prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
         for i, out in enumerate(outs):
             s = scores[p * n + i]
@@ -166,9 +184,7 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
             })
     summary = summarize([ex["level"] for ex in examples], [s["correct"] for s in samples],
                         [s["reward"] for s in samples], n, ks)
-    config = {"n": n, "ks": list(ks), "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-              "seed": seed}
-    return {"summary": summary, "samples": samples, "config": config}
+    return {"summary": summary, "samples": samples}
 
 
 # ----------------------------------------------------------------------------- the paper's tables

@@ -149,3 +149,195 @@ def test_plot_command_writes_png(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "metrics.jsonl not found" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- end to end, real engines
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def kk_eval_examples():
+    import data
+    return data.kk_examples(people=(2, 3), per_level=2, seed=ev.KK_EVAL_SEED, split="eval")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    import rollout
+    engine = rollout.VLLMEngine(tiny_model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                                max_num_seqs=16, kv_cache_memory_bytes=64 * 2**20)
+    yield engine
+    engine.shutdown()
+
+
+def _check_records(result, examples, tokenizer, n):
+    """Every sample record is the scored text of its problem, problem by problem, and the summary is its
+    aggregate."""
+    import data
+    import rewards
+    samples = result["samples"]
+    assert len(samples) == len(examples) * n
+    for p, ex in enumerate(examples):
+        prompt_ids, prefill = data.build_prompt(ex, tokenizer)
+        for i in range(n):
+            s = samples[p * n + i]
+            assert (s["id"], s["level"], s["sample"]) == (ex["id"], ex["level"], i)
+            assert s["prompt"] == tokenizer.decode(prompt_ids)
+            assert s["response"].startswith(prefill)
+            scored = rewards.score(ex, s["response"])
+            assert (s["reward"], s["correct"], s["format_ok"]) == (scored["reward"], scored["correct"],
+                                                                 scored["format_ok"])
+            assert s["finish_reason"] in ("stop", "length")
+    levels = list(dict.fromkeys(ex["level"] for ex in examples))
+    assert list(result["summary"]) == levels + ["average"]
+    for lv in levels:
+        rows = [s for s in samples if s["level"] == lv]
+        assert result["summary"][lv]["count"] * n == len(rows)
+        assert result["summary"][lv]["mean_at_n"] == pytest.approx(sum(s["correct"] for s in rows) / len(rows))
+        assert result["summary"][lv]["mean_reward"] == pytest.approx(sum(s["reward"] for s in rows) / len(rows))
+
+
+def test_evaluate_greedy_vllm_and_hf_agree(vllm_engine, tiny_model_dir, tokenizer, kk_eval_examples):
+    import rollout
+    import torch
+    kw = dict(n=2, max_tokens=24, temperature=0.0, ks=(1, 2))
+    res_vllm = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples, **kw)
+    hf = rollout.HFEngine(tiny_model_dir, dtype=torch.float32)
+    res_hf = ev.evaluate(hf, tokenizer, kk_eval_examples, batch_size=3, **kw)  # 2 calls: chunking is invisible
+    for res in (res_vllm, res_hf):
+        _check_records(res, kk_eval_examples, tokenizer, n=2)
+    assert [s["response"] for s in res_vllm["samples"]] == [s["response"] for s in res_hf["samples"]]
+    assert [s["reward"] for s in res_vllm["samples"]] == [s["reward"] for s in res_hf["samples"]]
+    assert res_vllm["summary"] == res_hf["summary"]
+    assert list(res_vllm["summary"]) == ["PPL2", "PPL3", "average"]
+    # greedy: the n samples of a problem are the same text
+    assert all(a["response"] == b["response"] for a, b in zip(res_vllm["samples"][::2], res_vllm["samples"][1::2]))
+
+
+def test_evaluate_sampling_is_seeded(vllm_engine, tokenizer, kk_eval_examples):
+    kw = dict(n=4, max_tokens=16, temperature=1.0, top_p=1.0, ks=(1, 4))
+    a = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=0, **kw)
+    b = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=0, **kw)
+    c = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=1, **kw)
+    responses = lambda r: [s["response"] for s in r["samples"]]  # noqa: E731
+    assert responses(a) == responses(b) and responses(a) != responses(c)
+    assert len(set(responses(a)[:4])) > 1  # the n samples of one problem differ
+    _check_records(a, kk_eval_examples[:2], tokenizer, n=4)
+
+
+def _output(tokenizer, prefill, full_text):
+    """An engine output (rollout.py's format) whose scored text is `full_text`: the generated part, + EOS."""
+    assert full_text.startswith(prefill)
+    ids = tokenizer(full_text[len(prefill):], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"response_ids": ids, "logprobs": [0.0] * len(ids), "finish_reason": "stop"}
+
+
+def test_score_outputs_right_and_wrong_answers(tokenizer, kk_eval_examples):
+    """A tiny random model is never right, so correct answers are written by hand in the engine's output
+    format: they must be scored by the real rewards and aggregated into Mean@n / Pass@k."""
+    import data
+    import rewards
+
+    def kk_text(ex, flip_first=False):
+        roles = [not s if (flip_first and j == 0) else s for j, s in enumerate(ex["solution"])]
+        lines = [f"({j + 1}) {name} is a {'knight' if r else 'knave'}" for j, (name, r) in enumerate(zip(ex["names"], roles))]
+        return "<think> reasoning </think>\n<answer>\n" + "\n".join(lines) + "\n</answer>"
+
+    exs = kk_eval_examples  # PPL2, PPL2, PPL3, PPL3
+    prompts = [data.build_prompt(ex, tokenizer) for ex in exs]
+    right = [kk_text(ex) for ex in exs]
+    wrong = [kk_text(ex, flip_first=True) for ex in exs]
+    assert all(rewards.score(ex, t)["correct"] for ex, t in zip(exs, right))
+    assert not any(rewards.score(ex, t)["correct"] for ex, t in zip(exs, wrong))
+    plan = [["r", "w", "w", "w"], ["w", "w", "w", "w"], ["r", "r", "r", "r"], ["r", "r", "w", "junk"]]
+    texts = [[{"r": right[p], "w": wrong[p], "junk": prompts[p][1] + "no tags at all"}[x] for x in row]
+             for p, row in enumerate(plan)]
+    outputs = [[_output(tokenizer, prompts[p][1], t) for t in row] for p, row in enumerate(texts)]
+    res = ev.score_outputs(tokenizer, exs, prompts, outputs, ks=(1, 2, 4))
+    assert [s["response"] for s in res["samples"]] == [t for row in texts for t in row]
+    assert [s["correct"] for s in res["samples"]] == [x == "r" for row in plan for x in row]
+    assert [s["reward"] for s in res["samples"]] == [rewards.score(ex, t)["reward"] for ex, row in zip(exs, texts) for t in row]
+    s = res["summary"]
+    assert s["PPL2"]["mean_at_n"] == pytest.approx(1 / 8) and s["PPL3"]["mean_at_n"] == pytest.approx(6 / 8)
+    assert s["PPL2"]["pass_at_k"][2] == pytest.approx((1 - 3 / 6) / 2)  # c = 1 and c = 0 of 4
+    assert s["PPL3"]["pass_at_k"][2] == pytest.approx((1 + 5 / 6) / 2)  # c = 4 and c = 2 of 4
+    assert s["PPL3"]["pass_at_k"][4] == 1.0
+    assert s["average"]["mean_at_n"] == pytest.approx((1 / 8 + 6 / 8) / 2)
+
+
+def test_score_outputs_math(tokenizer):
+    import data
+    exs = [{"task": "math", "question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}", "level": "toy", "id": "t0"},
+           {"task": "math", "question": "What is 6 * 7?", "answer": "42", "level": "toy", "id": "t1"}]
+    prompts = [data.build_prompt(ex, tokenizer) for ex in exs]
+    texts = [["So the answer is \\boxed{0.75}.", "\\boxed{\\frac{1}{2}}"], ["\\boxed{41}", "The answer: 42"]]
+    outputs = [[_output(tokenizer, pre, pre + t) for t in row] for (_, pre), row in zip(prompts, texts)]
+    res = ev.score_outputs(tokenizer, exs, prompts, outputs, ks=(1, 2))
+    assert [s["correct"] for s in res["samples"]] == [True, False, False, False]  # 0.75 == 3/4; unboxed 42 not
+    assert res["summary"]["toy"]["pass_at_k"][2] == pytest.approx(0.5)
+    table = ev.format_table(res["summary"], "math", name="tiny")
+    assert table.splitlines()[2] == "| tiny | 25.0 | 50.0 | 25.0 | 50.0 |"
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _run_cli(args, tmp_path):
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py")] + args, capture_output=True, text=True,
+                          timeout=300, env=env, cwd=str(tmp_path))
+
+
+def test_cli_vllm_default_kk_set(tiny_model_dir, tmp_path):
+    out = tmp_path / "res" / "results.json"
+    r = _run_cli(["--model", tiny_model_dir, "--task", "kk", "--limit", "1", "--n", "2", "--k", "1,2",
+                  "--max_tokens", "8", "--engine", "vllm", "--dtype", "float32",
+                  "--kv_cache_memory_bytes", str(64 * 2**20), "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out) as f:
+        res = json.load(f)
+    assert [s["level"] for s in res["samples"]] == [f"PPL{i}" for i in range(2, 9) for _ in range(2)]
+    assert list(res["summary"]) == [f"PPL{i}" for i in range(2, 9)] + ["average"]
+    assert res["config"]["n"] == 2 and res["config"]["engine"] == "vllm"
+    # the printed table is the paper's table of the written summary
+    table = ev.format_table(res["summary"], "kk", name=os.path.basename(tiny_model_dir))
+    assert table in r.stdout
+
+
+def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path):
+    import random
+    import data
+    rng = random.Random(0)
+    path = tmp_path / "people3_test.jsonl"
+    with open(path, "w") as f:
+        for _ in range(3):
+            f.write(json.dumps(data.make_kk_puzzle(3, rng)) + "\n")
+    out = tmp_path / "hf.json"
+    r = _run_cli(["--model", tiny_model_dir, "--task", "kk", "--data", str(path), "--limit", "2", "--n", "1",
+                  "--k", "1", "--temperature", "0", "--max_tokens", "8", "--engine", "hf", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out) as f:
+        res = json.load(f)
+    assert len(res["samples"]) == 2 and res["summary"]["average"]["count"] == 2
+    assert "| model |" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "kk", "--n", "4", "--k", "1,8"], "every k must be in 1..n"),
+    (["--task", "chess"], "invalid choice"),
+    (["--task", "math"], "--task math needs --data"),
+    (["--task", "kk", "--data", "/nonexistent/kk.jsonl"], "no such file"),
+])
+def test_cli_errors(tiny_model_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", tiny_model_dir] + args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_missing_model(capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--model", "/nonexistent/ckpt", "--task", "kk"])
+    assert "no such directory" in capsys.readouterr().err
