@@ -29,8 +29,9 @@ all-gathers one layer at a time. FSDP forwards are collectives, hence THE RULE:
     every rank calls `logprobs` the same number of times, at the same point of the program, even a rank
     with no sequences (call it with an empty list).
 Inside a call the ranks agree on the number of micro-batches (one all_reduce(MAX)) and a rank with fewer
-runs 1-token dummy forwards, so different numbers or lengths of sequences per rank are fine. The same
-all_reduce compares a per-teacher call counter and raises on every rank if one rank skipped a call.
+runs 1-token dummy forwards, so different numbers or lengths of sequences per rank are fine. A rank that
+skips a call leaves the others waiting in that all_reduce (a hang until the process group's timeout, not
+an error message): call `logprobs` from code that every rank runs unconditionally, as train.py does.
 
 Offload (`offload=True`): unsharded, parameters live on CPU between calls and move to the device for the
 duration of `logprobs`; sharded, FSDP2's CPUOffloadPolicy keeps each rank's shards in CPU memory and copies
@@ -100,7 +101,9 @@ class Teacher:
     - pack: one packed row per micro-batch (True) or padded rows (False); default True exactly when the
       model uses a flash-attention backend.
     - chunk_size: rows of the LM head computed at once (peak extra memory ~ chunk_size x V floats).
-    After each call, `last_stats` holds the call's sizes and padding fraction.
+    After each call, `last_stats` holds: sequences; tokens (real forward tokens: prompt + response - 1 per
+    non-empty response); slots (forward tokens including padding) and max_slots (the largest forward);
+    pad_fraction = 1 - tokens / slots; micro_batches; dummy_batches (shard=True padding); seconds.
     """
 
     def __init__(self, model, *, dtype=None, device=None, token_budget: int = 16384, shard: bool = False,
@@ -120,7 +123,6 @@ class Teacher:
         attn = str(getattr(lm.config, "_attn_implementation", ""))
         self.pack = ("flash" in attn) if pack is None else pack
         self.scorer = _Scorer(lm, chunk_size)
-        self.calls = 0
         self.last_stats = {}
         if shard:
             self._shard()
@@ -220,14 +222,13 @@ class Teacher:
         self._check(seqs)
         lengths = [len(p) + len(r) - 1 if len(r) else 0 for p, r in seqs]
         batches = self._micro_batches(lengths)
-        self.calls += 1
         n_steps = len(batches)
         if self.shard:
             n_steps = self._agree(len(batches))
         if self.offload and not self.shard:
             self.scorer.to(self.device)
         out = [torch.zeros(0) for _ in seqs]
-        slots = 0
+        slots = max_slots = 0
         # inference_mode is not safe with FSDP2 (it re-uses unsharded parameter storage across calls).
         with (torch.no_grad() if self.shard else torch.inference_mode()):
             for step in range(n_steps):
@@ -239,27 +240,24 @@ class Teacher:
                 batch = batches[step]
                 inputs = self._inputs(seqs, batch)
                 slots += inputs[0].numel()
+                max_slots = max(max_slots, inputs[0].numel())
                 flat = self.scorer(*inputs).cpu()  # [n] float32, one host sync per micro-batch
                 for i, lp in zip(batch, flat.split([len(seqs[i][1]) for i in batch])):
                     out[i] = lp
         if self.offload and not self.shard:
             self.scorer.to("cpu")
         tokens = sum(lengths)
-        self.last_stats = {"sequences": len(seqs), "tokens": tokens, "slots": slots,
+        self.last_stats = {"sequences": len(seqs), "tokens": tokens, "slots": slots, "max_slots": max_slots,
                            "pad_fraction": 1 - tokens / slots if slots else 0.0, "micro_batches": len(batches),
                            "dummy_batches": n_steps - len(batches), "seconds": time.perf_counter() - start}
         return out
 
     def _agree(self, n_local: int) -> int:
-        """One all_reduce(MAX): the number of micro-batches every rank runs, and a check that no rank skipped a call."""
+        """The number of micro-batches every rank runs: one all_reduce(MAX) across the process group."""
         import torch.distributed as dist
         dev = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        x = torch.tensor([n_local, self.calls, -self.calls], device=dev)
+        x = torch.tensor([n_local], device=dev)
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
-        if int(x[1]) != -int(x[2]):
-            raise RuntimeError(f"Teacher.logprobs call counts differ across ranks (this rank: {self.calls}, "
-                               f"max: {int(x[1])}, min: {-int(x[2])}): with shard=True every rank must call "
-                               "logprobs the same number of times, with an empty list when it has no sequences")
         return int(x[0])
 
 

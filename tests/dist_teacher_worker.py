@@ -1,0 +1,47 @@
+"""Worker for tests/test_teacher_dist.py: a sharded (FSDP2) teacher on 2 gloo ranks, results saved per rank.
+
+    torchrun --nproc_per_node 2 tests/dist_teacher_worker.py MODEL_DIR OUT_DIR
+
+Rank r scores its own list of sequences (the ranks get different numbers and lengths, and rank 1 gets an
+empty list in the second call), so the dummy-forward padding inside Teacher.logprobs is exercised. The
+test compares the saved numbers with an unsharded teacher in the parent process.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def rank_sequences(rank: int, call: int):
+    """Deterministic (prompt_ids, response_ids) for one rank and call; the parent rebuilds the same lists."""
+    g = torch.Generator().manual_seed(100 * call + rank)
+    count = [[7, 2], [3, 0]][call][rank]
+    seqs = []
+    for _ in range(count):
+        p = torch.randint(0, 512, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(0, 512, (int(torch.randint(0, 48, (1,), generator=g)),), generator=g).tolist()
+        seqs.append((p, r))
+    return seqs
+
+
+def main():
+    model_dir, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    import teacher
+    t = teacher.Teacher(model_dir, device="cpu", token_budget=64, shard=True)
+    # Sharded for real: each rank holds only part of every decoder layer's weights between calls.
+    local = sum(p.to_local().numel() for p in t.scorer.parameters())
+    full = sum(p.numel() for p in t.scorer.parameters())
+    results = [t.logprobs(rank_sequences(rank, call)) for call in range(2)]
+    stats = t.last_stats
+    torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
