@@ -1,0 +1,362 @@
+"""How a response is scored: the K&K reward (Logic-RL's), the math reward (math-verify), batch scoring.
+
+`response` is always the assistant's whole turn: data.build_prompt's prefill (e.g. "<think>") followed by
+the generated text. Neither reward ever raises on any string: a response the policy can write is a
+response the trainer must survive, and any hole here is a hole the policy will find.
+
+K&K (PAPER.md "Tasks and rewards", Logic-RL):
+    format  +1 when <think>, </think>, <answer>, </answer> each occur exactly once and in that order, else -1
+    answer  +2 every role right, -1.5 any role wrong, -2 unparseable (or format failed)
+    total   in {3, -0.5, -1, -3}; "correct" = total 3
+Parsing the <answer> block: case, whitespace and markdown emphasis are ignored and names may come in any
+order, as a "(1) ..." list or in one sentence. Each name takes the first knight/knave word after it (before
+another name). As in Logic-RL, a name without a role, or more role words than people, is unparseable.
+
+Math: the LAST \\boxed{...} of the response, checked against the reference with math-verify (no hand-written
+LaTeX equivalence): 1.0 equivalent, 0.0 otherwise; "format_ok" = a \\boxed{} answer was found. Answers over
+MAX_ANSWER_CHARS score 0 unparsed. math-verify can take unbounded time (9^{9^{9^9}}, deep nesting) and its
+own timeout is signal.alarm, which works only in a main thread, so answers are checked in a pool of worker
+processes: each worker runs math-verify in its main thread with math-verify's timeouts, and a worker still
+busy MATH_TIMEOUT_S after it got an answer is killed and replaced, that answer scoring 0.
+
+Workers are fresh interpreters (subprocess: spawn semantics, never fork, which is unsafe in a process
+holding torch and a vLLM engine; and unlike multiprocessing's spawn they do not re-import the trainer's
+__main__ and its torch/vLLM imports). The pool starts lazily on the first math answer, is reused for every
+later call, and is closed by close_pool() or at exit. K&K is scored in-process (pure Python, linear time).
+
+    python rewards.py kk  RESPONSE_FILE SOLUTION_JSON NAMES_JSON
+    python rewards.py math RESPONSE_FILE ANSWER
+"""
+import atexit
+import os
+import pickle
+import re
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from functools import lru_cache
+
+import data
+
+# ---------------------------------------------------------------------------------------------------
+# Knights and Knaves (Logic-RL's values)
+# ---------------------------------------------------------------------------------------------------
+
+FORMAT_RIGHT, FORMAT_WRONG = 1.0, -1.0
+ANSWER_RIGHT, ANSWER_WRONG, ANSWER_UNPARSED = 2.0, -1.5, -2.0
+KK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_EMPHASIS = re.compile(r"[*_`#]")  # markdown emphasis / headers / code around names and roles
+
+
+def kk_format_ok(response):
+    """Each of the four tags exactly once, in the order <think> </think> <answer> </answer>."""
+    positions = []
+    for tag in KK_TAGS:
+        if response.count(tag) != 1:
+            return False
+        positions.append(response.find(tag))
+    return positions == sorted(positions)
+
+
+def kk_parse(answer_text, names):
+    """Roles (True = knight) in `names` order read from an answer block, or None when unparseable."""
+    text = _EMPHASIS.sub("", answer_text).casefold()
+    folded = [name.casefold() for name in names]
+    known = set(folded)
+    words = sorted(known, key=len, reverse=True)  # longest first: "Jackson" before "Jack"
+    pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r"|knights?|knaves?)\b"
+    roles, current, role_words = {}, None, 0
+    for match in re.finditer(pattern, text):
+        word = match.group(1)
+        if word in known:
+            current = word
+            continue
+        role_words += 1
+        if current is not None and current not in roles:
+            roles[current] = word.startswith("knight")
+        current = None
+    if role_words != len(names) or len(roles) != len(known):
+        return None
+    return [roles[name] for name in folded]
+
+
+def _kk_score(response, solution, names):
+    if len(solution) != len(names):
+        raise ValueError(f"kk reward: {len(solution)} roles for {len(names)} names; they must match one to one")
+    if not kk_format_ok(response):
+        return {"reward": FORMAT_WRONG + ANSWER_UNPARSED, "correct": False, "format_ok": False}
+    answer = response[response.find("<answer>") + len("<answer>"):response.find("</answer>")]
+    roles = kk_parse(answer, names)
+    if roles is None:
+        points = ANSWER_UNPARSED
+    else:
+        points = ANSWER_RIGHT if roles == [bool(s) for s in solution] else ANSWER_WRONG
+    return {"reward": FORMAT_RIGHT + points, "correct": points == ANSWER_RIGHT, "format_ok": True}
+
+
+def kk_reward(response, solution, names):
+    """Logic-RL's K&K reward of a whole assistant turn: 3, -0.5, -1 or -3."""
+    return _kk_score(_text(response), solution, names)["reward"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Math: math-verify in worker processes with a hard time limit
+# ---------------------------------------------------------------------------------------------------
+
+MATH_TIMEOUT_S = 5.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
+MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is not an answer (no reference comes close)
+MATH_WORKERS = min(4, os.cpu_count() or 1)  # pool size, read when the pool starts
+WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) on a loaded machine
+WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker: 10^(10^10) must fail, not swap
+
+
+def _text(response):
+    if not isinstance(response, str):
+        raise TypeError(f"rewards: response must be a str (the decoded assistant turn), got {type(response).__name__}")
+    return response
+
+
+def _boxed_answer(response):
+    """The last \\boxed{} content, or None when absent or longer than MAX_ANSWER_CHARS."""
+    pred = data.extract_boxed(response)
+    if pred is None or len(pred) > MAX_ANSWER_CHARS:
+        return None
+    return pred
+
+
+# -- worker side: runs in a fresh interpreter, reads (key, pred, gold, seconds) and answers (key, bool) --
+
+def _send(fd, obj):
+    payload = pickle.dumps(obj)
+    os.write(fd, struct.pack("<I", len(payload)) + payload)
+
+
+def _recv(fd):
+    """One framed message from fd, or None at end of file."""
+    header = _read_exact(fd, 4)
+    if header is None:
+        return None
+    return pickle.loads(_read_exact(fd, struct.unpack("<I", header)[0]) or b"")
+
+
+def _read_exact(fd, size):
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold, seconds):
+    from math_verify import parse
+    return parse("\\boxed{" + gold + "}", parsing_timeout=seconds)
+
+
+def _verify(pred, gold, seconds):
+    """math-verify on one pair, in this process's main thread (its timeouts are signal.alarm, whole seconds)."""
+    from math_verify import parse, verify
+    gold_parsed = _parse_gold(gold, seconds)
+    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=seconds)
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
+
+
+def _worker_main():
+    """Entry point of a worker process: stdin carries requests, a private copy of stdout carries results."""
+    import logging
+    import resource
+    out_fd, in_fd = os.dup(1), os.dup(0)
+    os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the result channel
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    except (ValueError, OSError):
+        pass  # a platform without the limit still has the kill-on-timeout
+    import math_verify  # noqa: F401  (the slow import happens before "ready")
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout warnings would flood the log
+    _send(out_fd, ("ready", None))
+    while True:
+        message = _recv(in_fd)
+        if message is None:  # the parent closed the pipe or died
+            return
+        key, pred, gold, seconds = message
+        try:
+            ok = _verify(pred, gold, seconds)
+        except Exception:  # MemoryError, RecursionError, sympy internals: not equivalent
+            ok = False
+        _send(out_fd, (key, ok))
+
+
+# -- parent side --
+
+class _Worker:
+    def __init__(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = f"import sys; sys.path.insert(0, {here!r}); import rewards; rewards._worker_main()"
+        # start_new_session: Ctrl-C in a terminal reaches the trainer, which then closes the pool.
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0, start_new_session=True)
+        self.out, self.inp = self.proc.stdout.fileno(), self.proc.stdin.fileno()
+        self.ready, self.key, self.deadline = False, None, WORKER_START_TIMEOUT_S + time.monotonic()
+
+    def kill(self):
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        self.proc.kill()
+        self.proc.wait()
+
+
+class VerifierPool:
+    """Worker processes running math-verify; verify() fans a batch out and keeps the input order."""
+
+    def __init__(self, num_workers=None):
+        self.workers = [_Worker() for _ in range(num_workers or MATH_WORKERS)]
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.killed = 0  # answers that hit the hard limit (or crashed their worker), for logging
+
+    def verify(self, pairs, timeout_s=None):
+        """[(pred, gold)] -> [bool]: True when math-verify finds them equivalent within timeout_s each."""
+        timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
+        # math-verify's own limits (whole seconds) end most slow cases cleanly before the hard kill.
+        inner = max(1, int(timeout_s / 3))
+        results = [False] * len(pairs)
+        todo = list(range(len(pairs)))[::-1]  # a stack: pop() takes the next index
+        with self.lock:
+            if not self.workers:
+                raise RuntimeError("rewards: the math-verify pool is closed; call start_pool() for a new one")
+            while todo or any(w.key is not None for w in self.workers):
+                for w in self.workers:
+                    if w.ready and w.key is None and todo:
+                        key = todo.pop()
+                        try:
+                            _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
+                        except OSError:  # died while idle: the answer was never seen, give it to another
+                            todo.append(key)
+                            self._replace(w)
+                            continue
+                        w.key, w.deadline = key, time.monotonic() + timeout_s
+                waiting = [w for w in self.workers if w.key is not None or not w.ready]
+                now = time.monotonic()
+                wait = max(0.0, min(w.deadline for w in waiting) - now)
+                readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
+                for w in waiting:
+                    if w.out in readable:
+                        message = _recv(w.out)
+                        if message is None:  # the worker died (a crash on this answer, or at start-up)
+                            if not w.ready:
+                                raise RuntimeError("rewards: a math-verify worker died while starting; see its "
+                                                   "error above (is math-verify installed in this Python?)")
+                            self.killed += 1
+                            self._replace(w)
+                        elif message[0] == "ready":
+                            w.ready = True
+                        else:
+                            results[message[0]] = message[1]
+                            w.key = None
+                    elif time.monotonic() >= w.deadline:
+                        if not w.ready:
+                            raise RuntimeError(f"rewards: a math-verify worker did not start within "
+                                               f"{WORKER_START_TIMEOUT_S:.0f} s (machine overloaded?)")
+                        self.killed += 1  # past the hard limit: this answer stays False
+                        self._replace(w)
+        return results
+
+    def _replace(self, worker):
+        worker.kill()
+        self.workers[self.workers.index(worker)] = _Worker()
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+        self.workers = []
+
+
+_POOL = None
+_AT_EXIT = []
+
+
+def start_pool(num_workers=None):
+    """The shared pool, started if needed (workers import math-verify in the background; returns at once)."""
+    global _POOL
+    if _POOL is None or _POOL.pid != os.getpid():  # a forked child must not share its parent's pipes
+        _POOL = VerifierPool(num_workers)
+        if not _AT_EXIT:
+            _AT_EXIT.append(atexit.register(close_pool))
+    return _POOL
+
+
+def close_pool():
+    """Stop the worker processes (also registered with atexit). The next math answer starts a new pool."""
+    global _POOL
+    if _POOL is not None and _POOL.pid == os.getpid():
+        _POOL.close()
+    _POOL = None
+
+
+def _math_equivalent(pairs, timeout_s=None):
+    """[(pred, gold)] -> [bool]. Identical strings are equivalent without a worker round trip."""
+    results = [pred.strip() == gold.strip() for pred, gold in pairs]
+    rest = [i for i, ok in enumerate(results) if not ok]
+    if rest:
+        for i, ok in zip(rest, start_pool().verify([pairs[i] for i in rest], timeout_s)):
+            results[i] = ok
+    return results
+
+
+def math_reward(response, answer, timeout_s=None):
+    """1.0 when the last \\boxed{} of the response is equivalent to the reference answer, else 0.0."""
+    pred = _boxed_answer(_text(response))
+    if pred is None:
+        return 0.0
+    return 1.0 if _math_equivalent([(pred, str(answer))], timeout_s)[0] else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring Examples (data.py's dicts)
+# ---------------------------------------------------------------------------------------------------
+
+def score(example, response):
+    """{"reward", "correct", "format_ok"} for one Example and its response (prefill + generated text)."""
+    return score_batch([example], [response])[0]
+
+
+def score_batch(examples, responses, timeout_s=None):
+    """score() for many pairs, same order; math answers checked in parallel in the worker pool."""
+    if len(examples) != len(responses):
+        raise ValueError(f"score_batch: {len(examples)} examples but {len(responses)} responses; pair them one to one")
+    out, math_items = [], []
+    for i, (example, response) in enumerate(zip(examples, responses)):
+        response, task = _text(response), example.get("task")
+        if task == "kk":
+            out.append(_kk_score(response, example["solution"], example["names"]))
+        elif task == "math":
+            pred = _boxed_answer(response)
+            out.append({"reward": 0.0, "correct": False, "format_ok": pred is not None})
+            if pred is not None:
+                math_items.append((i, pred, str(example["answer"])))
+        else:
+            raise ValueError(f"score_batch: unknown task {task!r} in example {example.get('id')!r}; use 'kk' or 'math'")
+    if math_items:
+        verdicts = _math_equivalent([(pred, gold) for _, pred, gold in math_items], timeout_s)
+        for (i, _, _), ok in zip(math_items, verdicts):
+            out[i] = {"reward": 1.0 if ok else 0.0, "correct": ok, "format_ok": True}
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    if len(sys.argv) == 5 and sys.argv[1] == "kk":
+        print(kk_reward(open(sys.argv[2]).read(), json.loads(sys.argv[3]), json.loads(sys.argv[4])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "math":
+        print(math_reward(open(sys.argv[2]).read(), sys.argv[3]))
+    else:
+        sys.exit(__doc__.split("\n\n")[-1])
