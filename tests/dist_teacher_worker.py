@@ -36,8 +36,11 @@ def main():
     # Sharded for real: each rank holds only part of every decoder layer's weights between calls.
     local = sum(p.to_local().numel() for p in t.scorer.parameters())
     full = sum(p.numel() for p in t.scorer.parameters())
-    results = [t.logprobs(rank_sequences(rank, call)) for call in range(2)]
-    stats = t.last_stats
+    results, stats = [], []
+    for call in range(2):
+        t.pack = call == 1  # call 0: padded rows, call 1: one packed row per micro-batch
+        results.append(t.logprobs(rank_sequences(rank, call)))
+        stats.append(t.last_stats)
     torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
