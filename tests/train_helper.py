@@ -1,0 +1,81 @@
+"""Runs the project's real training loop (train.main) on a toy task, or one update step on fixed data.
+
+    python tests/train_helper.py toy --config configs/tiny_cpu.toml --run_dir DIR [--key value ...]
+    [torchrun --nproc_per_node 2] tests/train_helper.py update OUT.pt MODEL_DIR
+
+toy: prompts whose reward is the fraction of generated characters that are lowercase letters or spaces. A
+random tiny model scores about 0.5 with a wide spread, so group advantages are informative from the first
+step and a policy that learns shows it within a few dozen CPU steps. Everything else is the real loop: vLLM
+rollouts, teacher, FSDP2 update, weight sync, checkpoints. Each example also carries a ground-truth `target`
+for sft_source="data".
+
+update: a fixed batch of 4 prompts x 4 responses (rewards chosen so that group 3 is all-equal and filtered),
+split 2 + 2 groups over 2 ranks or all on one, goes through train.select_rows, train.score_rows and
+train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients.
+"""
+import os
+import sys
+
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+
+LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
+
+
+def toy_examples(n=64):
+    return [{"task": "math", "question": f"Write a sentence ({i}).", "answer": "0", "level": "toy", "id": f"toy{i}",
+             "target": "the knight is a knave"} for i in range(n)]
+
+
+def toy_score(examples, texts):
+    out = []
+    for text in texts:
+        reward = sum(c in LETTERS for c in text) / len(text) if text else 0.0
+        out.append({"reward": reward, "correct": reward >= 0.75, "format_ok": True})
+    return out
+
+
+def update_case(out_path, model_dir):
+    """One train.update on fixed data; rank r of w gets groups [r*4/w, (r+1)*4/w)."""
+    rank, world, device = train.setup_distributed()
+    cfg = train.Config(model=model_dir, method="rlad", group_size=4, prompts_per_step=4, mini_batches=2, ppo_epochs=2,
+                       micro_batch_tokens=48, filter_groups=True, max_grad_norm=1e9, max_tokens=16, seed=0,
+                       temperature=1.0, lr=1.0, warmup_steps=0, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.tensor([1., 0, 0, 1, 0.5, 0.5, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1])  # group 3 all equal: filtered
+    rows = []
+    for p in range(4):
+        prompt = torch.randint(3, 500, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        for i in range(4):
+            n = int(torch.randint(1, 12, (1,), generator=g))
+            rows.append({"prompt": prompt, "response": torch.randint(3, 500, (n,), generator=g).tolist(), "group": p,
+                         "correct": bool(rewards[4 * p + i] > 0), "teacher": -6 + torch.randn(n, generator=g)})
+    per = 4 // world
+    mine = slice(rank * per * 4, (rank + 1) * per * 4)
+    my_rows = [dict(r, group=r["group"] - rank * per) for r in rows[mine]]
+    policy = train.load_policy(model_dir, cfg, device, world)
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    acc, maxes = {}, {}
+    kept = train.select_rows(my_rows, rewards[mine], cfg, acc)
+    train.score_rows(policy, kept, "old", cfg, device)
+    train.update(policy, opt, kept, cfg, device, world, 0, {"kd": 0.0, "ent": 0.0}, acc, maxes)
+    weights = {name: t.clone() for name, t in train.full_params(policy)}
+    if train.is_main():
+        torch.save({"weights": weights, "kept": len(kept)}, out_path)
+    print(f"rank {rank}: kept {len(kept)} rows", flush=True)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "toy":
+        train.main(train.parse_config(sys.argv[2:]), train_examples=toy_examples(), eval_examples=[],
+                   score_fn=toy_score)
+    elif sys.argv[1] == "update":
+        update_case(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,798 @@
+"""train.py: the RL loop for GRPO, KDRL, RLAD (TRRD) and the SFT baseline, hand-written, torchrun + FSDP2.
+
+One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md and rlad.py):
+  1. each rank takes its share of `prompts_per_step` prompts (a seeded permutation per epoch: resumable)
+  2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt
+  3. rewards.score_batch scores them; 4. rlad.group_advantages, optionally dropping zero-advantage groups
+  5. the teacher scores every sampled token (kdrl, rlad, distill); the student recomputes the old log-probs
+     under no_grad (the engine's own log-probs are only compared with them: `logprob_mismatch`)
+  6. ppo_epochs x mini-batches x micro-batches (token budget). Each micro-batch loss is divided by the GLOBAL
+     token count of its mini-batch across ranks, so gradients equal the full-batch gradient for any world
+     size; every rank runs the same number of forward/backward passes (empty micro-batches pad the short ones)
+  7. clip the grad norm, skip (and count) a non-finite step, AdamW; 8. stream the new weights into the engine
+  9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and atomic checkpoints on schedule
+Methods: grpo eq (1); kdrl eq (2) (linear beta anneal, optional reward-guided mask); rlad eqs (3)-(5);
+distill (KD term alone on the student's samples); sft: k teacher samples per prompt (or the data's
+ground-truth `target` text), keep the correct ones, cross-entropy on the response tokens.
+
+    python train.py --config configs/tiny_cpu.toml          # one CPU process, tiny models, about a minute
+    python train.py                                          # the paper's K&K RLAD: Qwen3-0.6B <- Qwen3-8B
+    torchrun --nproc_per_node 8 train.py --config configs/kk_qwen3_1.7b_8k.toml --method grpo
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --config ...
+    python train.py --config ... --resume true               # continue from the newest complete checkpoint
+
+Left out, on purpose: tensor/pipeline parallel students, a remote or multi-GPU rollout engine, sequence packing
+in the trainer (rows are sorted and right-padded; `pad_frac` reports the waste), meta-device init (every rank
+loads the student on CPU before FSDP shards it), and asynchronous (off-policy) rollouts.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Config:
+    # run
+    run_dir: str = "runs/kk_rlad"           # metrics.jsonl, checkpoints/ and (tiny preset) models/ go here
+    seed: int = 0                           # data order, sampling, tiny-model init
+    resume: bool = False                    # continue from the newest complete checkpoint in run_dir
+    max_steps: int = 300                    # RL steps (one rollout batch each)
+    # models: hub name or local dir; "tiny" / "tiny-teacher" are made on the fly by tiny.py into run_dir/models
+    model: str = "Qwen/Qwen3-0.6B"          # the student
+    teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill / sft(teacher); must share the tokenizer
+    # task and data
+    task: str = "kk"                        # kk | math (what data.py and rewards.py score)
+    train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the K&K generator
+    eval_data: str = ""                     # idem; "" = held-out generated K&K puzzles (PPL2..PPL8)
+    kk_people: str = "3,4,5,6,7"            # generated training puzzles: people per puzzle
+    train_per_level: int = 2000             # generated training puzzles per level
+    max_prompt_tokens: int = 1024           # longer prompts are dropped from the training set
+    # algorithm
+    method: str = "rlad"                    # grpo | kdrl | rlad | distill | sft
+    group_size: int = 8                     # G responses per prompt
+    prompts_per_step: int = 256             # global prompts per step (all ranks), divisible by world size
+    mini_batches: int = 8                   # optimizer steps per epoch (paper 256/32 read as verl's mini-batch 32)
+    ppo_epochs: int = 1                     # passes over each rollout batch
+    micro_batch_tokens: int = 16384         # most tokens (padding included) in one forward/backward
+    max_tokens: int = 2048                  # response budget
+    temperature: float = 1.0                # rollout temperature (the trainer's log-probs use the same one)
+    top_p: float = 1.0
+    adv_scale: bool = True                  # divide advantages by the group std (False: Dr. GRPO)
+    filter_groups: bool = False             # drop groups whose rewards are all equal (DAPO dynamic sampling)
+    loss_agg: str = "token-mean"            # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    eps_low: float = 0.2                    # clip-higher, eq (1)
+    eps_high: float = 0.28
+    alpha: float = 0.5                      # TRRD weight of the old policy, eq (3); 1 = GRPO
+    teacher_clamp: float = 1.0              # Appendix B clamp of logp_S - logp_T in TRRD (0 = none)
+    kd_coef: float = 5e-3                   # KDRL beta at step 0, eq (2); distill uses the KD term unscaled
+    kd_coef_end: float = 1e-3               # KDRL beta floor of the linear anneal
+    kd_anneal: float = 5e-5                 # beta decrease per step (0 = constant beta)
+    kd_kl: str = "k2"                       # KD estimator k1 | k2 | k3
+    kd_clamp: float = 0.0                   # optional clamp of KDRL's log-ratio to [-c, c] (0 = none)
+    kd_wrong_only: bool = False             # KDRL reward-guided masking: KD only on wrong responses
+    kl_coef: float = 0.0                    # KL(pi_S || pi_ref) weight, k3; > 0 loads a frozen reference student
+    ent_coef: float = 0.0                   # entropy bonus coefficient (start value under adaptive control)
+    ent_target: float = 0.0                 # > 0: Skywork-OR1 adaptive control steers entropy to this target
+    ent_delta: float = 5e-3                 # adaptive control: coefficient change per step
+    ent_coef_max: float = 5e-2              # adaptive control: coefficient ceiling
+    sft_source: str = "teacher"             # sft: "teacher" samples (kept if correct) or the data's "target"
+    # optimisation
+    lr: float = 1e-6
+    lr_schedule: str = "constant"           # constant | cosine (to min_lr_ratio * lr at max_steps)
+    warmup_steps: int = 10                  # linear warm-up from 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False        # recompute decoder layers in backward (long responses)
+    logit_chunk: int = 1024                 # LM-head rows at once: no [T, V] logits tensor ever exists
+    # rollout engine
+    engine: str = "vllm"                    # vllm | hf (transformers generate: slow, no vLLM needed)
+    engine_dtype: str = ""                  # "" = bfloat16 on GPU, float32 on CPU
+    gpu_memory_utilization: float = 0.5     # vLLM's share of the GPU (it sleeps during training)
+    max_num_seqs: int = 256
+    kv_cache_memory_mb: int = 0             # vLLM KV cache size (needed on CPU); 0 = vLLM's default
+    enforce_eager: bool = False
+    # teacher pass
+    teacher_token_budget: int = 16384
+    teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
+    teacher_offload: bool = False           # keep the teacher in CPU memory between passes
+    # evaluation, checkpoints, logging
+    eval_every: int = 50                    # 0 = never; also at the last step
+    eval_per_level: int = 100               # held-out problems per level
+    eval_n: int = 1                         # samples per eval problem (Mean@n)
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    save_every: int = 50                    # 0 = only at the end and on SIGTERM
+    keep_last: int = 3                      # checkpoints kept
+    wandb_project: str = ""                 # log to wandb too (when installed)
+
+
+# ----------------------------------------------------------------------------- config: preset TOML + --key value
+def parse_config(argv) -> Config:
+    """Config defaults < `--config FILE.toml` < `--key value` flags. Unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values, flags = {}, list(argv)
+    if "--config" in flags:
+        i = flags.index("--config")
+        path = flags[i + 1] if i + 1 < len(flags) else ""
+        if not os.path.isfile(path):
+            raise SystemExit(f"--config {path!r}: no such file (presets are in configs/)")
+        with open(path, "rb") as f:
+            values.update(tomllib.load(f))
+        del flags[i:i + 2]
+    if len(flags) % 2:
+        raise SystemExit(f"arguments must be --key value pairs; got {flags}")
+    for key, raw in zip(flags[::2], flags[1::2]):
+        if not key.startswith("--"):
+            raise SystemExit(f"expected --key, got {key!r}")
+        key = key[2:].replace("-", "_")
+        if key not in fields:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+        kind = fields[key].type
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{key} takes true or false, got {raw!r}")
+            values[key] = raw.lower() in ("true", "1")
+        else:
+            values[key] = {"int": int, "float": float, "str": str}.get(getattr(kind, "__name__", ""), kind)(raw)
+    for key in values:
+        if key not in fields:
+            raise SystemExit(f"unknown config key {key!r} in {path}; valid keys: {', '.join(fields)}")
+    return Config(**values)
+
+
+def check_config(cfg: Config, world: int):
+    """Errors that must come before any model is loaded."""
+    methods = ("grpo", "kdrl", "rlad", "distill", "sft")
+    if cfg.method not in methods:
+        raise SystemExit(f"method {cfg.method!r} unknown: use one of {methods}")
+    if cfg.group_size < 2 and cfg.method != "sft":
+        raise SystemExit(f"group_size={cfg.group_size}: group advantages need at least 2 responses per prompt")
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}")
+    if cfg.mini_batches < 1 or cfg.ppo_epochs < 1:
+        raise SystemExit("mini_batches and ppo_epochs must be >= 1")
+    needs_teacher = cfg.method in ("kdrl", "rlad", "distill") or (cfg.method == "sft" and cfg.sft_source == "teacher")
+    if needs_teacher and not cfg.teacher:
+        raise SystemExit(f"method {cfg.method!r} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
+    for name in ("model", "teacher") if needs_teacher else ("model",):
+        path = getattr(cfg, name)
+        local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+        if not path.startswith("tiny") and local and not os.path.isdir(os.path.expanduser(path)):
+            raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args):
+    if is_main():
+        print(*args, flush=True)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port)."""
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:  # vLLM reuses an existing default group; FSDP2 then works the same at world size 1
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------- models
+TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
+                                                          num_kv_heads=2, intermediate_size=256, seed_offset=1)}
+
+
+def resolve_model(name: str, cfg: Config) -> str:
+    """A path for `name`: tiny models are written once (by rank 0) into run_dir/models/NAME."""
+    if name not in TINY:
+        return name
+    path = os.path.join(cfg.run_dir, "models", name)
+    if is_main() and not os.path.isfile(os.path.join(path, "config.json")):
+        import tiny
+        kwargs = dict(TINY[name])
+        tiny.save_tiny(path, seed=cfg.seed + kwargs.pop("seed_offset"), **kwargs)
+    dist.barrier()
+    return path
+
+
+class Policy(torch.nn.Module):
+    """The student as FSDP2's root module: returns log-probs (and entropies) of given tokens, never full logits.
+
+    The decoder's hidden states at the positions that predict response tokens go through the LM head one chunk
+    at a time under activation checkpointing, so neither forward nor backward keeps a [T, V] tensor.
+    """
+
+    def __init__(self, lm, chunk: int, temperature: float):
+        super().__init__()
+        self.lm, self.chunk, self.temperature = lm, chunk, temperature
+
+    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False):
+        from torch.utils.checkpoint import checkpoint
+        import rlad
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # [B, L, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # [n, H] response positions only
+        head = self.lm.get_output_embeddings()
+
+        def chunk_fn(h, t):
+            logits = head(h) / self.temperature  # [c, V] in the compute dtype
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = rlad.entropy(logits, self.chunk)  # [c]
+            return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
+
+        parts = [checkpoint(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
+                 for s in range(0, max(targets.shape[0], 1), self.chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
+
+
+def load_policy(path: str, cfg: Config, device, world: int, trainable: bool = True) -> Policy:
+    """The student (or the frozen reference) from a HF checkpoint, FSDP2-sharded per decoder layer and at the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights
+    if cfg.grad_checkpointing and trainable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    policy = Policy(lm, cfg.logit_chunk, cfg.temperature)
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()  # bf16 compute, fp32 gradient reduction on GPU; fp32 throughout on CPU
+    for layer in lm.get_decoder().layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (tied or not)
+    if not trainable:
+        policy.eval().requires_grad_(False)
+    return policy
+
+
+def full_params(policy: Policy):
+    """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates)."""
+    for name, p in policy.lm.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+def make_engine(path: str, cfg: Config, device, rank: int):
+    import rollout
+    if cfg.engine == "hf":
+        return rollout.HFEngine(path, device=device)
+    dtype = cfg.engine_dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    return rollout.VLLMEngine(path, dtype=dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
+                              gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed + rank,
+                              enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
+                              kv_cache_memory_bytes=cfg.kv_cache_memory_mb * 2**20 or None)
+
+
+# ----------------------------------------------------------------------------- data
+def load_examples(cfg: Config, split: str) -> list:
+    import data
+    import eval as evaluation
+    files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
+    for f in files:
+        if not os.path.isfile(f):
+            raise SystemExit(f"--{split}_data {f}: no such file")
+    if split == "eval":
+        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)
+    if files:
+        load = data.load_kk if cfg.task == "kk" else data.load_math
+        return [ex for f in files for ex in load(f)]
+    if cfg.task != "kk":
+        raise SystemExit(f"task {cfg.task!r} has no generator: pass --train_data FILE")
+    people = [int(p) for p in cfg.kk_people.split(",")]
+    return data.kk_examples(people=people, per_level=cfg.train_per_level, seed=cfg.seed, split="train")
+
+
+def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
+    """Indices of this rank's prompts at `step`: epochs of seeded permutations, read in order (resumable)."""
+    per_rank = cfg.prompts_per_step // world
+    out = []
+    for k in range(step * cfg.prompts_per_step + rank * per_rank, step * cfg.prompts_per_step + (rank + 1) * per_rank):
+        epoch, pos = divmod(k, n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+# ----------------------------------------------------------------------------- batching
+def pack(rows: list, budget: int) -> list:
+    """Micro-batches (lists of rows) whose padded size B x L stays within `budget`; rows sorted longest first."""
+    out = []
+    for r in sorted(rows, key=lambda r: -(len(r["prompt"]) + len(r["response"]))):
+        if out and (len(out[-1]) + 1) * (len(out[-1][0]["prompt"]) + len(out[-1][0]["response"]) - 1) <= budget:
+            out[-1].append(r)  # the first row of a micro-batch is its longest: it sets the padded width
+        else:
+            out.append([r])
+    return out
+
+
+DUMMY = {"prompt": [0], "response": [0], "dummy": True}  # keeps a rank's collectives in step; masked out
+
+
+def collate(rows: list, device) -> dict:
+    """Right-padded inputs and [B, R] per-token tensors for one micro-batch (R = longest response)."""
+    rows = rows or [DUMMY]
+    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
+    width, rmax = max(lens), max(len(r["response"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
+    attn = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
+    src, dst, targets = [], [], []
+    for i, r in enumerate(rows):
+        seq = r["prompt"] + r["response"][:-1]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        attn[i, :len(seq)] = 1
+        n = len(r["response"])
+        # response token t sits at position len(prompt) + t, predicted by the hidden state one before it
+        src.append(torch.arange(n) + i * width + len(r["prompt"]) - 1)
+        dst.append(torch.arange(n) + i * rmax)
+        targets.extend(r["response"])
+    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool)
+    dst = torch.cat(dst)
+    mask[dst] = not rows[0].get("dummy", False)
+    out = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
+           "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
+           "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
+           "wrong": torch.tensor([not r.get("correct", True) for r in rows]),
+           "tokens": sum(len(r["response"]) for r in rows if not r.get("dummy")), "slots": len(rows) * width,
+           "real": sum(lens) if not rows[0].get("dummy") else 0}
+    for key in ("teacher", "old", "ref", "engine"):  # per-row token vectors -> [B, R]
+        if all(key in r for r in rows):
+            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=rows[0][key].device)
+            out[key] = flat.index_copy(0, dst.to(flat.device), torch.cat([r[key] for r in rows])).view(len(rows), rmax)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def forward(policy: Policy, b: dict, entropy_grad=False):
+    """Student log-probs and entropies laid out [B, R] like b["mask"]."""
+    lp, ent = policy(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad)  # [n], [n]
+    B, R = b["mask"].shape
+    place = lambda x: torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x[:b["dst"].numel()]).view(B, R)  # noqa: E731
+    return place(lp), place(ent)
+
+
+def agree(counts: list, op) -> list:
+    """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
+    t = torch.tensor(counts, dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return [int(x) for x in t.tolist()]
+
+
+def add(acc: dict, name: str, value, weight=1.0, count=None):
+    """Accumulate sum(value * weight) / sum(count or weight) as device tensors: no host sync until the step's reduce."""
+    s, w = acc.get(name, (0.0, 0.0))
+    acc[name] = (s + value * weight, w + (weight if count is None else count))
+
+
+def reduce_metrics(acc: dict, maxes: dict, device) -> dict:
+    """One all_reduce(SUM) for the weighted means, one all_reduce(MAX) for maxima, then one .tolist()."""
+    names, mnames = sorted(acc), sorted(maxes)
+    flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+                        for n in names for x in acc[n]] or [torch.zeros((), dtype=torch.float64, device=device)])
+    mx = torch.stack([torch.as_tensor(maxes[n], dtype=torch.float64, device=device).reshape(()) for n in mnames])
+    dist.all_reduce(flat)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    flat, mx = flat.tolist(), mx.tolist()
+    out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(names)}
+    out.update(zip(mnames, mx))
+    return out
+
+
+# ----------------------------------------------------------------------------- the two passes of the student
+def score_rows(policy: Policy, rows: list, key: str, cfg: Config, device):
+    """rows[i][key] = log-probs of each response token under `policy` (no_grad): the old policy or the reference."""
+    mbs = pack(rows, cfg.micro_batch_tokens)
+    n_micro = agree([len(mbs)], dist.ReduceOp.MAX)[0]  # same number of FSDP forwards on every rank
+    with torch.no_grad():
+        for j in range(n_micro):
+            mb = mbs[j] if j < len(mbs) else []
+            b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
+            lp, _ = policy(b["ids"], b["attn"], b["src"], b["targets"])  # [n]
+            for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
+                r[key] = x
+
+
+def select_rows(rows: list, reward: torch.Tensor, cfg: Config, acc: dict) -> list:
+    """Set each row's group advantage; keep what is trained on: informative groups (when filtering), non-empty
+    responses; for sft the correct samples (every target when they come from the data)."""
+    import rlad
+    if cfg.method == "sft":
+        return [r for r in rows if r["response"] and (r["correct"] or cfg.sft_source == "data")]
+    adv = rlad.group_advantages(reward, cfg.group_size, scale=cfg.adv_scale)  # [N]
+    informative = rlad.group_is_informative(reward, cfg.group_size).tolist()  # [P]
+    for r, a in zip(rows, adv.tolist()):
+        r["adv"] = a
+    add(acc, "groups_kept", sum(informative) if cfg.filter_groups else len(informative), 1.0, len(informative))
+    return [r for r in rows if r["response"] and (informative[r["group"]] or not cfg.filter_groups)]
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> int:
+    """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the number of skipped steps.
+
+    Every micro-batch loss is divided by its mini-batch's GLOBAL token (or sequence) count, and multiplied by the
+    world size because FSDP averages gradients over ranks: the accumulated gradient is the full-batch gradient.
+    """
+    import rlad
+    M, skipped = cfg.mini_batches, 0
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch))
+        minis = [[rows[i] for i in order[m::M].tolist()] for m in range(M)]
+        plans = [pack(mb, cfg.micro_batch_tokens) for mb in minis]
+        sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis], dist.ReduceOp.SUM)
+        n_micro = agree([len(p) for p in plans], dist.ReduceOp.MAX)  # empty micro-batches pad the short ranks
+        for m in range(M):
+            tokens, seqs = sums[m], sums[M + m]
+            if tokens == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
+                continue
+            denom = tokens if cfg.loss_agg == "token-mean" else seqs
+            for j in range(n_micro[m]):
+                b = collate(plans[m][j] if j < len(plans[m]) else [], device)
+                lp, ent = forward(policy, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
+                mask, w = b["mask"], b["tokens"]
+                if cfg.method == "sft":
+                    loss, metrics = rlad.sft_loss(lp, mask, loss_agg=cfg.loss_agg, num_tokens=denom, max_len=cfg.max_tokens)
+                else:
+                    old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
+                    loss, metrics = rlad.policy_loss(
+                        cfg.method, lp, old, b["adv"], mask, teacher_logp=b.get("teacher"), ref_logp=b.get("ref"),
+                        alpha=cfg.alpha, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                        teacher_clamp=cfg.teacher_clamp or None, kd_coef=coefs["kd"], kd_kl=cfg.kd_kl,
+                        kd_clamp=cfg.kd_clamp or None, kl_coef=cfg.kl_coef, loss_agg=cfg.loss_agg, num_tokens=denom,
+                        max_len=cfg.max_tokens, kd_mask=b["wrong"] if cfg.kd_wrong_only else None)
+                    if "engine" in b and epoch == 0:  # engine vs trainer log-probs of the same weights and tokens
+                        gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
+                        add(acc, "logprob_mismatch", gap.sum() / max(w, 1), w)
+                        maxes["logprob_mismatch_max"] = torch.maximum(torch.as_tensor(maxes.get("logprob_mismatch_max", 0.0), device=device), gap.max().double())
+                if coefs["ent"] > 0:  # entropy bonus (Skywork-OR1 adaptive entropy control steers its coefficient)
+                    loss = loss - coefs["ent"] * rlad.aggregate(ent, mask, cfg.loss_agg, denom, cfg.max_tokens)
+                (loss * world).backward()
+                for k, v in metrics.items():  # loss terms are partial sums: averaged per mini-batch, others per token
+                    add(acc, k, v, 1.0, 0.0) if k in ("loss", "pg_loss", "kd", "kl_ref") else add(acc, k, v, w)
+                add(acc, "entropy", rlad.masked_mean(ent.detach(), mask), w)
+                add(acc, "pad_frac", 1.0 - b["real"] / b["slots"], b["slots"] if b["real"] else 0)
+            for k in ("loss", "pg_loss", "kd", "kl_ref"):
+                if k in acc:
+                    add(acc, k, 0.0, 0.0, 1.0 / world)
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if torch.isfinite(norm):  # one host sync per optimizer step
+                opt.step()
+                add(acc, "grad_norm", norm, 1.0 / world)
+            else:
+                skipped += 1
+            opt.zero_grad(set_to_none=True)
+    return skipped
+
+
+# ----------------------------------------------------------------------------- checkpoints (atomic, HF format)
+def fsync_tree(path: str):
+    for root, _, files in os.walk(path):
+        for name in files + ["."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def latest_checkpoint(run_dir: str):
+    """The newest complete checkpoint (renamed into place only once fully written), or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(cfg, step, policy, opt, tokenizer, extra):
+    """RUN_DIR/checkpoints/step_XXXXXX: model.safetensors + config + tokenizer (vLLM / from_pretrained load it as
+    is) and trainer_state.pt (optimizer, every rank's RNG, step = data position). Temp dir, fsync, rename."""
+    import safetensors.torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    weights = {name: t.cpu().clone() for name, t in full_params(policy)} if is_main() else None
+    for _ in ([] if is_main() else full_params(policy)):  # the other ranks join the gathers
+        pass
+    optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, rng_state())
+    if is_main():
+        root = os.path.join(cfg.run_dir, "checkpoints")
+        final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        safetensors.torch.save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        policy.lm.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim, "rng": rngs, "config": dataclasses.asdict(cfg), **extra},
+                   os.path.join(tmp, "trainer_state.pt"))
+        fsync_tree(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_tree(root)
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-max(cfg.keep_last, 1)]:
+            shutil.rmtree(os.path.join(root, old))
+    dist.barrier()
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def load_trainer_state(path, policy, opt, rank) -> dict:
+    """Optimizer (read by rank 0, broadcast), this rank's RNG, and the step to continue from."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = [torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+             if is_main() else None]
+    optim = state[0].pop("optimizer") if is_main() else {}
+    dist.broadcast_object_list(state, src=0)
+    set_optimizer_state_dict(policy, opt, optim, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    rng = state[0]["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state[0]
+
+
+# ----------------------------------------------------------------------------- periodic evaluation
+def run_eval(engine, tokenizer, examples, cfg, rank, world) -> dict:
+    """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level)."""
+    import eval as evaluation
+    levels = list(dict.fromkeys(ex["level"] for ex in examples))
+    mine, local = examples[rank::world], [0.0] * (2 * len(levels))
+    if mine:
+        summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
+                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed + rank)["summary"]
+        for i, level in enumerate(levels):
+            if level in summary:
+                local[2 * i] = summary[level]["count"]
+                local[2 * i + 1] = summary[level]["count"] * summary[level]["mean_at_n"]
+    t = torch.tensor(local, dtype=torch.float64)
+    dist.all_reduce(t)
+    per_level = {lv: t[2 * i + 1].item() / t[2 * i].item() for i, lv in enumerate(levels) if t[2 * i] > 0}
+    out = {f"eval/{lv}": v for lv, v in per_level.items()}
+    out["eval_accuracy"] = sum(per_level.values()) / max(len(per_level), 1)  # the paper's average over levels
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+STOP = {"signal": 0}  # set by SIGTERM: finish the step, write a checkpoint, exit
+
+
+def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
+    """Train. A fork with its own task passes examples (data.py's dict shape) and score_fn(examples, texts) ->
+    [{"reward", "correct", "format_ok"}] (rewards.score_batch's contract); eval_examples are scored by eval.py."""
+    import data
+    import rewards
+    import rlad
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+    rank, world, device = setup_distributed()
+    check_config(cfg, world)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    score_fn = score_fn or rewards.score_batch
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    uses_teacher_lp = cfg.method in ("kdrl", "rlad", "distill")
+    teacher_generates = cfg.method == "sft" and cfg.sft_source == "teacher"
+
+    # --- data and tokenizers: every cheap check before a model is loaded
+    train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
+    eval_examples = (load_examples(cfg, "eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
+    student_path = resolve_model(cfg.model, cfg)
+    teacher_path = resolve_model(cfg.teacher, cfg) if uses_teacher_lp or teacher_generates else None
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    if teacher_path:
+        import teacher as teacher_lib
+        teacher_lib.check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(teacher_path), cfg.model, cfg.teacher)
+    prompts = [data.build_prompt(ex, tokenizer) for ex in train_examples]  # (prompt_ids, prefill)
+    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= cfg.max_prompt_tokens]
+    if len(keep) < len(prompts):
+        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} prompts longer than {cfg.max_prompt_tokens} tokens")
+    train_examples, prompts = [train_examples[i] for i in keep], [prompts[i] for i in keep]
+    if not train_examples:
+        raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
+                         f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
+    if cfg.method == "sft" and cfg.sft_source == "data" and "target" not in train_examples[0]:
+        raise SystemExit("sft_source='data' needs a 'target' field (the full assistant answer) in every example")
+
+    # --- models: the engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher
+    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    start_from = ckpt or student_path
+    engine = make_engine(start_from, cfg, device, rank) if cfg.method != "sft" or cfg.eval_every else None
+    if engine is not None:
+        engine.sleep()
+    policy = load_policy(start_from, cfg, device, world)
+    ref = load_policy(student_path, cfg, device, world, trainable=False) if cfg.kl_coef > 0 else None
+    teacher = None
+    if uses_teacher_lp:
+        teacher = teacher_lib.Teacher(teacher_path, device=device, token_budget=cfg.teacher_token_budget,
+                                      shard=cfg.teacher_shard, offload=cfg.teacher_offload, chunk_size=cfg.logit_chunk)
+    if teacher_generates:  # the SFT baseline samples from the teacher (transformers: one vLLM engine per process)
+        import rollout
+        teacher_engine = rollout.HFEngine(teacher_path, device=device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, skipped, ent_coef = 0, 0, cfg.ent_coef
+    if ckpt:
+        state = load_trainer_state(ckpt, policy, opt, rank)
+        start, skipped, ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
+        print0(f"resumed from {ckpt} at step {start}")
+    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if is_main():
+        lines = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # a fresh run starts a fresh file; a resume drops steps past the checkpoint
+            f.writelines(ln + "\n" for ln in lines if ckpt and json.loads(ln)["step"] <= start)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    n_params = sum(p.numel() for p in policy.parameters()) * (world if device.type == "cpu" else 1)
+    print0(f"{cfg.method}: student {cfg.model} (~{n_params / 1e6:.1f}M params), teacher {teacher_path}, world {world}, "
+           f"{len(train_examples)} train / {len(eval_examples)} eval prompts, steps {start}..{cfg.max_steps}")
+    wandb = None
+    if cfg.wandb_project and is_main():
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--wandb_project needs `pip install wandb`")
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
+    signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
+    stale = False  # the engine starts from the trainer's weights (the same checkpoint)
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main(), desc=cfg.method)
+
+    def refresh_engine(times):
+        """Wake the engine and, if the trainer moved on, stream its weights in (one full_tensor per parameter)."""
+        nonlocal stale
+        t = time.perf_counter()
+        if stale:  # asleep: the engine restores only its weights' memory for this, the KV cache comes with wake()
+            engine.load_weights(full_params(policy))
+            stale = False
+        engine.wake()
+        times["sync"] = times.get("sync", 0.0) + time.perf_counter() - t
+
+    for step in range(start, cfg.max_steps):
+        times, acc, maxes, t_step = {}, {}, {}, time.perf_counter()
+        idx = prompts_for_step(len(train_examples), step, cfg, rank, world)
+        exs, pids, prefills = [train_examples[i] for i in idx], [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]
+        seed = (cfg.seed * 1_000_003 + step * 4096 + rank) % (2**31 - 1)  # per step and rank: exact resume
+
+        # 1. rollouts: G samples per prompt from the student (sft: from the teacher, or the data's target)
+        t = time.perf_counter()
+        if cfg.method == "sft" and cfg.sft_source == "data":
+            outs = [[{"response_ids": tokenizer(ex["target"].removeprefix(pf), add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id], "finish_reason": "stop"}] for ex, pf in zip(exs, prefills)]
+        elif cfg.method == "sft":
+            outs = teacher_engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens,
+                                           temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+        else:
+            refresh_engine(times)
+            t = time.perf_counter()
+            outs = engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, seed=seed)
+            engine.sleep()
+        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
+                 "truncated": o["finish_reason"] == "length", **({"engine": torch.tensor(o["logprobs"])}
+                                                                   if cfg.method != "sft" else {})}
+                for p, group in enumerate(outs) for o in group]
+        times["rollout"] = time.perf_counter() - t
+
+        # 2. rewards (CPU, worker processes)
+        t = time.perf_counter()
+        texts = [prefills[r["group"]] + tokenizer.decode(r["response"], skip_special_tokens=True) for r in rows]
+        scores = score_fn([exs[r["group"]] for r in rows], texts)
+        reward = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # [N]
+        for r, s in zip(rows, scores):
+            r["correct"] = bool(s["correct"])
+        times["reward"] = time.perf_counter() - t
+
+        # 3. group advantages, optional zero-advantage filter (sft: keep the correct samples)
+        kept = select_rows(rows, reward, cfg, acc)
+
+        # 4. teacher log-probs of every kept token (a collective when sharded: every rank calls it)
+        t = time.perf_counter()
+        if teacher is not None:
+            for r, lp in zip(kept, teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
+                r["teacher"] = lp
+        times["teacher"] = time.perf_counter() - t
+
+        # 5. old-policy (and reference) log-probs, recomputed by the trainer
+        t = time.perf_counter()
+        if cfg.method not in ("sft", "distill") and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1):
+            score_rows(policy, kept, "old", cfg, device)
+        if ref is not None:
+            score_rows(ref, kept, "ref", cfg, device)
+        times["old_logp"] = time.perf_counter() - t
+
+        # 6-7. PPO epochs x mini-batches x micro-batches, clip, skip non-finite, AdamW
+        t = time.perf_counter()
+        kd_coef = max(cfg.kd_coef_end, cfg.kd_coef - cfg.kd_anneal * step) if cfg.kd_anneal else cfg.kd_coef
+        skipped += update(policy, opt, kept, cfg, device, world, step, {"kd": kd_coef, "ent": ent_coef}, acc, maxes)
+        stale = True
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times["update"] = time.perf_counter() - t
+
+        # 8-9. metrics (one reduce, one host sync), eval, checkpoint
+        n_tok = sum(len(r["response"]) for r in rows)
+        add(acc, "reward", reward.sum(), 1.0, len(rows))
+        add(acc, "accuracy", sum(r["correct"] for r in rows), 1.0, len(rows))
+        add(acc, "format_ok", sum(bool(s["format_ok"]) for s in scores), 1.0, len(rows))
+        add(acc, "response_len", n_tok, 1.0, len(rows))
+        add(acc, "truncated", sum(r["truncated"] for r in rows), 1.0, len(rows))
+        add(acc, "kept_rows", len(kept), 1.0, 1.0 / world)
+        add(acc, "tokens_generated", n_tok, 1.0, 1.0 / world)
+        add(acc, "tokens_trained", sum(len(r["response"]) for r in kept), 1.0, 1.0 / world)
+        maxes["response_len_max"] = max((len(r["response"]) for r in rows), default=0)
+        maxes["stop"] = STOP["signal"]
+        times["step"] = time.perf_counter() - t_step
+        for k, v in times.items():
+            maxes[f"time/{k}"] = v  # the slowest rank sets the pace
+        m = reduce_metrics(acc, maxes, device)
+        stop = m.pop("stop") > 0
+        m.update(step=step + 1, lr=lr_at(step, cfg), kd_coef=kd_coef, ent_coef=ent_coef, skipped_steps=skipped,
+                 tokens_per_s=m["tokens_generated"] / m["time/step"],
+                 update_tokens_per_s=m["tokens_trained"] / max(m["time/update"], 1e-9))
+        if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
+            ent_coef = min(max(ent_coef + (cfg.ent_delta if m["entropy"] < cfg.ent_target else -cfg.ent_delta), 0.0),
+                           cfg.ent_coef_max)
+        last = step + 1 == cfg.max_steps
+        if engine is not None and eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            refresh_engine(times)
+            m.update(run_eval(engine, tokenizer, eval_examples, cfg, rank, world))
+            engine.sleep()
+        if is_main():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if wandb is not None:
+                wandb.log(m, step=step + 1)
+            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}", s=f"{m['time/step']:.1f}")
+        bar.update(1)
+        if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_checkpoint(cfg, step + 1, policy, opt, tokenizer, {"skipped_steps": skipped, "ent_coef": ent_coef})
+        if stop:
+            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
+            break
+    bar.close()
+    # vLLM's shutdown destroys the default process group: every collective first, the engine last (VLLM_CPU.md).
+    dist.barrier()
+    if engine is not None:
+        engine.shutdown()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))
