@@ -61,23 +61,35 @@ def kk_format_ok(response):
     return positions == sorted(positions)
 
 
+_WORD = re.compile(r"\w+")
+_ROLES = {"knight": True, "knights": True, "knave": False, "knaves": False}
+
+
+@lru_cache(maxsize=1024)
+def _names_pattern(folded):
+    """For names that are not single words ("Mary Ann"): whole names and role words, longest names first."""
+    words = sorted(set(folded), key=len, reverse=True)
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r"|knights?|knaves?)\b")
+
+
 def kk_parse(answer_text, names):
     """Roles (True = knight) in `names` order read from an answer block, or None when unparseable."""
     text = _EMPHASIS.sub("", answer_text).casefold()
-    folded = [name.casefold() for name in names]
+    folded = tuple(name.casefold() for name in names)
     known = set(folded)
-    words = sorted(known, key=len, reverse=True)  # longest first: "Jackson" before "Jack"
-    pattern = r"\b(" + "|".join(re.escape(w) for w in words) + r"|knights?|knaves?)\b"
+    if all(_WORD.fullmatch(name) for name in folded):
+        words = (m.group(0) for m in _WORD.finditer(text))  # whole words: "Jack" never matches inside "Jackson"
+    else:
+        words = (m.group(1) for m in _names_pattern(folded).finditer(text))
     roles, current, role_words = {}, None, 0
-    for match in re.finditer(pattern, text):
-        word = match.group(1)
+    for word in words:
         if word in known:
             current = word
-            continue
-        role_words += 1
-        if current is not None and current not in roles:
-            roles[current] = word.startswith("knight")
-        current = None
+        elif word in _ROLES:
+            role_words += 1
+            if current is not None and current not in roles:
+                roles[current] = _ROLES[word]
+            current = None
     if role_words != len(names) or len(roles) != len(known):
         return None
     return [roles[name] for name in folded]
@@ -106,7 +118,7 @@ def kk_reward(response, solution, names):
 # Math: math-verify in worker processes with a hard time limit
 # ---------------------------------------------------------------------------------------------------
 
-MATH_TIMEOUT_S = 5.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
+MATH_TIMEOUT_S = 10.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is not an answer (no reference comes close)
 MATH_WORKERS = min(4, os.cpu_count() or 1)  # pool size, read when the pool starts
 WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) on a loaded machine
@@ -139,7 +151,8 @@ def _recv(fd):
     header = _read_exact(fd, 4)
     if header is None:
         return None
-    return pickle.loads(_read_exact(fd, struct.unpack("<I", header)[0]) or b"")
+    payload = _read_exact(fd, struct.unpack("<I", header)[0])
+    return None if payload is None else pickle.loads(payload)
 
 
 def _read_exact(fd, size):
@@ -177,8 +190,8 @@ def _worker_main():
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ValueError, OSError):
         pass  # a platform without the limit still has the kill-on-timeout
-    import math_verify  # noqa: F401  (the slow import happens before "ready")
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout warnings would flood the log
+    _verify("\\frac{1}{2}", "0.5", 30)  # sympy's lazy imports take ~1 s on first use: before "ready", not on an answer
     _send(out_fd, ("ready", None))
     while True:
         message = _recv(in_fd)
@@ -226,49 +239,56 @@ class VerifierPool:
     def verify(self, pairs, timeout_s=None):
         """[(pred, gold)] -> [bool]: True when math-verify finds them equivalent within timeout_s each."""
         timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
-        # math-verify's own limits (whole seconds) end most slow cases cleanly before the hard kill.
-        inner = max(1, int(timeout_s / 3))
         results = [False] * len(pairs)
-        todo = list(range(len(pairs)))[::-1]  # a stack: pop() takes the next index
         with self.lock:
             if not self.workers:
                 raise RuntimeError("rewards: the math-verify pool is closed; call start_pool() for a new one")
-            while todo or any(w.key is not None for w in self.workers):
-                for w in self.workers:
-                    if w.ready and w.key is None and todo:
-                        key = todo.pop()
-                        try:
-                            _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
-                        except OSError:  # died while idle: the answer was never seen, give it to another
-                            todo.append(key)
-                            self._replace(w)
-                            continue
-                        w.key, w.deadline = key, time.monotonic() + timeout_s
-                waiting = [w for w in self.workers if w.key is not None or not w.ready]
-                now = time.monotonic()
-                wait = max(0.0, min(w.deadline for w in waiting) - now)
-                readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
-                for w in waiting:
-                    if w.out in readable:
-                        message = _recv(w.out)
-                        if message is None:  # the worker died (a crash on this answer, or at start-up)
-                            if not w.ready:
-                                raise RuntimeError("rewards: a math-verify worker died while starting; see its "
-                                                   "error above (is math-verify installed in this Python?)")
-                            self.killed += 1
-                            self._replace(w)
-                        elif message[0] == "ready":
-                            w.ready = True
-                        else:
-                            results[message[0]] = message[1]
-                            w.key = None
-                    elif time.monotonic() >= w.deadline:
-                        if not w.ready:
-                            raise RuntimeError(f"rewards: a math-verify worker did not start within "
-                                               f"{WORKER_START_TIMEOUT_S:.0f} s (machine overloaded?)")
-                        self.killed += 1  # past the hard limit: this answer stays False
-                        self._replace(w)
+            try:
+                self._run(pairs, timeout_s, results)
+            except BaseException:  # start-up failure, Ctrl-C: no worker may keep an answer of an abandoned batch
+                self.close()
+                raise
         return results
+
+    def _run(self, pairs, timeout_s, results):
+        # math-verify's own limits (whole seconds) end most slow cases cleanly before the hard kill.
+        inner = max(1, int(timeout_s / 3))
+        todo = list(range(len(pairs)))[::-1]  # a stack: pop() takes the next index
+        while todo or any(w.key is not None for w in self.workers):
+            for w in self.workers:
+                if w.ready and w.key is None and todo:
+                    key = todo.pop()
+                    try:
+                        _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
+                    except OSError:  # died while idle: the answer was never seen, give it to another
+                        todo.append(key)
+                        self._replace(w)
+                        continue
+                    w.key, w.deadline = key, time.monotonic() + timeout_s
+            waiting = [w for w in self.workers if w.key is not None or not w.ready]
+            now = time.monotonic()
+            wait = max(0.0, min(w.deadline for w in waiting) - now)
+            readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
+            for w in waiting:
+                if w.out in readable:
+                    message = _recv(w.out)
+                    if message is None:  # the worker died (a crash on this answer, or at start-up)
+                        if not w.ready:
+                            raise RuntimeError("rewards: a math-verify worker died while starting; see its "
+                                               "error above (is math-verify installed in this Python?)")
+                        self.killed += 1
+                        self._replace(w)
+                    elif message[0] == "ready":
+                        w.ready = True
+                    else:
+                        results[message[0]] = message[1]
+                        w.key = None
+                elif time.monotonic() >= w.deadline:
+                    if not w.ready:
+                        raise RuntimeError(f"rewards: a math-verify worker did not start within "
+                                           f"{WORKER_START_TIMEOUT_S:.0f} s (machine overloaded?)")
+                    self.killed += 1  # past the hard limit: this answer stays False
+                    self._replace(w)
 
     def _replace(self, worker):
         worker.kill()
@@ -287,7 +307,7 @@ _AT_EXIT = []
 def start_pool(num_workers=None):
     """The shared pool, started if needed (workers import math-verify in the background; returns at once)."""
     global _POOL
-    if _POOL is None or _POOL.pid != os.getpid():  # a forked child must not share its parent's pipes
+    if _POOL is None or not _POOL.workers or _POOL.pid != os.getpid():  # a forked child must not share pipes
         _POOL = VerifierPool(num_workers)
         if not _AT_EXIT:
             _AT_EXIT.append(atexit.register(close_pool))
