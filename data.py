@@ -22,8 +22,8 @@ integers, and the assignments where everyone is consistent are
 The sampler follows the public generator's process, checked against the public files' statistics:
 statement kind uniform over {leaf, not, and, or, ->, <=>}, leaf person uniform over everyone with
 "I am a knave" (a paradox) excluded, the two leaves of a binary statement distinct; then rejection of
-puzzles without exactly one solution. 10,000 eight-person puzzles take well under a second of
-solving and about a second in all on one core (benchmarks/bench_tasks.py).
+puzzles without exactly one solution. 10,000 eight-person puzzles, text included, take about 1 s of CPU
+on one core (benchmarks/bench_tasks.py).
 
 Held-out evaluation: a puzzle's identity is its statement structure (names and wording aside); a stable
 hash of it puts 1 in EVAL_BUCKETS structures in the evaluation split and the rest in the training split,
