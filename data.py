@@ -2,8 +2,9 @@
 
 Every task ends up as a plain dict, the *Example* that rewards.py, eval.py and train.py consume:
 
-    {"task": "kk" | "math", "question": str, "answer": str, "solution": list[bool] (kk), "names": list[str] (kk),
-     "level": "PPL2".."PPL8" (kk) or a benchmark name such as "aime" (math), "id": str}
+    {"task": "kk" | "math" | "arith", "question": str, "answer": str, "solution": list[bool] (kk),
+     "names": list[str] (kk), "level": "PPL2".."PPL8" (kk), a benchmark name such as "aime" (math) or
+     "L2".."L8" (arith), "id": str}
 
 Knights and Knaves (Xie et al. 2024; PAPER.md "Tasks and rewards"). Each of n islanders makes one statement,
 in the public data's literal format (../shared/data/README.md):
@@ -224,11 +225,14 @@ EVAL_BUCKETS = 8  # 1 in 8 statement structures is reserved for evaluation
 EVAL_SEED = "rlad-kk-eval"
 
 
-def kk_split_of(n, statements):
-    """"eval" or "train": the split a puzzle structure belongs to (stable across machines and Python runs)."""
-    key = f"{n}:{statements if isinstance(statements, str) else repr(tuple(statements))}"
+def _split_of(key):
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return "eval" if int.from_bytes(digest, "little") % EVAL_BUCKETS == 0 else "train"
+
+
+def kk_split_of(n, statements):
+    """"eval" or "train": the split a puzzle structure belongs to (stable across machines and Python runs)."""
+    return _split_of(f"{n}:{statements if isinstance(statements, str) else repr(tuple(statements))}")
 
 
 def kk_example(record, id, level=None):
@@ -256,6 +260,54 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
             if kk_split_of(n, record["statements"]) != split:
                 continue
             out.append(kk_example(record, f"kk-{split}-PPL{n}-{count}"))
+            count += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arithmetic: running sums mod 10, a task small enough to train on CPU (the miniature reproduction)
+# ---------------------------------------------------------------------------------------------------
+# Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
+# operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
+# end-of-sequence token; rewards.arith_reward pays 1 for exactly n - 1 digits whose last one is right.
+
+ARITH_LEVELS = range(2, 9)
+
+
+def make_arith_problem(n, rng):
+    """(question, answer) for n operands, e.g. ("3 + 5 - 7 =", "8 1")."""
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"make_arith_problem: n={n!r} operands; use an int >= 2")
+    if not isinstance(rng, random.Random):
+        rng = random.Random(rng)
+    value = rng.randrange(10)
+    question, running = [str(value)], []
+    for _ in range(n - 1):
+        op, digit = rng.choice("+-"), rng.randrange(10)
+        value = (value + digit if op == "+" else value - digit) % 10
+        question += [op, str(digit)]
+        running.append(str(value))
+    return " ".join(question) + " =", " ".join(running)
+
+
+def arith_examples(levels=ARITH_LEVELS, per_level=100, seed=0, split="train"):
+    """Arithmetic Examples ({"task": "arith", "question", "answer", "level": "L{n}", "id"}), level by level.
+
+    As for K&K: split="eval" is a fixed stream (seed ignored), split="train" draws from `seed`, and a stable
+    hash of the question puts 1 in EVAL_BUCKETS problems in eval only (L2 has just 200 distinct problems).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"arith_examples: split={split!r}; use 'train' or 'eval'")
+    out = []
+    for n in levels:
+        rng = random.Random(f"rlad-arith-eval-{n}" if split == "eval" else f"rlad-arith-train-{seed}-{n}")
+        count = 0
+        while count < per_level:
+            question, answer = make_arith_problem(n, rng)
+            if _split_of(f"arith:{question}") != split:
+                continue
+            out.append({"task": "arith", "question": question, "answer": answer, "level": f"L{n}",
+                        "id": f"arith-{split}-L{n}-{count}"})
             count += 1
     return out
 
@@ -429,7 +481,7 @@ MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer wi
 # token and the format reward (one <think> ... </think> <answer> ... </answer>) counts this tag: the text to
 # score is PREFILL + generated text. Math: nothing; its reward reads only the last \boxed{} (thinking models
 # open <think> by themselves, base models need not).
-PREFILL = {"kk": "<think>", "math": ""}
+PREFILL = {"kk": "<think>", "math": "", "arith": ""}
 
 
 def prompt_text(example):
@@ -439,17 +491,21 @@ def prompt_text(example):
         return KK_INSTRUCTION + example["question"]
     if task == "math":
         return example["question"] + MATH_INSTRUCTION
-    raise ValueError(f"prompt_text: unknown task {task!r} in example {example.get('id')!r}; use 'kk' or 'math'")
+    if task == "arith":
+        return example["question"]  # the problem is its own prompt: "3 + 5 - 7 ="
+    raise ValueError(f"prompt_text: unknown task {task!r} in example {example.get('id')!r}; "
+                     "use 'kk', 'math' or 'arith'")
 
 
 def build_prompt(example, tokenizer, prefill=None):
     """(prompt_ids, prefill): the user message through the tokenizer's chat template (generation prompt added),
-    followed by the prefill; without a chat template, "User: ...\\nAssistant: " + prefill as plain text.
+    followed by the prefill; without a chat template, "User: ...\\nAssistant: " + prefill as plain text, or
+    for arith the bare problem ("3 + 5 - 7 =", the tiny task tokenizers have no chat template).
 
     The caller scores prefill + generated text. prefill=None uses PREFILL[task].
     """
     if prefill is None:
-        prefill = PREFILL[example["task"]]
+        prefill = PREFILL.get(example.get("task"), "")  # an unknown task fails just below, by name
     message = prompt_text(example)
     if getattr(tokenizer, "chat_template", None):
         # tokenize=False: in transformers 5 tokenize=True returns a BatchEncoding, not ids.
@@ -457,6 +513,8 @@ def build_prompt(example, tokenizer, prefill=None):
                                              add_generation_prompt=True)
         # The template already wrote any BOS it wants; no second one.
         return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill
+    if example["task"] == "arith":
+        return tokenizer(message + prefill)["input_ids"], prefill
     return tokenizer(f"User: {message}\nAssistant: {prefill}")["input_ids"], prefill
 
 

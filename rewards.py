@@ -1,7 +1,7 @@
-"""How a response is scored: the K&K reward (Logic-RL's), the math reward (math-verify), batch scoring.
+"""How a response is scored: K&K (Logic-RL's reward), math (math-verify), arithmetic, batch scoring.
 
 `response` is always the assistant's whole turn: data.build_prompt's prefill (e.g. "<think>") followed by
-the generated text. Neither reward ever raises on any string: a response the policy can write is a
+the generated text. No reward ever raises on any string: a response the policy can write is a
 response the trainer must survive, and any hole here is a hole the policy will find.
 
 K&K (PAPER.md "Tasks and rewards", Logic-RL):
@@ -11,6 +11,10 @@ K&K (PAPER.md "Tasks and rewards", Logic-RL):
 Parsing the <answer> block: case, whitespace and markdown emphasis are ignored and names may come in any
 order, as a "(1) ..." list or in one sentence. Each name takes the first knight/knave word after it (before
 another name). As in Logic-RL, a name without a role, or more role words than people, is unparseable.
+
+Arithmetic (data.py's running sums mod 10, "3 + 5 - 7 =" -> "8 1"): 1.0 when the response is exactly the
+scratchpad's n - 1 digits (whitespace between; a decoded end token after them is allowed) and the last digit
+is right, else 0.0; "format_ok" = the scratchpad has that shape. Intermediate digits are the model's own.
 
 Math: the LAST \\boxed{...} of the response, checked against the reference with math-verify (no hand-written
 LaTeX equivalence): 1.0 equivalent, 0.0 otherwise; "format_ok" = a \\boxed{} answer was found. Answers over
@@ -22,7 +26,8 @@ busy MATH_TIMEOUT_S after it got an answer is killed and replaced, that answer s
 Workers are fresh interpreters (subprocess: spawn semantics, never fork, which is unsafe in a process
 holding torch and a vLLM engine; and unlike multiprocessing's spawn they do not re-import the trainer's
 __main__ and its torch/vLLM imports). The pool starts lazily on the first math answer, is reused for every
-later call, and is closed by close_pool() or at exit. K&K is scored in-process (pure Python, linear time).
+later call, and is closed by close_pool() or at exit. K&K and arithmetic are scored in-process (pure
+Python, linear time).
 
     python rewards.py kk  RESPONSE_FILE SOLUTION_JSON NAMES_JSON
     python rewards.py math RESPONSE_FILE ANSWER
@@ -341,6 +346,28 @@ def math_reward(response, answer, timeout_s=None):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Arithmetic (data.py's running sums mod 10)
+# ---------------------------------------------------------------------------------------------------
+
+_END_TOKENS = re.compile(r"(?:\s*(?:<\|[^<>|]{1,40}\|>|</s>|<eos>))+\s*$")  # a decoded end token, if kept
+
+
+def _arith_score(response, answer):
+    """Format: the scratchpad's n - 1 digits separated by whitespace, nothing else (a trailing end token, when
+    the caller decoded it, is allowed). Reward 1 when the format is right and the last digit is right."""
+    reference = answer.split()
+    values = _END_TOKENS.sub("", response).split()
+    format_ok = bool(reference) and len(values) == len(reference) and all(len(v) == 1 and v in "0123456789" for v in values)
+    correct = format_ok and values[-1] == reference[-1]
+    return {"reward": 1.0 if correct else 0.0, "correct": correct, "format_ok": format_ok}
+
+
+def arith_reward(response, answer):
+    """1.0 when the response is the right-length scratchpad ending in the right value ("8 1" for "8 1"), else 0."""
+    return _arith_score(_text(response), answer)["reward"]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Scoring Examples (data.py's dicts)
 # ---------------------------------------------------------------------------------------------------
 
@@ -358,13 +385,16 @@ def score_batch(examples, responses, timeout_s=None):
         response, task = _text(response), example.get("task")
         if task == "kk":
             out.append(_kk_score(response, example["solution"], example["names"]))
+        elif task == "arith":
+            out.append(_arith_score(response, example["answer"]))
         elif task == "math":
             pred = _boxed_answer(response)
             out.append({"reward": 0.0, "correct": False, "format_ok": pred is not None})
             if pred is not None:
                 math_items.append((i, pred, str(example["answer"])))
         else:
-            raise ValueError(f"score_batch: unknown task {task!r} in example {example.get('id')!r}; use 'kk' or 'math'")
+            raise ValueError(f"score_batch: unknown task {task!r} in example {example.get('id')!r}; "
+                             "use 'kk', 'math' or 'arith'")
     if math_items:
         verdicts = _math_equivalent([(pred, gold) for _, pred, gold in math_items], timeout_s)
         for (i, _, _), ok in zip(math_items, verdicts):

@@ -334,3 +334,40 @@ def test_build_prompt_without_chat_template(tiny_tokenizer):
     assert plain.decode(ids) == "User: " + data.prompt_text(kk) + "\nAssistant: <think>" and prefill == "<think>"
     with pytest.raises(ValueError, match="unknown task"):
         data.build_prompt(dict(kk, task="chess"), plain, prefill="")
+
+
+# --- arithmetic (the CPU miniature's task) ----------------------------------------------------------
+
+def test_arith_problems_and_split():
+    rng = random.Random(0)
+    for n in range(2, 9):
+        for _ in range(50):
+            question, answer = data.make_arith_problem(n, rng)
+            tokens = question.split()
+            assert tokens[-1] == "=" and len(tokens) == 2 * n and all(len(t) == 1 for t in tokens)
+            value, running = int(tokens[0]), []
+            for op, digit in zip(tokens[1:-1:2], tokens[2:-1:2]):
+                value = (value + int(digit)) % 10 if op == "+" else (value - int(digit)) % 10
+                running.append(str(value))
+            assert answer == " ".join(running)
+    assert data.make_arith_problem(3, random.Random(4)) == data.make_arith_problem(3, 4)
+    evals = data.arith_examples(per_level=30, split="eval")
+    assert evals == data.arith_examples(per_level=30, seed=9, split="eval")
+    train = data.arith_examples(per_level=300, seed=1)
+    assert [e["level"] for e in evals[::30]] == [f"L{n}" for n in range(2, 9)]
+    assert all(set(e) == {"task", "question", "answer", "level", "id"} and e["task"] == "arith" for e in evals)
+    # L2 has 200 distinct problems: 300 training draws cover most of the training side and none of eval.
+    assert not {e["question"] for e in train} & {e["question"] for e in evals}
+    assert len({e["question"] for e in train if e["level"] == "L2"}) > 100
+    with pytest.raises(ValueError, match="operands"):
+        data.make_arith_problem(1, 0)
+
+
+def test_arith_prompt_is_the_bare_problem_without_chat_template(tiny_tokenizer):
+    example = {"task": "arith", "question": "3 + 5 - 7 =", "answer": "8 1", "level": "L3", "id": "x"}
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    ids, prefill = data.build_prompt(example, plain)
+    assert prefill == "" and plain.decode(ids) == "3 + 5 - 7 ="
+    ids, _ = data.build_prompt(example, tiny_tokenizer)
+    assert tiny_tokenizer.decode(ids) == "<|im_start|>user\n3 + 5 - 7 =<|im_end|>\n<|im_start|>assistant\n"

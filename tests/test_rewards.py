@@ -108,6 +108,38 @@ def test_kk_reward_never_raises_on_tag_soup(parts):
     assert rewards.kk_reward(response, SOLUTION, NAMES) in VALUES
 
 
+ARITH_TABLE = [  # reference "8 1" (from "3 + 5 - 7 =")
+    ("8 1", 1.0, True),
+    (" 8 1", 1.0, True),
+    ("8 1\n", 1.0, True),
+    ("8 1<|im_end|>", 1.0, True),
+    ("8  1 <|endoftext|><|endoftext|>", 1.0, True),
+    ("7 1", 1.0, True),  # only the last value is paid; the scratchpad is the model's own
+    ("8 2", 0.0, True),
+    ("1", 0.0, False),  # no scratchpad
+    ("8 1 1", 0.0, False),
+    ("81", 0.0, False),
+    ("8,1", 0.0, False),
+    ("8 1 =", 0.0, False),
+    ("8 ١", 0.0, False),  # an Arabic-Indic digit is not a digit here
+    ("<|im_end|>", 0.0, False),
+    ("", 0.0, False),
+]
+
+
+@pytest.mark.parametrize("response,expected,format_ok", ARITH_TABLE, ids=range(len(ARITH_TABLE)))
+def test_arith_reward_table(response, expected, format_ok):
+    assert rewards.arith_reward(response, "8 1") == expected
+    assert rewards.score({"task": "arith", "answer": "8 1"}, response) == \
+        {"reward": expected, "correct": expected == 1.0, "format_ok": format_ok}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30) | st.lists(st.sampled_from(["8", "1", " ", "<|im_end|>", "0"]), max_size=8).map("".join))
+def test_arith_reward_never_raises(text):
+    assert rewards.arith_reward(text, "8 1") in (0.0, 1.0)
+
+
 # --- math ---------------------------------------------------------------------------------------------
 
 MATH_TABLE = [  # (reference, boxed answer, equivalent?)
