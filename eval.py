@@ -26,7 +26,8 @@ import os
 import re
 import sys
 
-KK_EVAL_SEED = 0  # the default K&K evaluation set: data.kk_examples(split="eval") with this seed
+# The default K&K evaluation set: data.kk_examples(split="eval"), a fixed held-out stream (no seed) whose
+# puzzle structures the training split never contains.
 KK_EVAL_PER_LEVEL = 100  # puzzles per PPL, the size of the public K&K test set
 KK_EVAL_PEOPLE = (2, 3, 4, 5, 6, 7, 8)
 
@@ -129,8 +130,9 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
     outputs = []  # per prompt: list of n sample dicts
     for start in range(0, len(examples), batch_size):
         chunk = [ids for ids, _ in prompts[start:start + batch_size]]
-        # A distinct seed per call, so that chunks do not replay one another's random stream.
-        chunk_seed = None if seed is None else seed + start
+        # rollout.py seeds prompt i of a call with seed + i * n (vLLM: its sample j with seed + i * n + j), so
+        # this offset makes the chunks' streams those of one big call: batch_size changes no vLLM result.
+        chunk_seed = None if seed is None else seed + start * n
         outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
                                        top_p=top_p, seed=chunk_seed))
         if bar is not None:
@@ -273,7 +275,7 @@ def plot(run_dirs, out: str = "curves.png") -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_examples(task: str, files, limit=None, seed=KK_EVAL_SEED) -> list:
+def load_examples(task: str, files, limit=None) -> list:
     """Examples from files (K&K or math), or the default held-out K&K set; at most `limit` per level."""
     import data
 
@@ -287,7 +289,7 @@ def load_examples(task: str, files, limit=None, seed=KK_EVAL_SEED) -> list:
         examples = [ex for path in files for ex in load(path)]
     elif task == "kk":
         per_level = KK_EVAL_PER_LEVEL if limit is None else min(limit, KK_EVAL_PER_LEVEL)
-        examples = data.kk_examples(people=KK_EVAL_PEOPLE, per_level=per_level, seed=seed, split="eval")
+        examples = data.kk_examples(people=KK_EVAL_PEOPLE, per_level=per_level, split="eval")
     else:
         raise ValueError("--task math needs --data FILE... (e.g. ../shared/data/math/aime_2021_2024.jsonl)")
     if limit is not None:
@@ -320,7 +322,7 @@ def main(argv=None):
     p.add_argument("--task", required=True, choices=["kk", "math"])
     p.add_argument("--data", nargs="*", default=None, help="K&K or math files (jsonl/parquet)")
     p.add_argument("--n", type=int, default=32, help="samples per problem")
-    p.add_argument("--k", default="1,8,32", help="comma-separated k for Pass@k (each <= n)")
+    p.add_argument("--k", default=None, help="comma-separated k for Pass@k, each <= n (default: 1,n)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--max_tokens", type=int, default=4096, help="response length cap")
@@ -336,7 +338,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     try:
-        ks = [int(k) for k in a.k.split(",") if k.strip()]
+        ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
     except ValueError:
         p.error(f"--k {a.k!r}: expected comma-separated integers, e.g. 1,8,32")
     if a.n < 1 or not ks or min(ks) < 1 or max(ks) > a.n:

@@ -162,7 +162,7 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def kk_eval_examples():
     import data
-    return data.kk_examples(people=(2, 3), per_level=2, seed=ev.KK_EVAL_SEED, split="eval")
+    return data.kk_examples(people=(2, 3), per_level=2, split="eval")
 
 
 @pytest.fixture(scope="module")
@@ -307,22 +307,24 @@ def test_cli_vllm_default_kk_set(tiny_model_dir, tmp_path):
     assert table in r.stdout
 
 
-def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path):
+def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path, capsys):
+    """In-process main() (the subprocess test above covers the script itself): --data, --limit, greedy, HF."""
     import random
     import data
     rng = random.Random(0)
     path = tmp_path / "people3_test.jsonl"
     with open(path, "w") as f:
-        for _ in range(3):
-            f.write(json.dumps(data.make_kk_puzzle(3, rng)) + "\n")
+        for i in range(3):
+            f.write(json.dumps(data.make_kk_puzzle(3, rng, index=i)) + "\n")
     out = tmp_path / "hf.json"
-    r = _run_cli(["--model", tiny_model_dir, "--task", "kk", "--data", str(path), "--limit", "2", "--n", "1",
-                  "--k", "1", "--temperature", "0", "--max_tokens", "8", "--engine", "hf", "--out", str(out)], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ev.main(["--model", tiny_model_dir, "--task", "kk", "--data", str(path), "--limit", "2", "--n", "1",
+             "--temperature", "0", "--max_tokens", "8", "--engine", "hf", "--dtype", "float32", "--out", str(out)])
     with open(out) as f:
         res = json.load(f)
-    assert len(res["samples"]) == 2 and res["summary"]["average"]["count"] == 2
-    assert "| model |" in r.stdout
+    assert [s["id"] for s in res["samples"]] == ["people3_test-0", "people3_test-1"]
+    assert list(res["summary"]) == ["PPL3", "average"] and res["summary"]["average"]["count"] == 2
+    assert res["config"]["ks"] == [1] and res["config"]["engine"] == "hf"
+    assert ev.format_table(res["summary"], "kk", name=os.path.basename(tiny_model_dir)) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
