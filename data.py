@@ -357,8 +357,9 @@ def load_kk(path):
         names, solution = row["names"], row["solution"]
         if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
             raise ValueError(f"{where}: field 'names' must be a list of strings, got {names!r}")
-        if not isinstance(solution, list) or len(solution) != len(names) or not all(isinstance(s, bool) for s in solution):
-            raise ValueError(f"{where}: field 'solution' must be {len(names)} booleans (one per name), got {solution!r}")
+        if not (isinstance(solution, list) and len(solution) == len(names) and all(type(s) is bool for s in solution)):
+            raise ValueError(f"{where}: field 'solution' must be {len(names)} booleans (one per name), "
+                             f"got {solution!r}")
         record = dict(row)
         if not record.get("solution_text_format"):
             record["solution_text_format"] = "\n".join(
@@ -502,7 +503,8 @@ def build_prompt(example, tokenizer, prefill=None):
     followed by the prefill; without a chat template, "User: ...\\nAssistant: " + prefill as plain text, or
     for arith the bare problem ("3 + 5 - 7 =", the tiny task tokenizers have no chat template).
 
-    The caller scores prefill + generated text. prefill=None uses PREFILL[task].
+    The caller scores prefill + generated text. prefill=None uses PREFILL[task]. When the chat template itself
+    ends with the prefill, it is not added again and the returned prefill is the template's own ("<think>\\n").
     """
     if prefill is None:
         prefill = PREFILL.get(example.get("task"), "")  # an unknown task fails just below, by name
@@ -511,6 +513,12 @@ def build_prompt(example, tokenizer, prefill=None):
         # tokenize=False: in transformers 5 tokenize=True returns a BatchEncoding, not ids.
         text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                              add_generation_prompt=True)
+        opened = text.rstrip()
+        if prefill.strip() and opened.endswith(prefill.strip()):
+            # The template opens the block itself (DeepSeek-R1-Distill's ends "<｜Assistant｜><think>\n"): the
+            # turn already starts with it, and writing it twice would fail the format reward on every sample.
+            prefill = text[opened.rfind(prefill.strip()):]
+            return tokenizer(text, add_special_tokens=False)["input_ids"], prefill
         # The template already wrote any BOS it wants; no second one.
         return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill
     if example["task"] == "arith":

@@ -33,6 +33,7 @@ Python, linear time).
     python rewards.py math RESPONSE_FILE ANSWER
 """
 import atexit
+import contextlib
 import os
 import pickle
 import re
@@ -224,10 +225,8 @@ class _Worker:
 
     def kill(self):
         for stream in (self.proc.stdin, self.proc.stdout):
-            try:
+            with contextlib.suppress(OSError):  # a dead worker's pipe may already be broken
                 stream.close()
-            except OSError:
-                pass
         self.proc.kill()
         self.proc.wait()
 
@@ -357,7 +356,8 @@ def _arith_score(response, answer):
     the caller decoded it, is allowed). Reward 1 when the format is right and the last digit is right."""
     reference = answer.split()
     values = _END_TOKENS.sub("", response).split()
-    format_ok = bool(reference) and len(values) == len(reference) and all(len(v) == 1 and v in "0123456789" for v in values)
+    digits = all(len(v) == 1 and v in "0123456789" for v in values)
+    format_ok = bool(reference) and len(values) == len(reference) and digits
     correct = format_ok and values[-1] == reference[-1]
     return {"reward": 1.0 if correct else 0.0, "correct": correct, "format_ok": format_ok}
 

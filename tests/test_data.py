@@ -259,7 +259,8 @@ def test_load_math_field_mapping(tmp_path):
     assert amc[0]["question"].startswith("$\\frac{m}{n}$")
     rows = [
         {"question": "Natalia sold 48 clips...", "answer": "She sold 48/2 = 24 in May.\n#### 72"},  # GSM8K
-        {"problem": "Compute $x$.", "solution": "So $x = \\boxed{\\frac{1}{2}}$, not \\boxed{3}... wait \\boxed{\\dfrac{1}{2}}."},
+        {"problem": "Compute $x$.",
+         "solution": "So $x = \\boxed{\\frac{1}{2}}$, not \\boxed{3}... wait \\boxed{\\dfrac{1}{2}}."},
         {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2+2?"}],
          "reward_model": {"ground_truth": "4", "style": "rule"}},  # verl-style parquet rows
         {"question": "What is 0.5 + 0.25?", "answer": 0.75},
@@ -324,6 +325,17 @@ def test_build_prompt_chat_template_and_prefill(tiny_tokenizer):
     assert math["question"] in text
     ids, prefill = data.build_prompt(math, tiny_tokenizer, prefill="<think>")
     assert prefill == "<think>" and tiny_tokenizer.decode(ids).endswith("assistant\n<think>")
+
+
+def test_build_prompt_when_the_template_opens_think_itself(tiny_tokenizer):
+    r1 = copy.deepcopy(tiny_tokenizer)  # like DeepSeek-R1-Distill's template, which ends with "<think>\n"
+    r1.chat_template = tiny_tokenizer.chat_template.replace("'<|im_start|>assistant\n'",
+                                                            "'<|im_start|>assistant\n<think>\n'")
+    assert r1.chat_template != tiny_tokenizer.chat_template
+    kk = data.kk_examples(people=[3], per_level=1, split="eval")[0]
+    ids, prefill = data.build_prompt(kk, r1)
+    assert r1.decode(ids).endswith("<|im_start|>assistant\n<think>\n") and r1.decode(ids).count("<think>") == 2
+    assert prefill == "<think>\n"  # the instruction mentions <think> once, the turn opens it once
 
 
 def test_build_prompt_without_chat_template(tiny_tokenizer):

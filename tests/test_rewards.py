@@ -50,10 +50,12 @@ KK_TABLE = [
     ("unicode reasoning", turn(RIGHT, think="假设 Jack 是骑士 🤔 ∀x∈S → ¬x, naïve café"), 3.0),
     ("unicode in the answer", turn(RIGHT.replace("\n", " ✓\n")), 3.0),
     ("fullwidth tags are not tags", f"＜think＞x＜/think＞<answer>{RIGHT}</answer>", -3.0),
-    ("markdown emphasis", turn("**Jack** is a **knight**\n*Jackson* is a _knave_\n__Zoë__ is a `knave`\n### Mia is a knight"), 3.0),
+    ("markdown emphasis",
+     turn("**Jack** is a **knight**\n*Jackson* is a _knave_\n__Zoë__ is a `knave`\n### Mia is a knight"), 3.0),
     ("names in another order", turn("Mia is a knight\nZoë is a knave\nJack is a knight\nJackson is a knave"), 3.0),
     ("one sentence", turn("Jack is a knight, Jackson is a knave, Zoë is a knave, and Mia is a knight."), 3.0),
-    ("case and whitespace", turn("  (1)   JACK   IS A KNIGHT\n\n(2) jackson is a Knave (3) ZOË is a KNAVE (4) mia:  knight "), 3.0),
+    ("case and whitespace",
+     turn("  (1)   JACK   IS A KNIGHT\n\n(2) jackson is a Knave (3) ZOË is a KNAVE (4) mia:  knight "), 3.0),
     ("colon style", turn("Jack: knight; Jackson: knave; Zoë: knave; Mia: knight"), 3.0),
     # Logic-RL reads "not a knave" as the role word it names: answers must state roles plainly.
     ("negation is not read", turn(RIGHT.replace("Mia is a knight", "Mia is not a knave")), -0.5),
@@ -270,7 +272,8 @@ def test_a_worker_that_died_while_idle_is_replaced():
     dead = pool.workers[0].proc
     dead.kill()  # as if the OOM killer took it between two training steps
     dead.wait()
-    assert rewards.score_batch([{"task": "math", "answer": "3"}] * 3, ["\\boxed{3.0}", "\\boxed{4}", "\\boxed{6/2}"]) == [
+    responses = ["\\boxed{3.0}", "\\boxed{4}", "\\boxed{6/2}"]
+    assert rewards.score_batch([{"task": "math", "answer": "3"}] * 3, responses) == [
         {"reward": r, "correct": r == 1.0, "format_ok": True} for r in (1.0, 0.0, 1.0)]
     assert dead not in [w.proc for w in pool.workers]
 
