@@ -333,7 +333,8 @@ def pack(rows: list, budget: int) -> list:
     return out
 
 
-DUMMY = {"prompt": [0], "response": [0], "dummy": True}  # keeps a rank's collectives in step; masked out
+# One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
+DUMMY = {"prompt": [0], "response": [0], "dummy": True, **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
 
 
 def collate(rows: list, device) -> dict:
@@ -452,8 +453,12 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch))
-        minis = [[rows[i] for i in order[m::M].tolist()] for m in range(M)]
+        # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches: mini-batch m holds
+        # the same responses whatever the world size (ranks just hold different parts of it).
+        uids = max((r["uid"] for r in rows), default=0) + 1
+        uids = agree([uids], dist.ReduceOp.MAX)[0]
+        deal = torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M
+        minis = [[r for r in rows if deal[r["uid"]] == m] for m in range(M)]
         plans = [pack(mb, cfg.micro_batch_tokens) for mb in minis]
         sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis], dist.ReduceOp.SUM)
         n_micro = agree([len(p) for p in plans], dist.ReduceOp.MAX)  # empty micro-batches pad the short ranks
@@ -687,6 +692,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         times, acc, maxes, t_step = {}, {}, {}, time.perf_counter()
         idx = prompts_for_step(len(train_examples), step, cfg, rank, world)
         exs, pids, prefills = [train_examples[i] for i in idx], [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]
+        idx0 = rank * (cfg.prompts_per_step // world)  # global position of this rank's first prompt in the step
         seed = (cfg.seed * 1_000_003 + step * 4096 + rank) % (2**31 - 1)  # per step and rank: exact resume
 
         # 1. rollouts: G samples per prompt from the student (sft: from the teacher, or the data's target)
@@ -703,10 +709,10 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
             outs = engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, seed=seed)
             engine.sleep()
-        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
+        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p, "uid": (idx0 + p) * len(group) + i,
                  "truncated": o["finish_reason"] == "length", **({"engine": torch.tensor(o["logprobs"])}
                                                                    if cfg.method != "sft" else {})}
-                for p, group in enumerate(outs) for o in group]
+                for p, group in enumerate(outs) for i, o in enumerate(group)]
         times["rollout"] = time.perf_counter() - t
 
         # 2. rewards (CPU, worker processes)

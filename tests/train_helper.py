@@ -54,6 +54,7 @@ def update_case(out_path, model_dir):
         for i in range(4):
             n = int(torch.randint(1, 12, (1,), generator=g))
             rows.append({"prompt": prompt, "response": torch.randint(3, 500, (n,), generator=g).tolist(), "group": p,
+                         "uid": 4 * p + i,
                          "correct": bool(rewards[4 * p + i] > 0), "teacher": -6 + torch.randn(n, generator=g)})
     per = 4 // world
     mine = slice(rank * per * 4, (rank + 1) * per * 4)
