@@ -4,7 +4,7 @@ When ../shared/data exists (next to the repository): the solver must reproduce e
 public K&K files, and every recorded answer (solution_text_format) wrapped in <think>...</think><answer>...
 </answer> must score 3; the math files must load and score their own reference answers as correct. Always:
 time to generate 10,000 eight-person puzzles on one core, and scoring throughput (responses per second) for
-K&K (in-process) and math (math-verify worker pool, after start-up).
+K&K and arithmetic (in-process) and math (math-verify worker pool, after start-up).
 
     python benchmarks/bench_tasks.py [--data ../shared/data] [--workers N]
 
@@ -84,6 +84,16 @@ def bench_kk_scoring(count=20_000):
           f"(in-process; {sum(r['correct'] for r in results)} correct)")
 
 
+def bench_arith_scoring(count=20_000):
+    examples = data.arith_examples(per_level=count // 7 + 1, seed=1)[:count]
+    responses = [e["answer"] + "<|im_end|>" if i % 2 else e["answer"][:-1] + "x" for i, e in enumerate(examples)]
+    start = time.perf_counter()
+    results = rewards.score_batch(examples, responses)
+    seconds = time.perf_counter() - start
+    print(f"  arith: {count} responses in {seconds:.2f} s -> {count / seconds:,.0f} responses/s "
+          f"({sum(r['correct'] for r in results)} correct of {count // 2} right answers)")
+
+
 def bench_math_scoring(data_dir, count=2_000):
     golds = ["97", "\\frac{1}{2}", "3\\sqrt{2}", "(1, 2]", "\\{1, 2\\}", "-4", "12\\%", "0.25", "x^2+1", "\\pi/3"]
     if data_dir:
@@ -106,7 +116,7 @@ def bench_math_scoring(data_dir, count=2_000):
     results = rewards.score_batch(examples, responses)
     seconds = time.perf_counter() - start
     print(f"  math: {count} responses in {seconds:.2f} s -> {count / seconds:,.0f} responses/s with "
-          f"{len(pool.workers)} workers (pool start-up {startup:.2f} s; {sum(r['correct'] for r in results)} correct; "
+          f"{len(pool.workers)} workers (first call {startup:.2f} s; {sum(r['correct'] for r in results)} correct; "
           f"{pool.killed} killed)")
     bad = ["9^{9^{9^{9}}}", "{" * 300 + "1" + "}" * 300, "10^{10^{10}}!", "\\left(" * 400 + "x" + "\\right)" * 400]
     start = time.perf_counter()
@@ -135,6 +145,7 @@ def main():
     bench_generator()
     print("scoring throughput:")
     bench_kk_scoring()
+    bench_arith_scoring()
     bench_math_scoring(data_dir)
     rewards.close_pool()
     print("FAILURES:", failures)
