@@ -15,6 +15,7 @@ running, nothing is reloaded) and the command line:
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
     python eval.py --model PATH --task kk --data ../shared/data/kk/people3_test.jsonl
     python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
+    python eval.py --model PATH --task arith --n 1 --temperature 0  # the miniature task (issue 8), greedy
     python eval.py plot runs/grpo runs/kdrl runs/rlad --out curves.png   # reward / accuracy vs step
 
 It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every
@@ -26,9 +27,11 @@ import os
 import re
 import sys
 
-# The default K&K evaluation set: data.kk_examples(split="eval"), a fixed held-out stream (no seed) whose
-# puzzle structures the training split never contains.
-KK_EVAL_PER_LEVEL = 100  # puzzles per PPL, the size of the public K&K test set
+TASKS = ("kk", "math", "arith")  # arith: data.py's running sums mod 10, the CPU-sized stand-in for K&K
+# The default evaluation sets without --data: data.kk_examples / data.arith_examples(split="eval"), fixed
+# held-out streams (no seed) that the training split never overlaps.
+DEFAULT_MAX_TOKENS = 4096
+EVAL_PER_LEVEL = 100  # problems per level, the size of the public K&K test set
 KK_EVAL_PEOPLE = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -56,10 +59,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _level_order(levels):
-    """K&K columns in numeric order (PPL2 .. PPL8, PPL10 after PPL9); anything else in first-seen order."""
+    """Numbered levels in numeric order (PPL2 .. PPL8, L2 .. L8; PPL10 after PPL9); names in first-seen order."""
     levels = list(dict.fromkeys(levels))
-    if levels and all(re.fullmatch(r"PPL\d+", lv) for lv in levels):
-        return sorted(levels, key=lambda lv: int(lv[3:]))
+    numbered = [re.fullmatch(r"([A-Za-z]+)(\d+)", lv) for lv in levels]
+    if levels and all(numbered) and len({m.group(1) for m in numbered}) == 1:
+        return sorted(levels, key=lambda lv: int(re.search(r"\d+$", lv).group()))
     return levels
 
 
@@ -194,18 +198,18 @@ def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,)) -> dict:
 def format_table(summary: dict, task: str, name: str = "model") -> str:
     """The paper's table for one model as Markdown (one row named `name`).
 
-    K&K: accuracy (Mean@n, as a fraction) per PPL column and the average over PPLs.
+    K&K (and arith, its miniature): accuracy (Mean@n, as a fraction) per level column and the average.
     math: Mean@n and Pass@k (k > 1) per benchmark and their average over benchmarks, in percent.
     Accepts a summary straight from `evaluate` or re-read from the JSON file (string keys).
     """
-    if task not in ("kk", "math"):
-        raise ValueError(f"unknown task {task!r}: use 'kk' or 'math'")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     levels = [lv for lv in summary if lv != "average"]
     if not levels or "average" not in summary:
         raise ValueError("format_table: summary has no levels or no 'average' (expected evaluate()['summary'])")
     cells = lambda row: "| " + " | ".join(row) + " |"  # noqa: E731
     name = name.replace("|", "\\|")  # a '|' in a run name would split the row
-    if task == "kk":
+    if task in ("kk", "arith"):
         header = ["model"] + levels + ["Avg"]
         values = [name] + [f"{summary[lv]['mean_at_n']:.2f}" for lv in levels + ["average"]]
     else:
@@ -276,20 +280,24 @@ def plot(run_dirs, out: str = "curves.png") -> str:
 # ----------------------------------------------------------------------------- command line
 
 def load_examples(task: str, files, limit=None) -> list:
-    """Examples from files (K&K or math), or the default held-out K&K set; at most `limit` per level."""
+    """Examples from files (K&K or math), or the default held-out K&K / arith set; at most `limit` per level."""
     import data
 
-    if task not in ("kk", "math"):
-        raise ValueError(f"unknown task {task!r}: use --task kk or --task math")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: use --task {' | '.join(TASKS)}")
+    per_level = EVAL_PER_LEVEL if limit is None else min(limit, EVAL_PER_LEVEL)
     if files:
+        if task == "arith":
+            raise ValueError("--task arith has no data files: drop --data (its evaluation set is generated)")
         for path in files:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--data {path}: no such file")
         load = data.load_kk if task == "kk" else data.load_math
         examples = [ex for path in files for ex in load(path)]
     elif task == "kk":
-        per_level = KK_EVAL_PER_LEVEL if limit is None else min(limit, KK_EVAL_PER_LEVEL)
         examples = data.kk_examples(people=KK_EVAL_PEOPLE, per_level=per_level, split="eval")
+    elif task == "arith":
+        examples = data.arith_examples(per_level=per_level, split="eval")
     else:
         raise ValueError("--task math needs --data FILE... (e.g. ../shared/data/math/aime_2021_2024.jsonl)")
     if limit is not None:
@@ -319,13 +327,14 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint dir (HF format) or hub id")
-    p.add_argument("--task", required=True, choices=["kk", "math"])
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", nargs="*", default=None, help="K&K or math files (jsonl/parquet)")
     p.add_argument("--n", type=int, default=32, help="samples per problem")
     p.add_argument("--k", default=None, help="comma-separated k for Pass@k, each <= n (default: 1,n)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_tokens", type=int, default=4096, help="response length cap")
+    p.add_argument("--max_tokens", type=int, default=None,
+                   help=f"response length cap (default {DEFAULT_MAX_TOKENS}, or what fits in the model's context)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--dtype", default=None, help="model dtype (default: the engine's, bfloat16 for vLLM)")
     p.add_argument("--max_model_len", type=int, default=None, help="default: longest prompt + max_tokens")
@@ -352,23 +361,32 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     import data
     import rollout
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
+        context = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None)
     except OSError as e:
-        p.error(f"--model {a.model}: cannot load a tokenizer from it ({e})")
+        p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
+    longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples)
+    max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS
+    if context:  # prompt + response must fit the model's positions
+        room = context - longest
+        if room < 1 or (a.max_tokens and a.max_tokens > room):
+            p.error(f"the longest prompt ({longest} tokens) + --max_tokens {max_tokens} exceeds the model's context "
+                    f"({context}): lower --max_tokens to at most {room}, or --limit / --data to shorter problems")
+        max_tokens = min(max_tokens, room)
     if a.engine == "vllm":
-        max_len = a.max_model_len or max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples) + a.max_tokens
+        max_len = a.max_model_len or longest + max_tokens
         kw = {"dtype": a.dtype} if a.dtype else {}
         engine = rollout.VLLMEngine(a.model, max_model_len=max_len, gpu_memory_utilization=a.gpu_memory_utilization,
                                     seed=a.seed, kv_cache_memory_bytes=a.kv_cache_memory_bytes, **kw)
     else:
         engine = rollout.HFEngine(a.model, dtype=a.dtype)
     print(f"eval: {len(examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
-    result = evaluate(engine, tokenizer, examples, n=a.n, max_tokens=a.max_tokens, temperature=a.temperature,
+    result = evaluate(engine, tokenizer, examples, n=a.n, max_tokens=max_tokens, temperature=a.temperature,
                       top_p=a.top_p, seed=a.seed, ks=ks, batch_size=a.batch_size, progress=True)
     engine.shutdown()
     result["config"].update(model=a.model, task=a.task, data=a.data, engine=a.engine, limit=a.limit)

@@ -113,6 +113,16 @@ def test_format_table_math_exact_and_from_json():
         ev.format_table(s, "chess")
 
 
+def test_arith_levels_and_table():
+    exs = ev.load_examples("arith", None, limit=2)
+    assert [ex["level"] for ex in exs] == [f"L{i}" for i in range(2, 9) for _ in range(2)]
+    s = ev.summarize([ex["level"] for ex in exs][::-1], [1] * 14, [1.0] * 14, n=1)
+    assert list(s) == [f"L{i}" for i in range(2, 9)] + ["average"]  # numeric order, whatever came first
+    assert ev.format_table(s, "arith").splitlines()[0] == "| model | L2 | L3 | L4 | L5 | L6 | L7 | L8 | Avg |"
+    with pytest.raises(ValueError, match="no data files"):
+        ev.load_examples("arith", ["x.jsonl"])
+
+
 # ----------------------------------------------------------------------------- curves
 
 def _write_metrics(run_dir, rows):
@@ -330,6 +340,7 @@ def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--task", "kk", "--n", "4", "--k", "1,8"], "every k must be in 1..n"),
     (["--task", "chess"], "invalid choice"),
+    (["--task", "kk", "--limit", "1", "--max_tokens", "5000"], "exceeds the model's context (2048)"),
     (["--task", "math"], "--task math needs --data"),
     (["--task", "kk", "--data", "/nonexistent/kk.jsonl"], "no such file"),
 ])
