@@ -136,12 +136,12 @@ class Teacher:
         if not dist.is_initialized():
             raise RuntimeError("Teacher(shard=True) needs torch.distributed initialised (run under torchrun and "
                                "call dist.init_process_group first), or use shard=False")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # fully_shard moves each group to the mesh's current device
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
-        kwargs = {"mesh": mesh}
-        if self.offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        else:
-            self.scorer.to(self.device)
+        # The model is still on CPU here: fully_shard moves and shards one decoder layer at a time, so a rank
+        # never holds more than its shards plus one full layer on the device.
+        kwargs = {"mesh": mesh, "offload_policy": CPUOffloadPolicy()} if self.offload else {"mesh": mesh}
         for layer in self.scorer.lm.get_decoder().layers:
             fully_shard(layer, **kwargs)
         fully_shard(self.scorer, **kwargs)  # root: embeddings, final norm, LM head
@@ -227,9 +227,23 @@ class Teacher:
             n_steps = self._agree(len(batches))
         if self.offload and not self.shard:
             self.scorer.to(self.device)
+        try:
+            out, slots, max_slots = self._run(seqs, batches, n_steps)
+        finally:
+            if self.offload and not self.shard:
+                self.scorer.to("cpu")
+        tokens = sum(lengths)
+        self.last_stats = {"sequences": len(seqs), "tokens": tokens, "slots": slots, "max_slots": max_slots,
+                           "pad_fraction": 1 - tokens / slots if slots else 0.0, "micro_batches": len(batches),
+                           "dummy_batches": n_steps - len(batches), "seconds": time.perf_counter() - start}
+        return out
+
+    def _run(self, seqs, batches, n_steps):
+        """Forward every micro-batch (then dummies up to n_steps); scatter the log-probs back to input order."""
         out = [torch.zeros(0) for _ in seqs]
         slots = max_slots = 0
-        # inference_mode is not safe with FSDP2 (it re-uses unsharded parameter storage across calls).
+        # Sharded: no_grad, the mode FSDP2 is built for (its all-gather buffers outlive a call and are refilled
+        # in place by the next); inference_mode happens to pass the CPU test too, but is not relied on.
         with (torch.no_grad() if self.shard else torch.inference_mode()):
             for step in range(n_steps):
                 if step >= len(batches):  # a rank with fewer micro-batches keeps the collectives in step
@@ -244,13 +258,7 @@ class Teacher:
                 flat = self.scorer(*inputs).cpu()  # [n] float32, one host sync per micro-batch
                 for i, lp in zip(batch, flat.split([len(seqs[i][1]) for i in batch])):
                     out[i] = lp
-        if self.offload and not self.shard:
-            self.scorer.to("cpu")
-        tokens = sum(lengths)
-        self.last_stats = {"sequences": len(seqs), "tokens": tokens, "slots": slots, "max_slots": max_slots,
-                           "pad_fraction": 1 - tokens / slots if slots else 0.0, "micro_batches": len(batches),
-                           "dummy_batches": n_steps - len(batches), "seconds": time.perf_counter() - start}
-        return out
+        return out, slots, max_slots
 
     def _agree(self, n_local: int) -> int:
         """The number of micro-batches every rank runs: one all_reduce(MAX) across the process group."""
