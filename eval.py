@@ -23,6 +23,7 @@ sample (prompt, response, reward, correct) for inspection.
 """
 import argparse
 import json
+import operator
 import os
 import re
 import sys
@@ -44,8 +45,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     binomials (C(32, 16) is fine, C(1000, 500) is not as a float) and is exact at the edges:
     c = 0 -> 0, and any k-subset must contain a correct sample when n - c < k -> 1.
     """
-    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
-        raise TypeError(f"pass_at_k takes integers, got n={n!r}, c={c!r}, k={k!r}")
+    try:  # ints, numpy ints; not floats (a fractional count is a caller's bug)
+        n, c, k = operator.index(n), operator.index(c), operator.index(k)
+    except TypeError:
+        raise TypeError(f"pass_at_k takes integers, got n={n!r}, c={c!r}, k={k!r}") from None
     if n < 1 or not 0 <= c <= n:
         raise ValueError(f"pass_at_k needs n >= 1 and 0 <= c <= n, got n={n}, c={c}")
     if not 1 <= k <= n:
@@ -325,8 +328,9 @@ def main(argv=None):
             p.error(str(e))
         return
 
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint dir (HF format) or hub id")
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
+                                epilog="curves: python eval.py plot RUN_DIR... --out curves.png")
+    p.add_argument("--model", required=True, help="model directory in Hugging Face format (a checkpoint)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", nargs="*", default=None, help="K&K or math files (jsonl/parquet)")
     p.add_argument("--n", type=int, default=32, help="samples per problem")
@@ -354,8 +358,9 @@ def main(argv=None):
         p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be >= 1")
-    if not os.path.exists(a.model) and (a.model.startswith((".", "/", "~")) or a.model.count("/") != 1):
-        p.error(f"--model {a.model}: no such directory (give a checkpoint dir or a hub id like Qwen/Qwen3-1.7B)")
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
+                "(RUN_DIR/checkpoints/step_...) or a downloaded model (huggingface-cli download NAME --local-dir DIR)")
     try:
         examples = load_examples(a.task, a.data, a.limit)
     except (FileNotFoundError, ValueError) as e:
@@ -368,7 +373,7 @@ def main(argv=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         context = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
     longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples)
     max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS

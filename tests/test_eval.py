@@ -39,6 +39,8 @@ def test_pass_at_k_edges_and_large_n():
     exact = 1 - math.comb(1000, 500) / math.comb(1100, 500)  # c = 100, k = 500, big ints
     assert ev.pass_at_k(1100, 100, 500) == pytest.approx(float(exact), rel=1e-12)
     assert 0.0 < ev.pass_at_k(2000, 1, 1) < 1e-3
+    with pytest.raises(TypeError):
+        ev.pass_at_k(4.0, 1, 1)
 
 
 @pytest.mark.parametrize("n, c, k", [(4, 1, 5), (4, 5, 1), (4, -1, 1), (0, 0, 1), (4, 1, 0)])
@@ -353,4 +355,4 @@ def test_cli_errors(tiny_model_dir, capsys, args, message):
 def test_cli_missing_model(capsys):
     with pytest.raises(SystemExit):
         ev.main(["--model", "/nonexistent/ckpt", "--task", "kk"])
-    assert "no such directory" in capsys.readouterr().err
+    assert "no such model directory" in capsys.readouterr().err
