@@ -198,9 +198,9 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
+    if not dist.is_initialized() and "RANK" in os.environ:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    else:  # vLLM reuses an existing default group; FSDP2 then works the same at world size 1
+    elif not dist.is_initialized():  # vLLM reuses an existing default group; FSDP2 works the same at world size 1
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
 
@@ -607,8 +607,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     import rlad
     from transformers import AutoTokenizer
     from tqdm import tqdm
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = setup_distributed()
-    check_config(cfg, world)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     score_fn = score_fn or rewards.score_batch
@@ -689,7 +689,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         times["sync"] = times.get("sync", 0.0) + time.perf_counter() - t
 
     for step in range(start, cfg.max_steps):
-        times, acc, maxes, t_step = {}, {}, {}, time.perf_counter()
+        times, acc, maxes, t_step = {"sync": 0.0}, {}, {}, time.perf_counter()
+        for k in ("loss", "grad_norm"):  # present (0) even in a step without an update (everything filtered)
+            add(acc, k, 0.0, 0.0)
         idx = prompts_for_step(len(train_examples), step, cfg, rank, world)
         exs, pids, prefills = [train_examples[i] for i in idx], [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]
         idx0 = rank * (cfg.prompts_per_step // world)  # global position of this rank's first prompt in the step
