@@ -36,6 +36,8 @@ an error message): call `logprobs` from code that every rank runs unconditionall
 Offload (`offload=True`): unsharded, parameters live on CPU between calls and move to the device for the
 duration of `logprobs`; sharded, FSDP2's CPUOffloadPolicy keeps each rank's shards in CPU memory and copies
 one layer at a time to the device. No effect on a CPU device.
+
+`VLLMTeacher` has the same `logprobs` for a teacher served by its own vLLM engine (vLLM's prompt log-probs).
 """
 import time
 
@@ -267,6 +269,47 @@ class Teacher:
         x = torch.tensor([n_local], device=dev)
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return int(x[0])
+
+
+# ---- a teacher served by vLLM -------------------------------------------------------------------------------
+class VLLMTeacher:
+    """The same `logprobs` interface, computed by a vLLM engine's prompt log-probs (`prompt_logprobs=0`).
+
+    For a teacher that lives in its own vLLM engine (its own GPUs, tensor parallel): the engine scores
+    prompt + response as one prompt and generates a single throw-away token. `model` is a path (then
+    `llm_kwargs` go to `vllm.LLM`, e.g. dtype, max_model_len, tensor_parallel_size) or an `LLM` already built.
+    Every sequence must fit the engine's max_model_len. vLLM's prompt log-probs equal transformers'
+    log_softmax within ~5e-6 in float32 (../shared/VLLM_CPU.md; tests/test_teacher.py checks it).
+    """
+
+    def __init__(self, model, **llm_kwargs):
+        from vllm import LLM
+        self.llm = model if isinstance(model, LLM) else LLM(model=model, **llm_kwargs)
+        self.last_stats = {}
+
+    def logprobs(self, sequences) -> list:
+        from vllm import SamplingParams
+        start = time.perf_counter()
+        seqs = [(list(p), list(r)) for p, r in sequences]
+        if any(r and not p for p, r in seqs):
+            raise ValueError("empty prompt_ids with a non-empty response: its first token has no context")
+        todo = [i for i, (_, r) in enumerate(seqs) if r]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": seqs[i][0] + seqs[i][1]} for i in todo], params,
+                                    use_tqdm=False) if todo else []
+        out = [torch.zeros(0) for _ in seqs]
+        for i, o in zip(todo, outputs):
+            prompt, response = seqs[i]
+            # prompt_logprobs[k] holds log p(token k | tokens < k) for the token actually at position k.
+            per_pos = o.prompt_logprobs[len(prompt):len(prompt) + len(response)]
+            out[i] = torch.tensor([lp[t].logprob for lp, t in zip(per_pos, response)], dtype=torch.float32)
+        tokens = sum(len(p) + len(r) for p, r in seqs if r)
+        self.last_stats = {"sequences": len(seqs), "tokens": tokens, "seconds": time.perf_counter() - start}
+        return out
+
+    def shutdown(self):
+        """Stop the engine. In-process vLLM also destroys torch.distributed's default group: call it last."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 # ---- tokenizer compatibility -------------------------------------------------------------------------------

@@ -131,3 +131,21 @@ def test_padded_vocabulary_is_fine(tiny_tokenizer, model):
     seqs = random_sequences(seed=4, count=6)
     for (p, r), got in zip(seqs, t.logprobs(seqs)):
         torch.testing.assert_close(got, naive_logprobs(padded, p, r), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(tiny_model_dir):
+    llm = teacher.VLLMTeacher(tiny_model_dir, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+                              max_num_seqs=16, kv_cache_memory_bytes=64 * 2**20)
+    yield llm
+    llm.shutdown()
+
+
+def test_vllm_teacher_matches_hf_teacher(vllm_teacher, tiny_model_dir):
+    seqs = random_sequences(seed=5)
+    want = teacher.Teacher(tiny_model_dir, token_budget=128).logprobs(seqs)
+    got = vllm_teacher.logprobs(seqs)
+    assert [g.shape[0] for g in got] == [len(r) for _, r in seqs]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=0)
+    assert vllm_teacher.logprobs([]) == []
