@@ -39,6 +39,7 @@ one layer at a time to the device. No effect on a CPU device.
 
 `VLLMTeacher` has the same `logprobs` for a teacher served by its own vLLM engine (vLLM's prompt log-probs).
 """
+import os
 import time
 
 import torch
@@ -73,7 +74,6 @@ class _Scorer(nn.Module):
 
 def _default_device():
     if torch.cuda.is_available():
-        import os
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 

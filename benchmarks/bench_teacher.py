@@ -45,11 +45,11 @@ def make_lengths(n, max_response, seed):
     return prompts.tolist(), responses.tolist()
 
 
-def make_model(layers, vocab, dtype, device):
+def make_model(layers, vocab, dtype, device, attn):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     config = Qwen3Config(vocab_size=vocab, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                         max_position_embeddings=40960, attn_implementation="sdpa")
+                         max_position_embeddings=40960, attn_implementation=attn)
     torch.manual_seed(0)
     with torch.device(device):
         return Qwen3ForCausalLM(config).to(dtype).eval().requires_grad_(False)
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--budget", type=int, default=None, help="token budget; default 4096 on CPU, 16384 on GPU")
     ap.add_argument("--naive", action="store_true", help="also time the one-sequence full-logits baseline")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--attn", default="sdpa", help="attention backend, e.g. flash_attention_2 if installed")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -95,7 +96,7 @@ def main():
     budget = args.budget or (16384 if gpu else 4096)
     dtype = torch.bfloat16 if gpu else torch.float32
 
-    model = make_model(layers, vocab, dtype, device)
+    model = make_model(layers, vocab, dtype, device, args.attn)
     p_lens, r_lens = make_lengths(n, max_response, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     seqs = [(torch.randint(0, vocab, (p,), generator=g).tolist(), torch.randint(0, vocab, (r,), generator=g).tolist())
@@ -104,7 +105,7 @@ def main():
     print(f"device {device} ({torch.cuda.get_device_name() if gpu else f'{torch.get_num_threads()} threads'}), "
           f"{dtype}, {layers} layers, vocab {vocab}, {n} sequences, {tokens} forward tokens "
           f"(response {min(r_lens)}..{max(r_lens)}, mean {sum(r_lens) / n:.0f}; prompt mean {sum(p_lens) / n:.0f}), "
-          f"budget {budget}")
+          f"budget {budget}, attention {args.attn}")
 
     rows = []
     for pack in (True, False):
