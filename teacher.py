@@ -90,6 +90,11 @@ def _load(model, dtype, device):
     return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn)
 
 
+def _ids(ids) -> list:
+    """Token ids as a list of ints, from a list or a 1-D tensor."""
+    return ids.tolist() if torch.is_tensor(ids) else list(ids)
+
+
 class Teacher:
     """A frozen causal LM that returns the log-probability of given response tokens.
 
@@ -220,7 +225,7 @@ class Teacher:
         collective: every rank must call it, the same number of times (an empty list is fine).
         """
         start = time.perf_counter()
-        seqs = [(list(p), list(r)) for p, r in sequences]
+        seqs = [(_ids(p), _ids(r)) for p, r in sequences]
         self._check(seqs)
         lengths = [len(p) + len(r) - 1 if len(r) else 0 for p, r in seqs]
         batches = self._micro_batches(lengths)
@@ -290,7 +295,7 @@ class VLLMTeacher:
     def logprobs(self, sequences) -> list:
         from vllm import SamplingParams
         start = time.perf_counter()
-        seqs = [(list(p), list(r)) for p, r in sequences]
+        seqs = [(_ids(p), _ids(r)) for p, r in sequences]
         if any(r and not p for p, r in seqs):
             raise ValueError("empty prompt_ids with a non-empty response: its first token has no context")
         todo = [i for i, (_, r) in enumerate(seqs) if r]

@@ -70,7 +70,8 @@ def test_matches_naive_forward(model, sequences, reference, pack, budget):
 def test_order_preserved(model, sequences, reference):
     t = teacher.Teacher(model, token_budget=64)
     perm = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1)).tolist()
-    out = t.logprobs([sequences[i] for i in perm])
+    # Tensors are accepted as well as lists.
+    out = t.logprobs([(torch.tensor(sequences[i][0]), torch.tensor(sequences[i][1])) for i in perm])
     for k, i in enumerate(perm):
         torch.testing.assert_close(out[k], reference[i], atol=1e-5, rtol=0)
 
