@@ -114,9 +114,12 @@ class _Entropy(torch.autograd.Function):
         ent = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
         for r, s in _chunks(x, chunk_size):
             z = x[r, s].to(dt)  # [c, V]
-            lse[r, s] = torch.logsumexp(z, dim=-1)  # [c]
-            logp = (z - lse[r, s, None]).clamp_(min=torch.finfo(dt).min)  # [c, V] -inf logits: 0 * finite, not NaN
-            ent[r, s] = -(logp.exp() * logp).sum(-1)  # [c] H = -sum p log p
+            m = z.amax(-1, keepdim=True)  # [c, 1]
+            z = (z - m).clamp_(min=torch.finfo(dt).min)  # [c, V] shifted; -inf logits -> 0 * finite below, not NaN
+            e = z.exp()  # [c, V] one exp pass: H = log sum e - sum(e z) / sum e
+            tot = e.sum(-1)  # [c]
+            lse[r, s] = m.squeeze(-1) + tot.log()  # [c]
+            ent[r, s] = tot.log() - (e * z).sum(-1) / tot  # [c] H = -sum p log p
         ctx.save_for_backward(x, lse, ent)
         ctx.chunk_size = chunk_size
         return ent
