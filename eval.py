@@ -31,7 +31,9 @@ import sys
 TASKS = ("kk", "math", "arith")  # arith: data.py's running sums mod 10, the CPU-sized stand-in for K&K
 # The default evaluation sets without --data: data.kk_examples / data.arith_examples(split="eval"), fixed
 # held-out streams (no seed) that the training split never overlaps.
-DEFAULT_MAX_TOKENS = 4096
+# --max_tokens when not given (then capped to what fits the model's context): the paper's K&K runs allow 2K-8K
+# response tokens, math 8K-30K; an arith answer is at most 7 digits (+ spaces, EOS).
+DEFAULT_MAX_TOKENS = {"kk": 4096, "math": 8192, "arith": 32}
 EVAL_PER_LEVEL = 100  # problems per level, the size of the public K&K test set
 KK_EVAL_PEOPLE = (2, 3, 4, 5, 6, 7, 8)
 
@@ -338,7 +340,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--max_tokens", type=int, default=None,
-                   help=f"response length cap (default {DEFAULT_MAX_TOKENS}, or what fits in the model's context)")
+                   help=f"response length cap (default per task {DEFAULT_MAX_TOKENS}, at most what fits the context)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--dtype", default=None, help="model dtype (default: the engine's, bfloat16 for vLLM)")
     p.add_argument("--max_model_len", type=int, default=None, help="default: longest prompt + max_tokens")
@@ -376,7 +378,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
     longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples)
-    max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS[a.task]
     if context:  # prompt + response must fit the model's positions
         room = context - longest
         if room < 1 or (a.max_tokens and a.max_tokens > room):
