@@ -79,6 +79,8 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
     Returns {level: {"count", "n", "mean_at_n", "pass_at_k": {k: v}, "mean_reward"}, ...,
              "average": same keys averaged over levels, plus "mean_at_n_weighted", "pass_at_k_weighted"}.
     """
+    if not levels:
+        raise ValueError("summarize: no problems to aggregate")
     if len(correct) != len(levels) * n or len(rewards) != len(correct):
         raise ValueError(f"expected {len(levels)} problems x n={n} samples, got {len(correct)} results")
     per_level = {}  # level -> list of (c, reward sum) per problem
@@ -96,20 +98,19 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
             "mean_reward": sum(r for _, r in probs) / (len(probs) * n),
         }
     rows = list(summary.values())
-    total = sum(r["count"] for r in rows)
-    weighted = lambda key: sum(r[key] * r["count"] for r in rows) / total if total else 0.0  # noqa: E731
-    avg = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    counts = [r["count"] for r in rows]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    weighted = lambda xs: sum(x * c for x, c in zip(xs, counts)) / sum(counts)  # noqa: E731
     summary["average"] = {
-        "count": total,
+        "count": sum(counts),
         "n": n,
         # The paper's "average": every level (PPL, benchmark) counts the same.
-        "mean_at_n": avg([r["mean_at_n"] for r in rows]),
-        "pass_at_k": {k: avg([r["pass_at_k"][k] for r in rows]) for k in ks},
-        "mean_reward": avg([r["mean_reward"] for r in rows]),
+        "mean_at_n": mean([r["mean_at_n"] for r in rows]),
+        "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in ks},
+        "mean_reward": mean([r["mean_reward"] for r in rows]),
         # Every problem counts the same (differs from the above when levels have different sizes).
-        "mean_at_n_weighted": weighted("mean_at_n"),
-        "pass_at_k_weighted": {k: (sum(r["pass_at_k"][k] * r["count"] for r in rows) / total if total else 0.0)
-                               for k in ks},
+        "mean_at_n_weighted": weighted([r["mean_at_n"] for r in rows]),
+        "pass_at_k_weighted": {k: weighted([r["pass_at_k"][k] for r in rows]) for k in ks},
     }
     return summary
 
