@@ -100,7 +100,7 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V] in the logits' dtype
         for r, s in _chunks(x, ctx.chunk_size):
             g = grad_out[r, s, None]  # [c, 1]
-            p = (x[r, s].to(lse.dtype) - lse[r, s, None]).exp_()  # [c, V] softmax, recomputed
+            p = (x[r, s] - lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed (bf16 - fp32 promotes)
             p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
             grad[r, s] = p
         return grad, None, None
@@ -113,13 +113,12 @@ class _Entropy(torch.autograd.Function):
         lse = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
         ent = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
         for r, s in _chunks(x, chunk_size):
-            z = x[r, s].to(dt)  # [c, V]
-            m = z.amax(-1, keepdim=True)  # [c, 1]
-            z = (z - m).clamp_(min=torch.finfo(dt).min)  # [c, V] shifted; -inf logits -> 0 * finite below, not NaN
+            m = x[r, s].amax(-1, keepdim=True).to(dt)  # [c, 1]
+            z = (x[r, s] - m).clamp_(min=torch.finfo(dt).min)  # [c, V] float32 shifted; -inf logits: 0 * finite below
             e = z.exp()  # [c, V] one exp pass: H = log sum e - sum(e z) / sum e
             tot = e.sum(-1)  # [c]
             lse[r, s] = m.squeeze(-1) + tot.log()  # [c]
-            ent[r, s] = tot.log() - (e * z).sum(-1) / tot  # [c] H = -sum p log p
+            ent[r, s] = tot.log() - e.mul_(z).sum(-1) / tot  # [c] H = -sum p log p
         ctx.save_for_backward(x, lse, ent)
         ctx.chunk_size = chunk_size
         return ent
@@ -130,9 +129,9 @@ class _Entropy(torch.autograd.Function):
         x, lse, ent = ctx.saved_tensors
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V]
         for r, s in _chunks(x, ctx.chunk_size):
-            logp = (x[r, s].to(lse.dtype) - lse[r, s, None]).clamp_(min=torch.finfo(lse.dtype).min)  # [c, V]
-            # dH/dz_j = -p_j (log p_j + H)
-            grad[r, s] = logp.exp() * (logp + ent[r, s, None]) * -grad_out[r, s, None]
+            logp = (x[r, s] - lse[r, s, None]).clamp_(min=torch.finfo(lse.dtype).min)  # [c, V] float32
+            p = logp.exp()  # [c, V]
+            grad[r, s] = logp.add_(ent[r, s, None]).mul_(p).mul_(-grad_out[r, s, None])  # dH/dz = -p (log p + H)
         return grad, None
 
 
