@@ -163,6 +163,10 @@ def check_config(cfg: Config, world: int):
         raise SystemExit(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}")
     if cfg.mini_batches < 1 or cfg.ppo_epochs < 1:
         raise SystemExit("mini_batches and ppo_epochs must be >= 1")
+    for key, allowed in (("lr_schedule", ("constant", "cosine")), ("engine", ("vllm", "hf")),
+                         ("sft_source", ("teacher", "data"))):
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
     needs_teacher = cfg.method in ("kdrl", "rlad", "distill") or (cfg.method == "sft" and cfg.sft_source == "teacher")
     if needs_teacher and not cfg.teacher:
         raise SystemExit(f"method {cfg.method!r} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
@@ -254,14 +258,14 @@ class Policy(torch.nn.Module):
 
 
 def load_policy(path: str, cfg: Config, device, world: int, trainable: bool = True) -> Policy:
-    """The student (or the frozen reference) from a HF checkpoint, FSDP2-sharded per decoder layer and at the root."""
+    """The student (or the frozen reference) from a HF checkpoint (or a model object), fp32 master weights,
+    FSDP2-sharded per decoder layer and at the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights
+    lm = path if isinstance(path, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.grad_checkpointing and trainable:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.config.use_cache = False
     policy = Policy(lm, cfg.logit_chunk, cfg.temperature)
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
@@ -293,21 +297,25 @@ def make_engine(path: str, cfg: Config, device, rank: int):
 
 # ----------------------------------------------------------------------------- data
 def load_examples(cfg: Config, split: str) -> list:
+    """Files when given (K&K or math loaders); else a generator: data.kk_examples, or data.<task>_examples for a
+    task that brings its own. Evaluation sets hold at most eval_per_level problems per level."""
     import data
     import eval as evaluation
     files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
     for f in files:
         if not os.path.isfile(f):
             raise SystemExit(f"--{split}_data {f}: no such file")
-    if split == "eval":
-        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)
+    if split == "eval" and cfg.task in ("kk", "math"):
+        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)  # eval.py's default K&K set
     if files:
-        load = data.load_kk if cfg.task == "kk" else data.load_math
-        return [ex for f in files for ex in load(f)]
-    if cfg.task != "kk":
-        raise SystemExit(f"task {cfg.task!r} has no generator: pass --train_data FILE")
-    people = [int(p) for p in cfg.kk_people.split(",")]
-    return data.kk_examples(people=people, per_level=cfg.train_per_level, seed=cfg.seed, split="train")
+        return [ex for f in files for ex in (data.load_kk if cfg.task == "kk" else data.load_math)(f)]
+    if cfg.task == "kk":
+        people = [int(p) for p in cfg.kk_people.split(",")]
+        return data.kk_examples(people=people, per_level=cfg.train_per_level, seed=cfg.seed, split="train")
+    if not hasattr(data, f"{cfg.task}_examples"):
+        raise SystemExit(f"task {cfg.task!r}: no --{split}_data file and no data.{cfg.task}_examples generator")
+    per_level = cfg.train_per_level if split == "train" else cfg.eval_per_level
+    return getattr(data, f"{cfg.task}_examples")(per_level=per_level, seed=cfg.seed, split=split)
 
 
 def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
@@ -380,8 +388,8 @@ def forward(policy: Policy, b: dict, entropy_grad=False):
 
 def agree(counts: list, op) -> list:
     """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
-    t = torch.tensor(counts, dtype=torch.float64)
-    dist.all_reduce(t, op=op)
+    t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
     return [int(x) for x in t.tolist()]
 
 
@@ -457,7 +465,7 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
         # the same responses whatever the world size (ranks just hold different parts of it).
         uids = max((r["uid"] for r in rows), default=0) + 1
         uids = agree([uids], dist.ReduceOp.MAX)[0]
-        deal = torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M
+        deal = (torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M).tolist()
         minis = [[r for r in rows if deal[r["uid"]] == m] for m in range(M)]
         plans = [pack(mb, cfg.micro_batch_tokens) for mb in minis]
         sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis], dist.ReduceOp.SUM)
@@ -587,7 +595,7 @@ def run_eval(engine, tokenizer, examples, cfg, rank, world) -> dict:
             if level in summary:
                 local[2 * i] = summary[level]["count"]
                 local[2 * i + 1] = summary[level]["count"] * summary[level]["mean_at_n"]
-    t = torch.tensor(local, dtype=torch.float64)
+    t = torch.tensor(local, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     per_level = {lv: t[2 * i + 1].item() / t[2 * i].item() for i, lv in enumerate(levels) if t[2 * i] > 0}
     out = {f"eval/{lv}": v for lv, v in per_level.items()}

@@ -1,0 +1,195 @@
+"""train.py end to end on CPU: real vLLM rollouts, real teacher, FSDP2 (gloo), real rewards, tiny models.
+
+Runs (subprocesses, started once per module):
+- toy task (tests/train_helper.py: reward = share of lowercase letters/spaces) with grpo and rlad: the mean
+  reward must rise; with sft (teacher samples) and sft (data targets).
+- K&K with configs/tiny_cpu.toml and kdrl through the command line: 6 steps uninterrupted, and the same run
+  stopped by SIGTERM after step 2 then resumed: metrics and final weights must be equal.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+ENV = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
+TOY = [PY, os.path.join(ROOT, "tests", "train_helper.py"), "toy", "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"),
+       "--prompts_per_step", "8", "--group_size", "8", "--max_tokens", "8", "--mini_batches", "1", "--lr", "1e-2",
+       "--save_every", "0", "--keep_last", "1"]
+KK = [PY, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--method", "kdrl",
+      "--max_steps", "6", "--save_every", "3", "--eval_every", "3", "--kd_coef", "0.05", "--kd_anneal", "0"]
+STEP_KEYS = {"step", "reward", "accuracy", "format_ok", "response_len", "response_len_max", "truncated", "entropy",
+             "grad_norm", "lr", "loss", "pad_frac", "skipped_steps", "tokens_per_s", "logprob_mismatch",
+             "time/rollout", "time/reward", "time/teacher", "time/old_logp", "time/update", "time/sync", "time/step"}
+
+
+def run(cmd, run_dir, timeout=600):
+    p = subprocess.run(cmd + ["--run_dir", run_dir], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return read_metrics(run_dir)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path):
+    import safetensors.torch
+    return safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+
+
+def final_checkpoint(run_dir):
+    root = os.path.join(run_dir, "checkpoints")
+    return os.path.join(root, sorted(os.listdir(root))[-1])
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Toy-task runs: method -> (run_dir, metrics)."""
+    out = {}
+    for method, extra in [("grpo", ["--max_steps", "15"]), ("rlad", ["--max_steps", "15"]),
+                          ("sft", ["--max_steps", "3"]), ("sft-data", ["--max_steps", "8", "--sft_source", "data"])]:
+        d = str(tmp_path_factory.mktemp(method))
+        out[method] = (d, run(TOY + ["--method", method.split("-")[0]] + extra, d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def kk(tmp_path_factory):
+    """K&K kdrl through the CLI: uninterrupted, and SIGTERM after step 2 then --resume."""
+    full = str(tmp_path_factory.mktemp("kk_full"))
+    run(KK, full)
+    cut = str(tmp_path_factory.mktemp("kk_cut"))
+    p = subprocess.Popen(KK + ["--run_dir", cut], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = b""
+    while b" 2/6 [" not in seen:  # tqdm's bar after step 2 (blocking reads: no polling, no sleep)
+        chunk = p.stdout.read1(4096)
+        assert chunk, seen[-3000:].decode(errors="replace")
+        seen += chunk
+    p.send_signal(signal.SIGTERM)
+    seen += p.stdout.read()
+    assert p.wait(timeout=600) == 0, seen[-3000:].decode(errors="replace")
+    assert b"SIGTERM: checkpoint written" in seen
+    stopped_at = read_metrics(cut)[-1]["step"]
+    run(KK + ["--resume", "true"], cut)
+    return full, cut, stopped_at
+
+
+def check_metrics(metrics, steps, keys=STEP_KEYS):
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        assert keys <= set(m), keys - set(m)
+        assert all(isinstance(v, (int, float)) and v == v for v in m.values()), m  # numbers, no NaN
+        assert m["skipped_steps"] == 0 and 0 <= m["accuracy"] <= 1 and 0 <= m["pad_frac"] < 1
+
+
+@pytest.mark.parametrize("method", ["grpo", "rlad"])
+def test_learns_toy_task(toy, method):
+    run_dir, metrics = toy[method]
+    check_metrics(metrics, 15)
+    first, last = [sum(m["reward"] for m in ms) / 3 for ms in (metrics[:3], metrics[-3:])]
+    assert last > first + 0.1, [round(m["reward"], 3) for m in metrics]
+    if method == "rlad":
+        assert all(m["teacher_log_ratio_abs"] > 0 for m in metrics)
+    # After every sync the engine samples with the trainer's weights: its log-probs of the sampled tokens equal
+    # the trainer's recomputation (a stale engine would be off by the per-step change, here > 1e-2).
+    assert max(m["logprob_mismatch_max"] for m in metrics) < 1e-4
+    assert max(m["grad_norm"] for m in metrics) > 0
+    w0, w1 = weights(os.path.join(run_dir, "models", "tiny")), weights(final_checkpoint(run_dir))
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
+
+
+def test_sft_from_teacher_samples(toy):
+    run_dir, metrics = toy["sft"]
+    check_metrics(metrics, 3, STEP_KEYS - {"logprob_mismatch"})
+    assert all(m["kept_rows"] > 0 for m in metrics)  # some teacher samples were correct and trained on
+    w0, w1 = weights(os.path.join(run_dir, "models", "tiny")), weights(final_checkpoint(run_dir))
+    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
+
+
+def test_sft_from_data_targets_fits_them(toy):
+    _, metrics = toy["sft-data"]
+    check_metrics(metrics, 8, STEP_KEYS - {"logprob_mismatch"})
+    assert metrics[-1]["nll"] < 0.5 * metrics[0]["nll"], [m["nll"] for m in metrics]
+
+
+def test_kdrl_kk_run_and_resume_are_exact(kk):
+    full, cut, stopped_at = kk
+    a, b = read_metrics(full), read_metrics(cut)
+    check_metrics(a, 6)
+    check_metrics(b, 6)
+    assert 2 <= stopped_at < 6
+    assert all(m["kd"] > 0 for m in a) and "eval_accuracy" in a[2] and "eval/PPL8" in a[5]
+    volatile = lambda k: k.startswith("time/") or k.endswith("_per_s")  # noqa: E731
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if not volatile(k)} == {k: v for k, v in y.items() if not volatile(k)}
+    wa, wb = weights(final_checkpoint(full)), weights(final_checkpoint(cut))
+    w0 = weights(os.path.join(full, "models", "tiny"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert max((wa[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # the KD term moved the weights
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["step_000003", "step_000006"]
+
+
+def test_checkpoint_loads_in_transformers_and_vllm(kk):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+    ckpt = final_checkpoint(kk[0])
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    saved = weights(ckpt)
+    assert all(torch.equal(p.detach(), saved[n]) for n, p in model.named_parameters())
+    prompt = tok("Alice is a knight.", add_special_tokens=False)["input_ids"]
+    llm = LLM(model=ckpt, dtype="float32", max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4,
+              kv_cache_memory_bytes=64 * 2**20)
+    try:
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=8, temperature=1.0, logprobs=0,
+                                                                          seed=0, ignore_eos=True))[0].outputs[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    ids = torch.tensor([prompt + list(out.token_ids)])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)  # [8, V]
+    ref = ref.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    got = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)])
+    assert (ref - got).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------- errors before any model is loaded
+def test_config_parsing_and_errors(tmp_path):
+    import train
+    cfg = train.parse_config(["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--lr", "3e-4",
+                              "--filter_groups", "true", "--group_size", "16"])
+    assert cfg.lr == 3e-4 and cfg.filter_groups is True and cfg.group_size == 16 and cfg.model == "tiny"
+    assert train.Config().method == "rlad" and train.Config().teacher == "Qwen/Qwen3-8B"
+    with pytest.raises(SystemExit, match="unknown config key 'lrr'"):
+        train.parse_config(["--lrr", "1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modle = "x"\n')
+    with pytest.raises(SystemExit, match="unknown config key 'modle'"):
+        train.parse_config(["--config", str(bad)])
+    with pytest.raises(SystemExit, match="takes true or false"):
+        train.parse_config(["--resume", "yes"])
+    for flags, msg in [(["--group_size", "1"], "at least 2"), (["--prompts_per_step", "3"], "not divisible"),
+                       (["--teacher", ""], "needs a teacher"), (["--model", "/nonexistent/model"], "no such directory"),
+                       (["--method", "ppo"], "unknown")]:
+        with pytest.raises(SystemExit, match=msg):
+            train.check_config(train.parse_config(flags), 2)
+
+def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
+    import tiny
+    import train
+    cfg = train.Config(model=tiny_model_dir, teacher=tiny_model_dir, run_dir=str(tmp_path / "a"), eval_every=0)
+    with pytest.raises(SystemExit, match="empty training set"):
+        train.main(cfg, train_examples=[], eval_examples=[])
+    other = tiny.make_tokenizer(corpus="completely different words for another vocabulary " * 20, vocab_size=300)
+    foreign = tiny.save_tiny(str(tmp_path / "foreign"), other)
+    cfg = train.Config(model=tiny_model_dir, teacher=foreign, run_dir=str(tmp_path / "b"), eval_every=0)
+    from train_helper import toy_examples
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        train.main(cfg, train_examples=toy_examples(8), eval_examples=[])
