@@ -31,7 +31,7 @@ all-gathers one layer at a time. FSDP forwards are collectives, hence THE RULE:
 Inside a call the ranks agree on the number of micro-batches (one all_reduce(MAX)) and a rank with fewer
 runs 1-token dummy forwards, so different numbers or lengths of sequences per rank are fine. A rank that
 skips a call leaves the others waiting in that all_reduce (a hang until the process group's timeout, not
-an error message): call `logprobs` from code that every rank runs unconditionally, as train.py does.
+an error message): call `logprobs` from code that every rank runs unconditionally (once per training step).
 
 Offload (`offload=True`): unsharded, parameters live on CPU between calls and move to the device for the
 duration of `logprobs`; sharded, FSDP2's CPUOffloadPolicy keeps each rank's shards in CPU memory and copies
