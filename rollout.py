@@ -102,14 +102,15 @@ def _checkpoint_names(model_path: str) -> set:
     index = os.path.join(model_path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
-            return set(json.load(f)["weight_map"])
-    from safetensors import safe_open
-    names = set()
-    for fname in os.listdir(model_path):
-        if fname.endswith(".safetensors"):
-            with safe_open(os.path.join(model_path, fname), "pt") as f:
-                names.update(f.keys())
-    return names
+            names = set(json.load(f)["weight_map"])
+    else:
+        from safetensors import safe_open
+        names = set()
+        for fname in os.listdir(model_path):
+            if fname.endswith(".safetensors"):
+                with safe_open(os.path.join(model_path, fname), "pt") as f:
+                    names.update(f.keys())
+    return {n for n in names if not n.endswith("rotary_emb.inv_freq")}  # a buffer some old checkpoints hold
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,9 +136,9 @@ def _vllm(op: str, llm=None, **kw):
         # dicts); detokenize=False: we return ids, text is the caller's business.
         # Greedy with n > 1 is refused by vLLM; every greedy sample is the same, so ask once and copy.
         greedy_copies = kw["n"] if kw["temperature"] == 0 else 1
-        params = [SamplingParams(n=kw["n"] // greedy_copies, max_tokens=kw["max_tokens"], temperature=kw["temperature"],
-                                 top_p=kw["top_p"], seed=s, logprobs=0, flat_logprobs=True, detokenize=False)
-                  for s in kw["seeds"]]
+        params = [SamplingParams(n=kw["n"] // greedy_copies, max_tokens=kw["max_tokens"],
+                                 temperature=kw["temperature"], top_p=kw["top_p"], seed=s, logprobs=0,
+                                 flat_logprobs=True, detokenize=False) for s in kw["seeds"]]
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in kw["prompts"]], params, use_tqdm=False)
         results = []
         for out in outs:
@@ -147,7 +148,8 @@ def _vllm(op: str, llm=None, **kw):
                     raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
                 samples.append({"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
                                 "finish_reason": c.finish_reason})
-            results.append([dict(s) for s in samples for _ in range(greedy_copies)])
+            results.append([{"response_ids": list(s["response_ids"]), "logprobs": list(s["logprobs"]),
+                             "finish_reason": s["finish_reason"]} for s in samples for _ in range(greedy_copies)])
         return results
     if op == "reload":
         # Never call reload_weights without an iterator: it reloads from disk and silently undoes every sync.
@@ -258,6 +260,8 @@ class VLLMEngine:
         self._check_usable("generate")
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
+        if not self._weights_valid:
+            raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
         return _vllm("generate", self.llm, prompts=prompt_token_ids, n=n, max_tokens=max_tokens,
                      temperature=temperature, top_p=top_p, seeds=_prompt_seeds(seed, len(prompt_token_ids), n))
@@ -271,6 +275,7 @@ class VLLMEngine:
                 _vllm("wake", self.llm, tags=["weights"])  # level 1 restores, level 2 maps fresh memory
             self._weights_awake = True
         seen = set()
+        self._weights_valid = False  # until the whole stream went in
 
         def stream():
             for name, tensor in _tie_lm_head(named_tensors, self.tied):
@@ -280,7 +285,6 @@ class VLLMEngine:
         _vllm("reload", self.llm, weights=stream())
         missing = self.expected_names - seen - ({"lm_head.weight"} if self.tied else set())
         if not seen or missing:
-            self._weights_valid = False
             raise ValueError(
                 f"load_weights got no tensor for {sorted(missing)[:5]} ({len(missing)} of "
                 f"{len(self.expected_names)} checkpoint tensors missing): the engine now holds a mix of weights. "
@@ -344,7 +348,7 @@ class HFEngine:
             raise TypeError(f"HFEngine takes a model directory or an nn.Module, got {type(model).__name__}")
         elif dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
-        self.model = model.eval()
+        self.model = model
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         config, gen = model.config, getattr(model, "generation_config", None)
@@ -373,11 +377,16 @@ class HFEngine:
         rows = [list(p) for p in prompt_token_ids for _ in range(n)]  # the n samples of a prompt are adjacent
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the trainer's RNG alone
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(rows), self.batch_size):
-                samples.extend(self._generate_batch(rows[start:start + self.batch_size], gen_config))
+        was_training = self.model.training  # a shared trainer module gets its mode back
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the trainer's RNG be
+                if seed is not None:
+                    torch.manual_seed(seed)
+                for start in range(0, len(rows), self.batch_size):
+                    samples.extend(self._generate_batch(rows[start:start + self.batch_size], gen_config))
+        finally:
+            self.model.train(was_training)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
 
     def _generate_batch(self, rows, gen_config):

@@ -93,6 +93,8 @@ def test_partial_sync_is_refused(setup):
     some = [(n, p) for n, p in hf.named_parameters() if "layers.0." not in n]
     with pytest.raises(ValueError, match="layers.0"):
         engine.load_weights(some)
+    with pytest.raises(RuntimeError, match="load_weights"):  # never generate from half-synced weights
+        engine.generate([[1, 2, 3]], max_tokens=2)
     with pytest.raises(RuntimeError, match="load_weights"):  # half-synced weights are never woken
         engine.sleep()
         engine.wake()
@@ -186,13 +188,14 @@ def test_eos_stops_both_engines(setup, tiny_tokenizer):
 def test_hf_engine_sampling_and_shared_module(setup, tiny_tokenizer):
     _, hf, *_ = setup
     ps = prompts(tiny_tokenizer)
-    model = copy.deepcopy(hf)
+    model = copy.deepcopy(hf).train()
     eng = rollout.HFEngine(model)
     assert eng.model is model  # shares the trainer's module
     a = eng.generate(ps, n=3, max_tokens=8, temperature=0.8, top_p=0.9, seed=11)
     rng_state = torch.get_rng_state()
     assert a == eng.generate(ps, n=3, max_tokens=8, temperature=0.8, top_p=0.9, seed=11)
     assert torch.equal(rng_state, torch.get_rng_state())  # a seeded call leaves the global RNG alone
+    assert model.training  # and the trainer's module is back in train mode
     assert max_error(hf, a, ps) < TOL  # raw log-probs, not the temperature-scaled ones
     new = perturbed(hf, seed=12)
     eng.load_weights(new.state_dict().items())  # copies into the shared module (lm_head of tied is skipped)
