@@ -121,34 +121,26 @@ class Config:
 # ----------------------------------------------------------------------------- config: preset TOML + --key value
 def parse_config(argv) -> Config:
     """Config defaults < `--config FILE.toml` < `--key value` flags. Unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values, flags = {}, list(argv)
-    if "--config" in flags:
-        i = flags.index("--config")
-        path = flags[i + 1] if i + 1 < len(flags) else ""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    args, values = list(argv), {}
+    if "--config" in args:
+        i = args.index("--config")
+        path = args[i + 1] if i + 1 < len(args) else ""
         if not os.path.isfile(path):
             raise SystemExit(f"--config {path!r}: no such file (presets are in configs/)")
         with open(path, "rb") as f:
-            values.update(tomllib.load(f))
-        del flags[i:i + 2]
-    if len(flags) % 2:
-        raise SystemExit(f"arguments must be --key value pairs; got {flags}")
-    for key, raw in zip(flags[::2], flags[1::2]):
-        if not key.startswith("--"):
-            raise SystemExit(f"expected --key, got {key!r}")
-        key = key[2:].replace("-", "_")
-        if key not in fields:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        kind = fields[key].type
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{key} takes true or false, got {raw!r}")
-            values[key] = raw.lower() in ("true", "1")
-        else:
-            values[key] = {"int": int, "float": float, "str": str}.get(getattr(kind, "__name__", ""), kind)(raw)
+            values = tomllib.load(f)
+        del args[i:i + 2]
+    if len(args) % 2 or not all(a.startswith("--") for a in args[::2]):
+        raise SystemExit(f"arguments must be --key value pairs; got {args}")
+    for key, raw in zip(args[::2], args[1::2]):
+        key, kind = key[2:].replace("-", "_"), kinds.get(key[2:].replace("-", "_"), str)
+        if kind is bool and raw.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--{key} takes true or false, got {raw!r}")
+        values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
     for key in values:
-        if key not in fields:
-            raise SystemExit(f"unknown config key {key!r} in {path}; valid keys: {', '.join(fields)}")
+        if key not in kinds:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(kinds)}")
     return Config(**values)
 
 
@@ -382,8 +374,7 @@ def forward(policy: Policy, b: dict, entropy_grad=False):
     """Student log-probs and entropies laid out [B, R] like b["mask"]."""
     lp, ent = policy(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad)  # [n], [n]
     B, R = b["mask"].shape
-    place = lambda x: torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x[:b["dst"].numel()]).view(B, R)  # noqa: E731
-    return place(lp), place(ent)
+    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
 
 
 def agree(counts: list, op) -> list:
@@ -536,9 +527,10 @@ def save_checkpoint(cfg, step, policy, opt, tokenizer, extra):
     is) and trainer_state.pt (optimizer, every rank's RNG, step = data position). Temp dir, fsync, rename."""
     import safetensors.torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    weights = {name: t.cpu().clone() for name, t in full_params(policy)} if is_main() else None
-    for _ in ([] if is_main() else full_params(policy)):  # the other ranks join the gathers
-        pass
+    weights = {}
+    for name, t in full_params(policy):  # every rank joins each gather; rank 0 keeps the tensors
+        if is_main():
+            weights[name] = t.cpu().clone()
     optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rngs = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, rng_state())

@@ -3,7 +3,7 @@
 Runs (subprocesses, started once per module):
 - toy task (tests/train_helper.py: reward = share of lowercase letters/spaces) with grpo and rlad: the mean
   reward must rise; with sft (teacher samples) and sft (data targets).
-- K&K with configs/tiny_cpu.toml and kdrl through the command line: 6 steps uninterrupted, and the same run
+- K&K with configs/tiny_cpu.toml and kdrl through the command line: 4 steps uninterrupted, and the same run
   stopped by SIGTERM after step 2 then resumed: metrics and final weights must be equal.
 """
 import json
@@ -22,7 +22,12 @@ TOY = [PY, os.path.join(ROOT, "tests", "train_helper.py"), "toy", "--config", os
        "--prompts_per_step", "8", "--group_size", "8", "--max_tokens", "8", "--mini_batches", "1", "--lr", "1e-2",
        "--save_every", "0", "--keep_last", "1"]
 KK = [PY, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--method", "kdrl",
-      "--max_steps", "6", "--save_every", "3", "--eval_every", "3", "--kd_coef", "0.05", "--kd_anneal", "0"]
+      "--max_steps", "4", "--save_every", "2", "--eval_every", "2", "--kd_coef", "0.05", "--kd_anneal", "0"]
+# Every optional part at once, on the transformers engine: reference KL, adaptive entropy control, group filter,
+# 2 PPO epochs x 2 mini-batches (old log-probs recomputed), cosine LR, KDRL's reward-guided mask.
+OPTIONS = ["--max_steps", "4", "--prompts_per_step", "4", "--group_size", "4", "--kl_coef", "0.01", "--ent_target", "9",
+           "--ent_coef", "0.001", "--filter_groups", "true", "--ppo_epochs", "2", "--mini_batches", "2",
+           "--lr_schedule", "cosine", "--warmup_steps", "1", "--kd_wrong_only", "true", "--engine", "hf"]
 STEP_KEYS = {"step", "reward", "accuracy", "format_ok", "response_len", "response_len_max", "truncated", "entropy",
              "grad_norm", "lr", "loss", "pad_frac", "skipped_steps", "tokens_per_s", "logprob_mismatch",
              "time/rollout", "time/reward", "time/teacher", "time/old_logp", "time/update", "time/sync", "time/step"}
@@ -54,7 +59,8 @@ def toy(tmp_path_factory):
     """Toy-task runs: method -> (run_dir, metrics)."""
     out = {}
     for method, extra in [("grpo", ["--max_steps", "15"]), ("rlad", ["--max_steps", "15"]),
-                          ("sft", ["--max_steps", "3"]), ("sft-data", ["--max_steps", "8", "--sft_source", "data"])]:
+                          ("sft", ["--max_steps", "3"]), ("sft-data", ["--max_steps", "8", "--sft_source", "data"]),
+                          ("kdrl-options", OPTIONS), ("distill", ["--max_steps", "2"])]:
         d = str(tmp_path_factory.mktemp(method))
         out[method] = (d, run(TOY + ["--method", method.split("-")[0]] + extra, d))
     return out
@@ -68,7 +74,7 @@ def kk(tmp_path_factory):
     cut = str(tmp_path_factory.mktemp("kk_cut"))
     p = subprocess.Popen(KK + ["--run_dir", cut], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen = b""
-    while b" 2/6 [" not in seen:  # tqdm's bar after step 2 (blocking reads: no polling, no sleep)
+    while b" 2/4 [" not in seen:  # tqdm's bar after step 2 (blocking reads: no polling, no sleep)
         chunk = p.stdout.read1(4096)
         assert chunk, seen[-3000:].decode(errors="replace")
         seen += chunk
@@ -105,6 +111,21 @@ def test_learns_toy_task(toy, method):
     assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3
 
 
+def test_options_run(toy):
+    _, metrics = toy["kdrl-options"]
+    check_metrics(metrics, 4)
+    assert all(m["kl_ref"] > 0 and m["kd"] > 0 and 0 < m["groups_kept"] <= 1 for m in metrics)
+    assert [m["ent_coef"] for m in metrics] == pytest.approx([0.001, 0.006, 0.011, 0.016])  # entropy < target: up
+    assert metrics[0]["lr"] == 1e-2 and metrics[-1]["lr"] < metrics[1]["lr"]  # cosine decay after warm-up
+    assert metrics[-1]["logprob_mismatch_max"] < 1e-4  # old log-probs recomputed; HFEngine synced
+
+
+def test_distill_runs(toy):
+    _, metrics = toy["distill"]
+    check_metrics(metrics, 2)
+    assert all(m["kd"] > 0 for m in metrics) and "pg_loss" not in metrics[0]
+
+
 def test_sft_from_teacher_samples(toy):
     run_dir, metrics = toy["sft"]
     check_metrics(metrics, 3, STEP_KEYS - {"logprob_mismatch"})
@@ -122,10 +143,10 @@ def test_sft_from_data_targets_fits_them(toy):
 def test_kdrl_kk_run_and_resume_are_exact(kk):
     full, cut, stopped_at = kk
     a, b = read_metrics(full), read_metrics(cut)
-    check_metrics(a, 6)
-    check_metrics(b, 6)
-    assert 2 <= stopped_at < 6
-    assert all(m["kd"] > 0 for m in a) and "eval_accuracy" in a[2] and "eval/PPL8" in a[5]
+    check_metrics(a, 4)
+    check_metrics(b, 4)
+    assert 2 <= stopped_at < 4
+    assert all(m["kd"] > 0 for m in a) and "eval_accuracy" in a[1] and "eval/PPL8" in a[3]
     volatile = lambda k: k.startswith("time/") or k.endswith("_per_s")  # noqa: E731
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if not volatile(k)} == {k: v for k, v in y.items() if not volatile(k)}
@@ -133,7 +154,7 @@ def test_kdrl_kk_run_and_resume_are_exact(kk):
     w0 = weights(os.path.join(full, "models", "tiny"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert max((wa[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # the KD term moved the weights
-    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["step_000003", "step_000006"]
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["step_000002", "step_000004"]
 
 
 def test_checkpoint_loads_in_transformers_and_vllm(kk):
