@@ -33,7 +33,7 @@ MAX_LOG_RATIO = 20.0  # log-ratios are clamped to +-20 before exp(): float32 nev
 TEACHER_LOGP_FLOOR = -100.0  # a teacher log-prob of -inf (token impossible for it) counts as e^-100: finite KD
 
 
-# ----------------------------------------------------------------------------- advantages (GRPO, PAPER "Group-relative")
+# ----------------------------------------------------------------------------- advantages (PAPER "Group-relative ...")
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, laid out group by "
@@ -86,9 +86,13 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
         out = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
         for r, s in _chunks(x, chunk_size):
-            z = x[r, s].to(dt)  # [c, V] the only full-width float32 tensor alive
-            lse[r, s] = torch.logsumexp(z, dim=-1)  # [c]
-            out[r, s] = z.gather(-1, targets[r, s, None]).squeeze(-1) - lse[r, s]  # [c]
+            z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy, the one full-width temporary (in place below)
+            m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1] row max, finite
+            picked = z.sub_(m).gather(-1, targets[r, s, None]).squeeze(-1)  # [c] z_y - m
+            log_tot = z.exp_().sum(-1).log()  # [c] log sum exp(z - m)
+            lse[r, s] = m.squeeze(-1) + log_tot  # [c]
+            out[r, s] = picked - log_tot  # [c] log softmax(z)_y
+            del z  # before the next chunk's copy exists: one [c, V] temporary at a time, not two
         ctx.save_for_backward(x, targets, lse)
         ctx.chunk_size = chunk_size
         return out
@@ -100,9 +104,10 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V] in the logits' dtype
         for r, s in _chunks(x, ctx.chunk_size):
             g = grad_out[r, s, None]  # [c, 1]
-            p = (x[r, s] - lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed (bf16 - fp32 promotes)
+            p = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed
             p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
             grad[r, s] = p
+            del p
         return grad, None, None
 
 
@@ -113,12 +118,14 @@ class _Entropy(torch.autograd.Function):
         lse = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
         ent = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
         for r, s in _chunks(x, chunk_size):
-            m = x[r, s].amax(-1, keepdim=True).to(dt)  # [c, 1]
-            z = (x[r, s] - m).clamp_(min=torch.finfo(dt).min)  # [c, V] float32 shifted; -inf logits: 0 * finite below
+            z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy
+            m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1]
+            z.sub_(m).clamp_(min=torch.finfo(dt).min)  # [c, V] shifted; -inf logits -> 0 * finite below, not NaN
             e = z.exp()  # [c, V] one exp pass: H = log sum e - sum(e z) / sum e
             tot = e.sum(-1)  # [c]
             lse[r, s] = m.squeeze(-1) + tot.log()  # [c]
             ent[r, s] = tot.log() - e.mul_(z).sum(-1) / tot  # [c] H = -sum p log p
+            del z, e
         ctx.save_for_backward(x, lse, ent)
         ctx.chunk_size = chunk_size
         return ent
@@ -129,9 +136,10 @@ class _Entropy(torch.autograd.Function):
         x, lse, ent = ctx.saved_tensors
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V]
         for r, s in _chunks(x, ctx.chunk_size):
-            logp = (x[r, s] - lse[r, s, None]).clamp_(min=torch.finfo(lse.dtype).min)  # [c, V] float32
-            p = logp.exp()  # [c, V]
+            logp = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None])  # [c, V] float32
+            p = logp.clamp_(min=torch.finfo(lse.dtype).min).exp()  # [c, V]
             grad[r, s] = logp.add_(ent[r, s, None]).mul_(p).mul_(-grad_out[r, s, None])  # dH/dz = -p (log p + H)
+            del logp, p
         return grad, None
 
 

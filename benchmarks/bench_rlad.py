@@ -1,4 +1,4 @@
-"""Benchmark rlad.py: chunked vs naive per-token log-probs (time, peak extra memory), and the objectives' cost per token.
+"""Benchmark rlad.py: chunked vs naive per-token log-probs (time, peak extra memory), the objectives' cost per token.
 
     python benchmarks/bench_rlad.py                      # CUDA if available, else CPU
     python benchmarks/bench_rlad.py --max-gib 20 --sizes 4096x151936,32768x151936 --chunk-size 1024
@@ -7,7 +7,8 @@
 Peak memory is the extra memory above what was live before the call: torch's allocator statistics on CUDA; on CPU the
 process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs), with glibc told to return every freed block of
 1 MiB or more to the OS at once (MALLOC_MMAP_THRESHOLD_, the script re-executes itself with it), so that RSS follows
-live memory. A size whose estimated need exceeds --max-gib is skipped and said so.
+live memory. A size whose estimated need exceeds --max-gib is skipped and said so (forward only, no_grad, when
+only the backward's [T, V] gradient does not fit).
 """
 import argparse
 import os
@@ -55,36 +56,38 @@ def rss(key):
 
 
 def bench_logprobs(T, V, chunk, device, max_bytes):
-    elems = T * V
+    elems, temps = T * V, 3 * chunk * V * 4  # a few float32 [chunk, V] temporaries
     fp32 = 4 * elems
-    # estimated need (logits + bf16 grad + temporaries): chunked ~ 4 T V bytes; naive ~ 4 T V + 3 float32 [T, V]
-    needs = {"chunked": 4 * elems + 8 * chunk * V * 4, "entropy": 4 * elems + 8 * chunk * V * 4,
-             "naive": 4 * elems + 3 * fp32}
-    if needs["chunked"] > max_bytes:
-        print(f"| {T} | {V} | all | skipped: needs ~{needs['chunked'] / GIB:.1f} GiB > --max-gib {max_bytes / GIB:.1f} |")
+    # estimated need: bf16 logits + (backward) their bf16 gradient + temporaries; naive: + 3 float32 [T, V]
+    fwd_only, chunked, naive = 2 * elems + temps, 4 * elems + temps, 4 * elems + 3 * fp32
+    row = f"| {T} | {V} |"
+    if fwd_only > max_bytes:
+        print(f"{row} all | skipped: needs ~{fwd_only / GIB:.1f} GiB > --max-gib {max_bytes / GIB:.1f} | | | | |")
         return
     g = torch.Generator(device=device).manual_seed(0)
-    logits = torch.randn(T, V, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()  # [T, V] bf16
+    logits = torch.randn(T, V, generator=g, device=device, dtype=torch.bfloat16)  # [T, V] bf16
+    logits.requires_grad_(chunked <= max_bytes)
     targets = torch.randint(0, V, (T,), generator=g, device=device)  # [T]
-    impls = {"chunked": lambda: rlad.token_logprobs(logits, targets, chunk),
-             "entropy": lambda: rlad.entropy(logits, chunk),
-             "naive": lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)}
-    for name, fn in impls.items():
-        if needs[name] > max_bytes:
-            print(f"| {T} | {V} | {name} | skipped: needs ~{needs[name] / GIB:.1f} GiB > --max-gib "
-                  f"{max_bytes / GIB:.1f} | | | |")
+    impls = {"chunked": (chunked, lambda: rlad.token_logprobs(logits, targets, chunk)),
+             "entropy": (chunked, lambda: rlad.entropy(logits, chunk)),
+             "naive": (naive, lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]))}
+    for name, (need, fn) in impls.items():
+        if name == "naive" and need > max_bytes:
+            print(f"{row} {name} | skipped: needs ~{need / GIB:.1f} GiB > --max-gib {max_bytes / GIB:.1f} | | | | |")
             continue
+        y = None
         try:
             y, t_f, m_f = measure(fn, device)
-            _, t_b, m_b = measure(lambda: y.sum().backward(), device)
+            if logits.requires_grad:
+                _, t_b, m_b = measure(lambda: y.sum().backward(), device)
+                bwd = f"{t_b:.3f} | {m_b / MIB:.0f}"
+            else:
+                bwd = f"skipped: needs ~{need / GIB:.1f} GiB | "
+            print(f"{row} {name} | {t_f:.3f} | {m_f / MIB:.0f} | {bwd} | {fp32 / MIB:.0f} |", flush=True)
         except torch.OutOfMemoryError:
-            print(f"| {T} | {V} | {name} | out of memory | | | |")
-            continue
-        finally:
-            y = None
-            logits.grad = None
-        print(f"| {T} | {V} | {name} | {t_f:.3f} | {m_f / MIB:.0f} | {t_b:.3f} | {m_b / MIB:.0f} | "
-              f"{fp32 / MIB:.0f} |", flush=True)
+            print(f"{row} {name} | out of memory | | | | |")
+        del y
+        logits.grad = None
     del logits
 
 
@@ -121,9 +124,9 @@ def main():
     device = torch.device(args.device)
     free = available_bytes(device)
     max_bytes = args.max_gib * GIB if args.max_gib else min(free / 2, 8 * GIB if device.type == "cpu" else free)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{os.cpu_count()} cores'}),"
-          f" torch {torch.__version__}, {free / GIB:.1f} GiB free, using at most {max_bytes / GIB:.1f} GiB,"
-          f" chunk {args.chunk_size}, logits bf16\n")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cores"
+    print(f"device {device} ({name}), torch {torch.__version__}, {free / GIB:.1f} GiB free, "
+          f"using at most {max_bytes / GIB:.1f} GiB, chunk {args.chunk_size}, logits bf16\n")
     print("| T | V | impl | fwd s | fwd peak extra MiB | bwd s | bwd peak extra MiB | fp32 [T,V] MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):

@@ -116,7 +116,8 @@ torch.manual_seed(0)
 logits = torch.randn(T, V, dtype=torch.bfloat16).requires_grad_()  # [T, V] bf16, 256 MiB
 targets = torch.randint(0, V, (T,))
 out = {}
-for name, f in [("logprobs", lambda: rlad.token_logprobs(logits, targets, C)), ("entropy", lambda: rlad.entropy(logits, C))]:
+for name, f in [("logprobs", lambda: rlad.token_logprobs(logits, targets, C)),
+                ("entropy", lambda: rlad.entropy(logits, C))]:
     y, out[name + "_fwd"] = extra(f)
     _, out[name + "_bwd"] = extra(lambda: y.sum().backward())
     del y
@@ -128,17 +129,17 @@ print(json.dumps(out))
 
 def test_chunked_peak_memory_forward_and_backward():
     """T=4096, V=32768: a float32 [T, V] is 512 MiB; chunked forward and backward stay at O(chunk x V) extra,
-    plus (backward) the bf16 [T, V] gradient itself. (The naive log_softmax(logits.float()) forward measures 1024 MiB.)"""
+    plus (backward) the bf16 [T, V] gradient itself. (The naive log_softmax(logits.float()) forward: 1024 MiB.)"""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")  # freed chunks go back to the OS: RSS == live memory
     proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, ROOT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     mib = json.loads(proc.stdout.strip().splitlines()[-1])
-    fp32_tv, grad = 4096 * 32768 * 4 / 2**20, 4096 * 32768 * 2 / 2**20  # 512, 256 MiB
+    grad, temps = 4096 * 32768 * 2 / 2**20, 4 * 128 * 32768 * 4 / 2**20  # bf16 [T, V] 256 MiB; 4 [chunk, V] fp32 64 MiB
     assert 63 < mib["probe_64mib"] < 66, mib
-    for name in ("logprobs", "entropy"):
-        assert mib[name + "_fwd"] < fp32_tv / 4, mib
-        assert mib[name + "_bwd"] < grad + fp32_tv / 4, mib
+    for name in ("logprobs", "entropy"):  # measured: ~23 / 32 MiB forward, ~18 / 32 MiB backward above the gradient
+        assert mib[name + "_fwd"] < temps, mib
+        assert mib[name + "_bwd"] < grad + temps, mib
 
 
 # ----------------------------------------------------------------------------- KL and aggregation
@@ -209,8 +210,8 @@ def hand_grad(method, logp, old, adv, mask, teacher, ref, *, alpha=0.5, eps_low=
     return torch.where(mask, g, 0.0) / mask.sum()
 
 
-CASES = [("grpo", {}), ("grpo", {"kl_coef": 0.1}), ("kdrl", {"kd_coef": 0.3}), ("kdrl", {"kd_coef": 0.3, "kd_kl": "k3"}),
-         ("kdrl", {"kd_coef": 0.3, "kd_kl": "k1"}),
+CASES = [("grpo", {}), ("grpo", {"kl_coef": 0.1}), ("kdrl", {"kd_coef": 0.3}),
+         ("kdrl", {"kd_coef": 0.3, "kd_kl": "k3"}), ("kdrl", {"kd_coef": 0.3, "kd_kl": "k1"}),
          ("kdrl", {"kd_coef": 0.3, "kd_clamp": 1.0}), ("rlad", {}), ("rlad", {"alpha": 0.2, "kl_coef": 0.05}),
          ("rlad", {"teacher_clamp": None}), ("distill", {}), ("distill", {"kd_kl": "k3"})]
 
@@ -250,7 +251,7 @@ def token_grads(method, A, deltas, gap):
 
 def test_trrd_regime_positive_advantage_teacher_liked_tokens_rise_further():
     """A > 0: the gradient pushing a token up stops at log r = log(1 + eps_high). With alpha 0.5 and a clamped
-    teacher gap of -+1 that happens at delta = 2 (log 1.28 -+ 0.5): later for a liked token, earlier for a rejected one."""
+    teacher gap of -+1 that is at delta = 2 (log 1.28 -+ 0.5): later for a liked token, earlier for a rejected one."""
     deltas = torch.linspace(-1.0, 2.0, 601)
     def rise_limit(method, gap):
         return deltas[token_grads(method, 1.0, deltas, gap) != 0].max().item()
