@@ -152,8 +152,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
         raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,)")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if logits.ndim == 1:
-        return token_logprobs(logits[None], targets[None], chunk_size)[0]
     x = _rows(logits)  # [R, T, V]
     out = _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size)  # [R, T]
     return out.reshape(targets.shape)
@@ -161,8 +159,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
 
 def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
-    if logits.ndim == 1:
-        return entropy(logits[None], chunk_size)[0]
     x = _rows(logits)  # [R, T, V]
     return _Entropy.apply(x, chunk_size).reshape(logits.shape[:-1])
 
@@ -201,11 +197,12 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
     """
     mask = mask.bool()  # [B, T]
     x = torch.where(mask, x, 0)  # [B, T] where, not x * mask: masked inf/NaN must not leak (0 * inf = NaN)
-    if loss_agg == "token-mean":
-        denom = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-        return x.sum() / denom
     lengths = mask.sum(-1)  # [B]
-    denom = (lengths > 0).sum().clamp(min=1) if num_tokens is None else num_tokens
+    if num_tokens is None:
+        num_tokens = lengths.sum() if loss_agg == "token-mean" else (lengths > 0).sum()
+    denom = num_tokens.clamp(min=1) if torch.is_tensor(num_tokens) else max(num_tokens, 1)  # empty: 0, not NaN
+    if loss_agg == "token-mean":
+        return x.sum() / denom
     if loss_agg == "seq-mean-token-mean":
         return (x.sum(-1) / lengths.clamp(min=1)).sum() / denom
     if loss_agg == "seq-mean-token-sum-norm":
@@ -233,7 +230,9 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     mask: [B, T]; advantages [B] or [B, T]. teacher_clamp / kd_clamp: None, c for [-c, c], or (lo, hi).
     kd_mask: optional [B] / [B, T] bool restricting KDRL's KD term (e.g. to wrong responses). kl_coef > 0 adds
     kl_coef * agg(ref_kl(logp - ref_logp)). loss_agg, num_tokens, max_len: see aggregate().
-    Metrics are means over this batch's unmasked tokens (the caller averages them over micro-batches).
+    Metrics (detached 0-d tensors; means over this batch's unmasked tokens, the caller averages micro-batches):
+    loss, pg_loss, ratio_mean (r_TRRD for rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip
+    removed, A < 0 / A > 0), teacher_log_ratio (+ _abs) and teacher_clamp_frac (rlad), kd, kl_ref.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -293,8 +292,9 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     if method in ("kdrl", "distill"):
         # eq (2): reverse KL to the teacher on the student's own samples (k2 by default), optional clamp and mask
         kd_tok = kl(_clamp(t_ratio, kd_clamp), 0.0, kd_kl)  # [B, T]
-        kd_on = mask if kd_mask is None else mask & (kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask).bool()
-        kd = aggregate(kd_tok, kd_on, **agg)
+        if kd_mask is not None:  # tokens outside kd_mask count 0 but still count in the normaliser, like the PG term
+            kd_tok = torch.where((kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask).bool(), kd_tok, 0.0)  # [B, T]
+        kd = aggregate(kd_tok, mask, **agg)
         loss = loss + (kd if method == "distill" else kd_coef * kd)
         metrics["kd"] = kd.detach()
 

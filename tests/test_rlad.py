@@ -323,6 +323,20 @@ def test_metrics_on_constructed_tokens():
     assert m["teacher_clamp_frac"].item() == 0.25  # only token 0's gap (2) is outside [-1, 1]
 
 
+def test_kd_mask_restricts_the_kd_term_but_keeps_the_normaliser():
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -3.0]], dtype=torch.float64)
+    teacher = torch.tensor([[-2.0, -1.0], [-3.0, -1.0]], dtype=torch.float64)  # gaps 1, -1 | 2, -2
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    zero = torch.zeros(2, dtype=torch.float64)
+    loss, g, m = loss_and_grad("kdrl", logp, logp, zero, mask, teacher_logp=teacher, kd_coef=1.0,
+                               kd_mask=torch.tensor([False, True]))  # KD on the second (wrong) response only
+    assert loss.item() == pytest.approx(2.0 / 3) and m["kd"].item() == pytest.approx(2.0 / 3)
+    assert torch.equal(g, torch.tensor([[0.0, 0.0], [2.0 / 3, 0.0]], dtype=torch.float64))
+    loss, _, _ = loss_and_grad("kdrl", logp, logp, zero, torch.zeros_like(mask), teacher_logp=teacher, kd_coef=1.0,
+                               num_tokens=0)  # a global count of 0 (nothing left anywhere) is not 0 / 0
+    assert loss.item() == 0.0
+
+
 def test_sft_loss():
     logp = torch.tensor([[-1.0, -2.0, -float("inf")], [-3.0, -5.0, -7.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
