@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rlad.py                      # CUDA if available, else CPU
     python benchmarks/bench_rlad.py --max-gib 20 --sizes 4096x151936,32768x151936 --chunk-size 1024
+    python benchmarks/bench_rlad.py --threads 1 --sizes ""   # objectives only, stable timings on a busy CPU
 
 "naive" is log_softmax(logits.float()).gather(): it builds float32 [T, V] tensors (20 GB at T = 32768, V = 151936).
 Peak memory is the extra memory above what was live before the call: torch's allocator statistics on CUDA; on CPU the
@@ -120,16 +121,21 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--objective-shape", default="64x2048", help="BxT of the policy_loss benchmark")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (1 gives stable timings on a shared, oversubscribed machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     free = available_bytes(device)
     max_bytes = args.max_gib * GIB if args.max_gib else min(free / 2, 8 * GIB if device.type == "cpu" else free)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cores"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
     print(f"device {device} ({name}), torch {torch.__version__}, {free / GIB:.1f} GiB free, "
           f"using at most {max_bytes / GIB:.1f} GiB, chunk {args.chunk_size}, logits bf16\n")
     print("| T | V | impl | fwd s | fwd peak extra MiB | bwd s | bwd peak extra MiB | fp32 [T,V] MiB |")
     print("|---|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):  # --sizes "" runs the objectives only
         T, V = map(int, size.lower().split("x"))
         bench_logprobs(T, V, args.chunk_size, device, max_bytes)
     B, T = map(int, args.objective_shape.split("x"))
