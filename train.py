@@ -13,7 +13,7 @@ One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md an
   9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and atomic checkpoints on schedule
 Methods: grpo eq (1); kdrl eq (2) (linear beta anneal, optional reward-guided mask); rlad eqs (3)-(5);
 distill (KD term alone on the student's samples); sft: k teacher samples per prompt (or the data's
-ground-truth `target` text), keep the correct ones, cross-entropy on the response tokens.
+ground-truth `target` or `answer` text), keep the correct ones, cross-entropy on the response tokens.
 
     python train.py --config configs/tiny_cpu.toml          # one CPU process, tiny models, about a minute
     python train.py                                          # the paper's K&K RLAD: Qwen3-0.6B <- Qwen3-8B
@@ -55,7 +55,8 @@ class Config:
     task: str = "kk"                        # kk | math (what data.py and rewards.py score)
     train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the K&K generator
     eval_data: str = ""                     # idem; "" = held-out generated K&K puzzles (PPL2..PPL8)
-    kk_people: str = "3,4,5,6,7"            # generated training puzzles: people per puzzle
+    kk_people: str = "3,4,5,6,7"            # generated K&K training puzzles: people per puzzle
+    arith_levels: str = "2,3,4,5,6,7,8"     # generated arithmetic problems (task arith): operands per problem
     train_per_level: int = 2000             # generated training puzzles per level
     max_prompt_tokens: int = 1024           # longer prompts are dropped from the training set
     # algorithm
@@ -86,7 +87,8 @@ class Config:
     ent_target: float = 0.0                 # > 0: Skywork-OR1 adaptive control steers entropy to this target
     ent_delta: float = 5e-3                 # adaptive control: coefficient change per step
     ent_coef_max: float = 5e-2              # adaptive control: coefficient ceiling
-    sft_source: str = "teacher"             # sft: "teacher" samples (kept if correct) or the data's "target"
+    sft_source: str = "teacher"             # sft: "teacher" samples (kept if correct), or "data": each example's
+                                            # "target" text (the whole answer turn), else its reference "answer"
     # optimisation
     lr: float = 1e-6
     lr_schedule: str = "constant"           # constant | cosine (to min_lr_ratio * lr at max_steps)
@@ -265,9 +267,8 @@ def load_policy(path: str, cfg: Config, device, world: int, trainable: bool = Tr
     for layer in lm.get_decoder().layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(policy, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (tied or not)
-    if not trainable:
-        policy.eval().requires_grad_(False)
-    return policy
+    # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
+    return policy.train() if trainable else policy.eval().requires_grad_(False)
 
 
 def full_params(policy: Policy):
@@ -289,25 +290,25 @@ def make_engine(path: str, cfg: Config, device, rank: int):
 
 # ----------------------------------------------------------------------------- data
 def load_examples(cfg: Config, split: str) -> list:
-    """Files when given (K&K or math loaders); else a generator: data.kk_examples, or data.<task>_examples for a
-    task that brings its own. Evaluation sets hold at most eval_per_level problems per level."""
+    """Files when given (K&K or math loaders), else the task's generator data.<task>_examples. Evaluation sets
+    come from eval.load_examples (the default held-out sets), at most eval_per_level problems per level."""
     import data
     import eval as evaluation
     files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
     for f in files:
         if not os.path.isfile(f):
             raise SystemExit(f"--{split}_data {f}: no such file")
-    if split == "eval" and cfg.task in ("kk", "math"):
-        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)  # eval.py's default K&K set
+    if split == "eval" and cfg.task in getattr(evaluation, "TASKS", ("kk", "math")):
+        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)
     if files:
         return [ex for f in files for ex in (data.load_kk if cfg.task == "kk" else data.load_math)(f)]
-    if cfg.task == "kk":
-        people = [int(p) for p in cfg.kk_people.split(",")]
-        return data.kk_examples(people=people, per_level=cfg.train_per_level, seed=cfg.seed, split="train")
-    if not hasattr(data, f"{cfg.task}_examples"):
+    generate = getattr(data, f"{cfg.task}_examples", None)
+    if generate is None:
         raise SystemExit(f"task {cfg.task!r}: no --{split}_data file and no data.{cfg.task}_examples generator")
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    levels = {"kk": {"people": ints(cfg.kk_people)}, "arith": {"levels": ints(cfg.arith_levels)}}.get(cfg.task, {})
     per_level = cfg.train_per_level if split == "train" else cfg.eval_per_level
-    return getattr(data, f"{cfg.task}_examples")(per_level=per_level, seed=cfg.seed, split=split)
+    return generate(**levels, per_level=per_level, seed=cfg.seed, split=split)
 
 
 def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
@@ -483,7 +484,8 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
                     if "engine" in b and epoch == 0:  # engine vs trainer log-probs of the same weights and tokens
                         gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
                         add(acc, "logprob_mismatch", gap.sum() / max(w, 1), w)
-                        maxes["logprob_mismatch_max"] = torch.maximum(torch.as_tensor(maxes.get("logprob_mismatch_max", 0.0), device=device), gap.max().double())
+                        top = maxes.get("logprob_mismatch_max")
+                        maxes["logprob_mismatch_max"] = gap.max() if top is None else torch.maximum(top, gap.max())
                 if coefs["ent"] > 0:  # entropy bonus (Skywork-OR1 adaptive entropy control steers its coefficient)
                     loss = loss - coefs["ent"] * rlad.aggregate(ent, mask, cfg.loss_agg, denom, cfg.max_tokens)
                 (loss * world).backward()
@@ -508,8 +510,7 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
 # ----------------------------------------------------------------------------- checkpoints (atomic, HF format)
 def fsync_tree(path: str):
     for root, _, files in os.walk(path):
-        for name in files + ["."]:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+        for fd in [os.open(os.path.join(root, name), os.O_RDONLY) for name in files + ["."]]:
             os.fsync(fd)
             os.close(fd)
 
@@ -533,7 +534,8 @@ def save_checkpoint(cfg, step, policy, opt, tokenizer, extra):
             weights[name] = t.cpu().clone()
     optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, rng_state())
+    dist.all_gather_object(rngs, {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                  "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
     if is_main():
         root = os.path.join(cfg.run_dir, "checkpoints")
         final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
@@ -551,11 +553,6 @@ def save_checkpoint(cfg, step, policy, opt, tokenizer, extra):
         for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-max(cfg.keep_last, 1)]:
             shutil.rmtree(os.path.join(root, old))
     dist.barrier()
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def load_trainer_state(path, policy, opt, rank) -> dict:
@@ -633,8 +630,6 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     if not train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
                          f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
-    if cfg.method == "sft" and cfg.sft_source == "data" and "target" not in train_examples[0]:
-        raise SystemExit("sft_source='data' needs a 'target' field (the full assistant answer) in every example")
 
     # --- models: the engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher
     ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
@@ -668,11 +663,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     print0(f"{cfg.method}: student {cfg.model} (~{n_params / 1e6:.1f}M params), teacher {teacher_path}, world {world}, "
            f"{len(train_examples)} train / {len(eval_examples)} eval prompts, steps {start}..{cfg.max_steps}")
     wandb = None
-    if cfg.wandb_project and is_main():
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--wandb_project needs `pip install wandb`")
+    if cfg.wandb_project and is_main():  # imported only when asked for
+        import wandb
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     stale = False  # the engine starts from the trainer's weights (the same checkpoint)
@@ -700,8 +692,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         # 1. rollouts: G samples per prompt from the student (sft: from the teacher, or the data's target)
         t = time.perf_counter()
         if cfg.method == "sft" and cfg.sft_source == "data":
-            outs = [[{"response_ids": tokenizer(ex["target"].removeprefix(pf), add_special_tokens=False)["input_ids"]
-                      + [tokenizer.eos_token_id], "finish_reason": "stop"}] for ex, pf in zip(exs, prefills)]
+            outs = [[{"response_ids": tokenizer((ex.get("target") or ex["answer"]).removeprefix(pf),
+                                                add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                      "finish_reason": "stop"}] for ex, pf in zip(exs, prefills)]
         elif cfg.method == "sft":
             outs = teacher_engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens,
                                            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
@@ -755,14 +748,13 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
 
         # 8-9. metrics (one reduce, one host sync), eval, checkpoint
         n_tok = sum(len(r["response"]) for r in rows)
-        add(acc, "reward", reward.sum(), 1.0, len(rows))
-        add(acc, "accuracy", sum(r["correct"] for r in rows), 1.0, len(rows))
-        add(acc, "format_ok", sum(bool(s["format_ok"]) for s in scores), 1.0, len(rows))
-        add(acc, "response_len", n_tok, 1.0, len(rows))
-        add(acc, "truncated", sum(r["truncated"] for r in rows), 1.0, len(rows))
-        add(acc, "kept_rows", len(kept), 1.0, 1.0 / world)
-        add(acc, "tokens_generated", n_tok, 1.0, 1.0 / world)
-        add(acc, "tokens_trained", sum(len(r["response"]) for r in kept), 1.0, 1.0 / world)
+        for name, total, count in (  # means over all ranks' rollouts, or totals over ranks (count 1 / world)
+                ("reward", reward.sum(), len(rows)), ("accuracy", sum(r["correct"] for r in rows), len(rows)),
+                ("format_ok", sum(bool(s["format_ok"]) for s in scores), len(rows)), ("response_len", n_tok, len(rows)),
+                ("truncated", sum(r["truncated"] for r in rows), len(rows)), ("kept_rows", len(kept), 1 / world),
+                ("tokens_generated", n_tok, 1 / world),
+                ("tokens_trained", sum(len(r["response"]) for r in kept), 1 / world)):
+            add(acc, name, total, 1.0, count)
         maxes["response_len_max"] = max((len(r["response"]) for r in rows), default=0)
         maxes["stop"] = STOP["signal"]
         times["step"] = time.perf_counter() - t_step

@@ -147,9 +147,12 @@ def test_kdrl_kk_run_and_resume_are_exact(kk):
     check_metrics(b, 4)
     assert 2 <= stopped_at < 4
     assert all(m["kd"] > 0 for m in a) and "eval_accuracy" in a[1] and "eval/PPL8" in a[3]
-    volatile = lambda k: k.startswith("time/") or k.endswith("_per_s")  # noqa: E731
+    # Wall-clock fields differ; so do the last bits of the *engine's* log-probs (a restarted vLLM engine, fresh
+    # prefix cache): logprob_mismatch is a diagnostic and only has to stay tiny. Everything else is exact.
+    volatile = lambda k: k.startswith(("time/", "logprob_mismatch")) or k.endswith("_per_s")  # noqa: E731
     for x, y in zip(a, b):
         assert {k: v for k, v in x.items() if not volatile(k)} == {k: v for k, v in y.items() if not volatile(k)}
+        assert abs(x["logprob_mismatch_max"] - y["logprob_mismatch_max"]) < 1e-5
     wa, wb = weights(final_checkpoint(full)), weights(final_checkpoint(cut))
     w0 = weights(os.path.join(full, "models", "tiny"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
