@@ -104,6 +104,7 @@ MEMORY_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import rlad
+torch.set_num_threads(1)  # steadier on a shared, busy machine than 2 threads waiting on each other
 T, V, C = 4096, 32768, 128
 def status(key):
     return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
