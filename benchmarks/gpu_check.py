@@ -12,6 +12,7 @@
     python benchmarks/gpu_check.py --dry-run    # tiny sizes on CPU: checks the code paths in seconds
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -61,7 +62,7 @@ def check_update(args, device):
     shape = "tiny" if args.dry_run else "1.7b"
     seq, n_seq = (256, 4) if args.dry_run else (8192, args.sequences)
     prompt = seq // 16
-    cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=2 * seq, grad_checkpointing=not args.dry_run,
+    cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=2 * seq, grad_checkpointing=True,
                        max_tokens=seq, lr=1e-6, warmup_steps=0)
     lm = build(shape, torch.float32, device)
     n_params = sum(p.numel() for p in lm.parameters())
@@ -74,7 +75,8 @@ def check_update(args, device):
              "response": torch.randint(0, vocab, (seq - prompt,), generator=g).tolist(), "group": i // 2, "uid": i,
              "adv": float(torch.randn(1, generator=g)), "correct": True} for i in range(n_seq)]
     for r in rows:
-        r["old"] = -11.0 + 0.1 * torch.randn(len(r["response"]), generator=g)  # near the random model's log-probs
+        # a random model is near uniform: log-probs ~ -log V; some ratios clip, most carry gradient (as in training)
+        r["old"] = -math.log(vocab) + 0.1 * torch.randn(len(r["response"]), generator=g)
     tokens = sum(len(r["prompt"]) + len(r["response"]) for r in rows)
     times = []
     for it in range(1 + args.iters):  # the first iteration warms up (allocator, kernels)
@@ -147,7 +149,7 @@ def check_logprob_memory(args, device):
     # train.Policy: hidden states -> LM head per chunk under checkpointing: the [T, V] logits never exist at once
     shape = "tiny" if args.dry_run else "1.7b"
     lm = build(shape, torch.float32, device)
-    policy = train.load_policy(lm, train.Config(grad_checkpointing=not args.dry_run), device, 1)
+    policy = train.load_policy(lm, train.Config(grad_checkpointing=True), device, 1)
     ids = torch.randint(0, V, (1, T), device=device, generator=g)
     src = torch.arange(T - 1, device=device)
     if device.type == "cuda":
