@@ -159,6 +159,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
 
 def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     x = _rows(logits)  # [R, T, V]
     return _Entropy.apply(x, chunk_size).reshape(logits.shape[:-1])
 
