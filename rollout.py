@@ -38,15 +38,19 @@ What the trainer must know about VLLMEngine (vLLM 0.32.0, measured on CPU):
 - Side effects vLLM has on the process, and what this file does about them: VLLM_ENABLE_V1_MULTIPROCESSING
   is set to 0 (in-process engine: required to pass tensors by reference); vLLM sets LD_PRELOAD,
   LOCAL_WORLD_SIZE (to 1!) and TORCHINDUCTOR_COMPILE_THREADS in os.environ: non-VLLM_ variables it changed
-  are put back after construction. On CPU it sets torch's intra-op threads to 1 and replaces
-  torch.set_num_threads by a no-op: both are restored after construction (no thread binding happens in an
-  in-process engine). On CPU export TORCH_COMPILE_DISABLE=1 before torch is imported (otherwise the first
-  generate compiles a helper with inductor for 10-20 s and needs a C++ compiler).
+  are put back after construction. It means to set torch's intra-op threads to 1 for serving (unless
+  OMP_NUM_THREADS is set) and, on CPU, replaces torch.set_num_threads by a no-op: the thread count and
+  torch.set_num_threads are restored after construction (no thread binding happens in an in-process
+  engine), and generate() alone runs with vLLM's serving count (on a busy 2-core machine, 2 spinning
+  OpenMP threads made CPU generation up to 20x slower than 1). On CPU export TORCH_COMPILE_DISABLE=1
+  before torch is imported (otherwise the first generate compiles a helper with inductor for 10-20 s and
+  needs a C++ compiler).
 - sleep(level=2) discards the weights: call load_weights(...) with the trainer's current weights before
   wake(), or wake() raises (never generate from discarded or stale weights). Level 1 keeps them.
 
 Run a smoke test:  python rollout.py MODEL_DIR [--hf]
 """
+import contextlib
 import json
 import os
 import sys
@@ -95,6 +99,19 @@ def _tie_lm_head(named_tensors, tied: bool):
         yield name, tensor
         if tied and name.endswith("embed_tokens.weight"):
             yield "lm_head.weight", tensor
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with n torch intra-op threads, then put the caller's count back."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def _checkpoint_names(model_path: str) -> set:
@@ -225,6 +242,11 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
                 hf_config, dtype, max_model_len, max_num_seqs)
         self.sleep_mode = kwargs["enable_sleep_mode"]
+        # vLLM's thread count for serving: 1 unless OMP_NUM_THREADS is set (vllm.utils.torch_utils). vLLM means
+        # to set it, but on CPU its own no-op patch of torch.set_num_threads swallows the call. Spinning OpenMP
+        # workers made CPU generation up to 20x slower on a busy 2-core machine (measured), so generate() runs
+        # with this count and the rest of the process keeps its own.
+        self.engine_threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
 
         # Undo vLLM's process-wide side effects that would surprise the trainer (module docstring).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -263,8 +285,9 @@ class VLLMEngine:
         if not self._weights_valid:
             raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
-        return _vllm("generate", self.llm, prompts=prompt_token_ids, n=n, max_tokens=max_tokens,
-                     temperature=temperature, top_p=top_p, seeds=_prompt_seeds(seed, len(prompt_token_ids), n))
+        with torch_threads(self.engine_threads):
+            return _vllm("generate", self.llm, prompts=prompt_token_ids, n=n, max_tokens=max_tokens,
+                         temperature=temperature, top_p=top_p, seeds=_prompt_seeds(seed, len(prompt_token_ids), n))
 
     def load_weights(self, named_tensors) -> None:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32

@@ -204,6 +204,7 @@ def test_hf_engine_sampling_and_shared_module(setup, tiny_tokenizer):
 
 def test_engine_leaves_process_state_alone(setup):
     engine, _, _, env_before, threads_before = setup
+    engine.generate([[1, 2, 3]], max_tokens=2)  # runs with vLLM's serving thread count, then puts ours back
     assert torch.get_num_threads() == threads_before
     assert torch.set_num_threads.__module__ == "torch"  # vLLM's no-op patch was undone
     for key in ("LD_PRELOAD", "LOCAL_WORLD_SIZE", "TORCHINDUCTOR_COMPILE_THREADS"):
