@@ -211,10 +211,10 @@ def test_engine_leaves_process_state_alone(setup):
         assert os.environ.get(key) == env_before.get(key), key
 
 
-def test_shutdown_is_idempotent_and_final(tiny_model_dir, setup):
+def test_shutdown_is_idempotent_and_final(setup):
     engine, *_ = setup
     # A second engine would share vLLM's process-wide state with the fixture's; check on the fixture's own
-    # engine at the very end of its module instead (this test is last in the file).
+    # engine instead: this is the last test of the file that uses it (the fixture's teardown shuts it again).
     engine.shutdown()
     engine.shutdown()
     with pytest.raises(RuntimeError, match="shutdown"):
