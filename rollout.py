@@ -239,6 +239,12 @@ class VLLMEngine:
             # and an explicit KV cache size (see _cpu_kv_cache_bytes).
             kwargs["enable_sleep_mode"] = False
             kwargs["enforce_eager"] = True
+            # No chunked prefill on CPU: when vLLM 0.32 splits a prompt across steps it rewinds the request's
+            # seeded generator (gpu_model_runner._bookkeeping_sync, set_offset), which CPU generators do not
+            # support ("CPU Generator does not use offset"): seeded batches with long prompts crashed. Whole
+            # prompts per step need a token budget of at least max_model_len.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
                 hf_config, dtype, max_model_len, max_num_seqs)
         self.sleep_mode = kwargs["enable_sleep_mode"]
