@@ -52,7 +52,7 @@ class Config:
     model: str = "Qwen/Qwen3-0.6B"          # the student
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill / sft(teacher); must share the tokenizer
     # task and data
-    task: str = "kk"                        # kk | math (what data.py and rewards.py score)
+    task: str = "kk"                        # kk | math | arith (what data.py and rewards.py know)
     train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the K&K generator
     eval_data: str = ""                     # idem; "" = held-out generated K&K puzzles (PPL2..PPL8)
     kk_people: str = "3,4,5,6,7"            # generated K&K training puzzles: people per puzzle
@@ -68,12 +68,12 @@ class Config:
     micro_batch_tokens: int = 16384         # most tokens (padding included) in one forward/backward
     max_tokens: int = 2048                  # response budget
     temperature: float = 1.0                # rollout temperature (the trainer's log-probs use the same one)
-    top_p: float = 1.0
+    top_p: float = 1.0                      # rollout nucleus sampling (1 = off)
     adv_scale: bool = True                  # divide advantages by the group std (False: Dr. GRPO)
     filter_groups: bool = False             # drop groups whose rewards are all equal (DAPO dynamic sampling)
     loss_agg: str = "token-mean"            # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     eps_low: float = 0.2                    # clip-higher, eq (1)
-    eps_high: float = 0.28
+    eps_high: float = 0.28                  # upper clip: ratios may rise to 1 + eps_high (DAPO)
     alpha: float = 0.5                      # TRRD weight of the old policy, eq (3); 1 = GRPO
     teacher_clamp: float = 1.0              # Appendix B clamp of logp_S - logp_T in TRRD (0 = none)
     kd_coef: float = 5e-3                   # KDRL beta at step 0, eq (2); distill uses the KD term unscaled
@@ -90,31 +90,31 @@ class Config:
     sft_source: str = "teacher"             # sft: "teacher" samples (kept if correct), or "data": each example's
                                             # "target" text (the whole answer turn), else its reference "answer"
     # optimisation
-    lr: float = 1e-6
+    lr: float = 1e-6                        # AdamW peak learning rate (paper: 1e-6)
     lr_schedule: str = "constant"           # constant | cosine (to min_lr_ratio * lr at max_steps)
     warmup_steps: int = 10                  # linear warm-up from 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    min_lr_ratio: float = 0.1               # cosine floor, as a fraction of lr
+    weight_decay: float = 0.01              # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0              # clip the global grad norm (a non-finite norm skips the step)
     grad_checkpointing: bool = False        # recompute decoder layers in backward (long responses)
     logit_chunk: int = 1024                 # LM-head rows at once: no [T, V] logits tensor ever exists
     # rollout engine
     engine: str = "vllm"                    # vllm | hf (transformers generate: slow, no vLLM needed)
     engine_dtype: str = ""                  # "" = bfloat16 on GPU, float32 on CPU
     gpu_memory_utilization: float = 0.5     # vLLM's share of the GPU (it sleeps during training)
-    max_num_seqs: int = 256
+    max_num_seqs: int = 256                 # vLLM's concurrent sequences (its batch)
     kv_cache_memory_mb: int = 0             # vLLM KV cache size (needed on CPU); 0 = vLLM's default
-    enforce_eager: bool = False
+    enforce_eager: bool = False             # vLLM without CUDA graphs (faster start, slower decode)
     # teacher pass
-    teacher_token_budget: int = 16384
+    teacher_token_budget: int = 16384       # most tokens in one teacher forward
     teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
     teacher_offload: bool = False           # keep the teacher in CPU memory between passes
     # evaluation, checkpoints, logging
     eval_every: int = 50                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
     eval_n: int = 1                         # samples per eval problem (Mean@n)
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
+    eval_temperature: float = 0.6           # the paper's evaluation sampling
+    eval_top_p: float = 0.95                # idem
     save_every: int = 50                    # 0 = only at the end and on SIGTERM
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)

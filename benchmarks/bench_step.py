@@ -36,7 +36,7 @@ def run(method, args, work, models):
            "--max_tokens", str(args.max_tokens), "--mini_batches", "1"]
     if models:
         cmd += ["--model", models[0], "--teacher", models[1], "--kv_cache_memory_mb", "512"]
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(args.threads))
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode:
         sys.exit(p.stdout[-3000:] + p.stderr[-3000:])
@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=4)
     ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: stable on a shared machine)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as work:
         models = None
@@ -63,7 +64,7 @@ def main():
             models = [tiny.save_tiny(os.path.join(work, name), tok, num_layers=args.layers, seed=i, **SHAPES[shape])
                       for i, (name, shape) in enumerate([("student", "0.6b"), ("teacher", "1.7b")])]
         res = {m: run(m, args, work, models) for m in ("grpo", "rlad")}
-    print(f"\nshape={args.shape} layers={args.layers if args.shape != 'tiny' else '-'} steps={args.steps} "
+    print(f"\nshape={args.shape} layers={args.layers if args.shape != 'tiny' else '-'} steps={args.steps} threads={args.threads} "
           f"prompts={args.prompts} x G={args.group_size}, max_tokens={args.max_tokens}; seconds per step (mean)")
     print("| method | " + " | ".join(PHASES) + " | tokens/s |")
     print("|---" * (len(PHASES) + 2) + "|")

@@ -17,7 +17,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-ENV = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
+# One torch thread per process: on a busy 2-core machine two OpenMP threads per process spin against the other
+# processes and run ~10x slower (measured); torchrun sets the same for its workers.
+ENV = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
+           OMP_NUM_THREADS="1")
 TOY = [PY, os.path.join(ROOT, "tests", "train_helper.py"), "toy", "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"),
        "--prompts_per_step", "8", "--group_size", "8", "--max_tokens", "8", "--mini_batches", "1", "--lr", "1e-2",
        "--save_every", "0", "--keep_last", "1"]
