@@ -6,6 +6,7 @@ Used by the tests, the tiny CPU preset of train.py, and the miniature reproducti
 `from_pretrained` and the trainer treat them exactly like Qwen3-0.6B, only smaller.
 
     python tiny.py OUT_DIR            # writes a tiny model + tokenizer that vLLM and transformers load
+    python tiny.py OUT_DIR arith      # the same with the word-level arithmetic tokenizer (mini_repro.py)
 
 Constraints learned the hard way (../shared/VLLM_CPU.md): vLLM's CPU attention needs head_dim in
 {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; vocab_size must equal len(tokenizer).
@@ -57,6 +58,40 @@ def make_tokenizer(corpus: str = _CORPUS, vocab_size: int = 512):
     return tok
 
 
+ARITH_WORDS = [str(d) for d in range(10)] + [f"{sign}{d}" for sign in "+-" for d in range(10)] + ["="]
+
+
+def make_arith_tokenizer():
+    """A word-level tokenizer for data.py's arithmetic task: a token per digit, per signed operand, and "=" (35).
+
+    "3 + 5 - 7 =" -> <|im_start|> 3 +5 -7 = (a BOS, then one token per operand), the answer "8 1" -> 8 1.
+    Why this shape: each answer digit is "the previous digit (the current input token) plus the operand a fixed
+    distance back", and the BOS anchors the start of the problem; byte-level BPE would merge pieces like " 8"
+    and "8 1" and spend a 0.1M-param model on spellings. Measured on CPU (0.37M-param Qwen3, SFT, batch 64,
+    lr 3e-3): on L2..L8 mixed, neither this tokenizer nor one token per character (no BOS) left chance level in
+    1,000-2,500 steps; on L2..L4 this one left the plateau after ~1,500 steps and had 82% of L4 answers fully
+    right (teacher-forced) at 2,500. One token per character was not tried on L2..L4.
+
+    Whitespace separates words, digits split one by one (12 -> 1 2), "+ 5" and "+5" are the same token; anything
+    else maps to <|unk|>. Decoding joins tokens with spaces ("8 1"), how rewards.py reads the scratchpad. Same
+    special tokens as make_tokenizer (eos "<|im_end|>", pad "<|endoftext|>", BOS "<|im_start|>", added to every
+    encoded text unless add_special_tokens=False), no chat template: data.py prompts with the bare problem.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + ["<|unk|>"] + ARITH_WORDS)}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    words.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\+\s+"), "+"),
+                                             normalizers.Replace(Regex(r"-\s+"), "-")])
+    words.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                   pre_tokenizers.Split(Regex(r"[+-]?\d|\D"), "isolated")])
+    bos = "<|im_start|>"
+    words.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=bos, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|unk|>")
+
+
 def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
                num_kv_heads: int = 1, head_dim: int = 32, intermediate_size: int = 128,
                tie_word_embeddings: bool = False, max_position_embeddings: int = 2048, seed: int = 0):
@@ -86,6 +121,6 @@ def save_tiny(out_dir: str, tokenizer=None, **model_kwargs) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tiny.py OUT_DIR")
-    print(save_tiny(sys.argv[1]))
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["arith"]):
+        sys.exit("usage: python tiny.py OUT_DIR [arith]")
+    print(save_tiny(sys.argv[1], make_arith_tokenizer() if sys.argv[2:] == ["arith"] else None))
