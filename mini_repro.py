@@ -54,7 +54,8 @@ def load_study(path: str, quick: bool) -> dict:
     """configs/mini_study.toml, with its [quick] overrides merged in when asked for."""
     with open(path, "rb") as f:
         study = tomllib.load(f)
-    for key in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "methods", "seeds"):
+    for key in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "methods", "seeds",
+                "report_levels"):
         if key not in study:
             raise SystemExit(f"{path}: missing [{key}]; see the comments in configs/mini_study.toml")
     if BASELINE not in study["methods"]:
@@ -183,8 +184,9 @@ def make_models(study: dict, out: str):
 
 
 # ----------------------------------------------------------------------------- results
-def final_eval(run_dir: str, max_steps: int) -> dict:
-    """{level: Mean@n} of the run's last step (train.py evaluates at the last step), plus "average"."""
+def final_eval(run_dir: str, max_steps: int, levels: list) -> dict:
+    """{level: Mean@n} of the run's last step (train.py evaluates at the last step) for `levels`, plus their
+    "average". train.py evaluates L2..L8; the study reports the levels it trains on (report_levels)."""
     final = None
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
@@ -196,8 +198,11 @@ def final_eval(run_dir: str, max_steps: int) -> dict:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no evaluation at step {max_steps}: was eval_every 0? "
                          "delete the run directory and rerun")
     out = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("eval/")}
-    out = dict(sorted(out.items(), key=lambda kv: int(kv[0].lstrip("L")) if kv[0].lstrip("L").isdigit() else 0))
-    out["average"] = final["eval_accuracy"]
+    missing = [lv for lv in levels if lv not in out]
+    if missing:
+        raise SystemExit(f"{run_dir}: no evaluation of {missing} (evaluated: {sorted(out)}); fix report_levels")
+    out = {lv: out[lv] for lv in levels}
+    out["average"] = statistics.fmean(out.values())  # every level counts the same, as in the paper's tables
     return out
 
 
@@ -302,11 +307,12 @@ def main(argv=None):
     seconds = run_jobs(jobs, a.jobs, log)
 
     rl_steps = study["rl"]["max_steps"]
-    per_run = {(j["method"], j["seed"]): final_eval(j["run_dir"], rl_steps) for j in jobs if "method" in j}
+    levels = study["report_levels"]
+    per_run = {(j["method"], j["seed"]): final_eval(j["run_dir"], rl_steps, levels) for j in jobs if "method" in j}
     results = {
         "task": "arith", "seeds": seeds, "methods": aggregate(per_run, methods, seeds),
-        "reference": {"teacher": final_eval(paths["teacher_run"], study["teacher_sft"]["max_steps"]),
-                      "student (start)": final_eval(paths["student_run"], study["student_sft"]["max_steps"])},
+        "reference": {"teacher": final_eval(paths["teacher_run"], study["teacher_sft"]["max_steps"], levels),
+                      "student (start)": final_eval(paths["student_run"], study["student_sft"]["max_steps"], levels)},
         "eval": {k: study["rl"].get(k) for k in ("eval_n", "eval_per_level", "eval_temperature", "eval_top_p")},
         "settings": {k: study[k] for k in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl",
                                            "methods")},
@@ -356,7 +362,7 @@ def tune(study: dict, out: str, a, log):
     lines = [f"Tuning on seed {seed} (not a reported seed): final Mean@n", ""]
     for job in jobs:
         if "setting" in job:
-            acc = final_eval(job["run_dir"], rl_steps)
+            acc = final_eval(job["run_dir"], rl_steps, study["report_levels"])
             lines.append(f"{job['method']:10s} {job['setting']:20s} avg {acc['average']:.3f}  " +
                          " ".join(f"{lv} {v:.2f}" for lv, v in acc.items() if lv != "average"))
     text = "\n".join(lines) + "\n"
