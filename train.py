@@ -5,7 +5,8 @@ One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md an
   2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt
   3. rewards.score_batch scores them; 4. rlad.group_advantages, optionally dropping zero-advantage groups
   5. the teacher scores every sampled token (kdrl, rlad, distill); the student recomputes the old log-probs
-     under no_grad (the engine's own log-probs are only compared with them: `logprob_mismatch`)
+     under no_grad (with 1 epoch x 1 mini-batch the update's own forward IS pi_old: no extra pass); the
+     engine's own log-probs are only compared with them (`logprob_mismatch`), never used
   6. ppo_epochs x mini-batches x micro-batches (token budget). Each micro-batch loss is divided by the GLOBAL
      token count of its mini-batch across ranks, so gradients equal the full-batch gradient for any world
      size; every rank runs the same number of forward/backward passes (empty micro-batches pad the short ones)
@@ -21,6 +22,9 @@ ground-truth `target` or `answer` text), keep the correct ones, cross-entropy on
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --config ...
     python train.py --config ... --resume true               # continue from the newest complete checkpoint
 
+Plain `python train.py` is a process group of one (gloo, or nccl on a GPU; in memory, no port), so FSDP2 and
+the collectives run the same code at every world size. Flags: any Config field as `--key value`, after the
+preset given by `--config`; an unknown key is an error.
 Left out, on purpose: tensor/pipeline parallel students, a remote or multi-GPU rollout engine, sequence packing
 in the trainer (rows are sorted and right-padded; `pad_frac` reports the waste), meta-device init (every rank
 loads the student on CPU before FSDP shards it), and asynchronous (off-policy) rollouts.
