@@ -317,12 +317,13 @@ def load_examples(cfg: Config, split: str) -> list:
 
 def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
     """Indices of this rank's prompts at `step`: epochs of seeded permutations, read in order (resumable)."""
-    per_rank = cfg.prompts_per_step // world
-    out = []
-    for k in range(step * cfg.prompts_per_step + rank * per_rank, step * cfg.prompts_per_step + (rank + 1) * per_rank):
-        epoch, pos = divmod(k, n_examples)
-        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        out.append(int(perm[pos]))
+    first = step * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world)  # global position in the stream
+    perms, out = {}, []
+    for epoch, pos in (divmod(k, n_examples) for k in range(first, first + cfg.prompts_per_step // world)):
+        if epoch not in perms:  # one seeded permutation per pass over the data
+            g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
+        out.append(perms[epoch][pos])
     return out
 
 
@@ -339,7 +340,8 @@ def pack(rows: list, budget: int) -> list:
 
 
 # One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
-DUMMY = {"prompt": [0], "response": [0], "dummy": True, **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
+DUMMY = {"prompt": [0], "response": [0], "dummy": True,
+         **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
 
 
 def collate(rows: list, device) -> dict:
@@ -461,10 +463,12 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
         # the same responses whatever the world size (ranks just hold different parts of it).
         uids = max((r["uid"] for r in rows), default=0) + 1
         uids = agree([uids], dist.ReduceOp.MAX)[0]
-        deal = (torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M).tolist()
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
+        deal = (torch.randperm(uids, generator=g) % M).tolist()
         minis = [[r for r in rows if deal[r["uid"]] == m] for m in range(M)]
         plans = [pack(mb, cfg.micro_batch_tokens) for mb in minis]
-        sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis], dist.ReduceOp.SUM)
+        sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis],
+                     dist.ReduceOp.SUM)  # global tokens, then global sequences, per mini-batch
         n_micro = agree([len(p) for p in plans], dist.ReduceOp.MAX)  # empty micro-batches pad the short ranks
         for m in range(M):
             tokens, seqs = sums[m], sums[M + m]
@@ -476,7 +480,8 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
                 lp, ent = forward(policy, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
                 mask, w = b["mask"], b["tokens"]
                 if cfg.method == "sft":
-                    loss, metrics = rlad.sft_loss(lp, mask, loss_agg=cfg.loss_agg, num_tokens=denom, max_len=cfg.max_tokens)
+                    loss, metrics = rlad.sft_loss(lp, mask, loss_agg=cfg.loss_agg, num_tokens=denom,
+                                                  max_len=cfg.max_tokens)
                 else:
                     old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
                     loss, metrics = rlad.policy_loss(
@@ -566,7 +571,8 @@ def load_trainer_state(path, policy, opt, rank) -> dict:
              if is_main() else None]
     optim = state[0].pop("optimizer") if is_main() else {}
     dist.broadcast_object_list(state, src=0)
-    set_optimizer_state_dict(policy, opt, optim, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_optimizer_state_dict(policy, opt, optim,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     rng = state[0]["rng"][rank]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -583,7 +589,8 @@ def run_eval(engine, tokenizer, examples, cfg, rank, world) -> dict:
     mine, local = examples[rank::world], [0.0] * (2 * len(levels))
     if mine:
         summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
-                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed + rank)["summary"]
+                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                      seed=cfg.seed + rank)["summary"]
         for i, level in enumerate(levels):
             if level in summary:
                 local[2 * i] = summary[level]["count"]
@@ -629,7 +636,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     prompts = [data.build_prompt(ex, tokenizer) for ex in train_examples]  # (prompt_ids, prefill)
     keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= cfg.max_prompt_tokens]
     if len(keep) < len(prompts):
-        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} prompts longer than {cfg.max_prompt_tokens} tokens")
+        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} prompts over {cfg.max_prompt_tokens} tokens")
     train_examples, prompts = [train_examples[i] for i in keep], [prompts[i] for i in keep]
     if not train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
@@ -689,7 +696,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         for k in ("loss", "grad_norm"):  # present (0) even in a step without an update (everything filtered)
             add(acc, k, 0.0, 0.0)
         idx = prompts_for_step(len(train_examples), step, cfg, rank, world)
-        exs, pids, prefills = [train_examples[i] for i in idx], [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]
+        exs = [train_examples[i] for i in idx]
+        pids, prefills = [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]  # (prompt_ids, prefill)
         idx0 = rank * (cfg.prompts_per_step // world)  # global position of this rank's first prompt in the step
         seed = (cfg.seed * 1_000_003 + step * 4096 + rank) % (2**31 - 1)  # per step and rank: exact resume
 
@@ -708,9 +716,10 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
             outs = engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                    top_p=cfg.top_p, seed=seed)
             engine.sleep()
-        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p, "uid": (idx0 + p) * len(group) + i,
-                 "truncated": o["finish_reason"] == "length", **({"engine": torch.tensor(o["logprobs"])}
-                                                                   if cfg.method != "sft" else {})}
+        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
+                 "uid": (idx0 + p) * len(group) + i,  # global response id: mini-batches independent of world size
+                 "truncated": o["finish_reason"] == "length",
+                 **({"engine": torch.tensor(o["logprobs"])} if cfg.method != "sft" else {})}
                 for p, group in enumerate(outs) for i, o in enumerate(group)]
         times["rollout"] = time.perf_counter() - t
 
