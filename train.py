@@ -740,6 +740,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         if teacher is not None:
             for r, lp in zip(kept, teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
                 r["teacher"] = lp
+            add(acc, "teacher_pad_frac", teacher.last_stats["pad_fraction"], 1 / world)
         times["teacher"] = time.perf_counter() - t
 
         # 5. old-policy (and reference) log-probs, recomputed by the trainer
