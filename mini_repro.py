@@ -3,11 +3,13 @@
 The paper's claim (RLAD learns faster and ends higher than GRPO and KDRL, most on the hardest problems) at a
 size a laptop runs in under an hour, with the project's own train.py and eval.py, run as subprocesses exactly
 the way a user runs them. The task is data.py's "arith" (running sums mod 10, levels L2..L8 = operands per
-problem, a stand-in for K&K's PPL2..PPL8), the tokenizer tiny.make_arith_tokenizer (one token per digit/sign).
+problem, a stand-in for K&K's PPL2..PPL8; trained and reported on L2..L5, see configs/mini_study.toml for why),
+the tokenizer tiny.make_arith_tokenizer (a BOS, one token per digit or signed operand).
 
-    1. models    two random tiny Qwen3s: a teacher (~0.37M params) and a student (~0.11M)
-    2. teacher   SFT on ground-truth solutions (train.py --method sft --sft_source data) to ~100%
-    3. student   the same SFT, stopped early: weak (about a third right), with RL signal on the hard levels
+    1. models    a random tiny Qwen3 (~0.37M params, head_dim 32 for vLLM's CPU attention)
+    2. teacher   SFT on ground-truth solutions of L2..L5 (train.py --method sft --sft_source data) to ~100%
+    3. student   the same SFT run stopped early (L2 solved, L3..L5 near chance: about a third right), so the
+                 teacher knows exactly what the student has yet to learn, and every level has reward signal
     4. RL        from that same student, for every seed: grpo, kdrl, rlad, and two controls that say *why*
                    rlad_self  RLAD with the student's own initial weights as the "teacher": the clipping
                               mechanism without the teacher's knowledge
@@ -20,12 +22,12 @@ problem, a stand-in for K&K's PPL2..PPL8), the tokenizer tiny.make_arith_tokeniz
     python mini_repro.py --out runs/mini                  # the study: configs/mini_study.toml
     python mini_repro.py --out runs/mini --seeds 5        # more seeds (1..5)
     python mini_repro.py --out /tmp/mini --quick          # a smoke version in a few minutes (the test suite's)
-    python mini_repro.py --out runs/mini_tune --tune      # the lr / beta / alpha sweeps, on the tuning seed only
+    python mini_repro.py --out runs/mini --tune           # lr / beta / alpha sweeps on the tuning seed (OUT/tune/)
 
 Every setting lives in configs/: mini_sft.toml and mini_rl.toml are plain train.py presets (run one stage by
 hand with `python train.py --config configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml holds the
-model sizes and the per-stage and per-method train.py overrides, the seeds, and the tuning grids. Per-method
-lr / beta / alpha were tuned with --tune on `tune_seed`, which is never one of the reported seeds.
+model sizes and the per-stage and per-method train.py overrides, the seeds, and the tuning grids. --tune sweeps
+lr / beta / alpha per method on `tune_seed`, which is never one of the reported seeds.
 
 Resumable: a finished run (its final checkpoint exists) is skipped; an unfinished one is restarted with
 `--resume true` and continues from its newest checkpoint. Each subprocess gets one torch thread
@@ -34,7 +36,6 @@ step 20-80x slower (measured); `--jobs` runs that many train.py processes side b
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -167,8 +168,11 @@ def study_jobs(study: dict, out: str, seeds: list, methods: list) -> tuple:
             run_dir = os.path.join(out, "runs", f"{method}_seed{seed}")
             args = ["--config", RL_PRESET, "--run_dir", run_dir, "--model", student,
                     "--teacher", teacher if who == "teacher" else student, "--seed", str(seed)]
+            # A run waits only for the models it uses: grpo and rlad_self start while the teacher still trains.
+            uses_teacher = who == "teacher" and settings.get("method", study["rl"].get("method")) != "grpo"
             jobs.append({"name": f"{method}_seed{seed}", "run_dir": run_dir, "steps": rl_steps,
-                         "after": ("teacher_sft", "student_sft"), "method": method, "seed": seed,
+                         "after": ("teacher_sft", "student_sft") if uses_teacher else ("student_sft",),
+                         "method": method, "seed": seed,
                          "args": args + train_args({**study["rl"], **settings})})
     return jobs, {"teacher": teacher, "student": student, "teacher_run": teacher_run, "student_run": student_run}
 
