@@ -11,7 +11,8 @@ One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md an
      token count of its mini-batch across ranks, so gradients equal the full-batch gradient for any world
      size; every rank runs the same number of forward/backward passes (empty micro-batches pad the short ones)
   7. clip the grad norm, skip (and count) a non-finite step, AdamW; 8. stream the new weights into the engine
-  9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and atomic checkpoints on schedule
+  9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and checkpoints on schedule (checkpoint.py: HF-format
+     student + trainer_state.pt, written atomically, the last keep_last kept; --resume continues exactly)
 Methods: grpo eq (1); kdrl eq (2) (linear beta anneal, optional reward-guided mask); rlad eqs (3)-(5);
 distill (KD term alone on the student's samples); sft: k teacher samples per prompt (or the data's
 ground-truth `target` or `answer` text), keep the correct ones, cross-entropy on the response tokens.
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+import checkpoint
 
 
 @dataclass
@@ -185,11 +187,6 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
-
-
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port)."""
     if "RANK" in os.environ:
@@ -237,7 +234,7 @@ class Policy(torch.nn.Module):
         self.lm, self.chunk, self.temperature = lm, chunk, temperature
 
     def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False):
-        from torch.utils.checkpoint import checkpoint
+        from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
         import rlad
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state  # [B, L, H]
@@ -250,7 +247,7 @@ class Policy(torch.nn.Module):
                 ent = rlad.entropy(logits, self.chunk)  # [c]
             return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
 
-        parts = [checkpoint(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
+        parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
                  for s in range(0, max(targets.shape[0], 1), self.chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
 
@@ -402,7 +399,8 @@ def reduce_metrics(acc: dict, maxes: dict, device) -> dict:
     names, mnames = sorted(acc), sorted(maxes)
     flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
                         for n in names for x in acc[n]] or [torch.zeros((), dtype=torch.float64, device=device)])
-    mx = torch.stack([torch.as_tensor(maxes[n], dtype=torch.float64, device=device).reshape(()) for n in mnames])
+    mx = torch.stack([torch.as_tensor(maxes[n], dtype=torch.float64, device=device).reshape(()) for n in mnames]
+                     or [torch.zeros((), dtype=torch.float64, device=device)])
     dist.all_reduce(flat)
     dist.all_reduce(mx, op=dist.ReduceOp.MAX)
     flat, mx = flat.tolist(), mx.tolist()
@@ -516,90 +514,19 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
     return skipped
 
 
-# ----------------------------------------------------------------------------- checkpoints (atomic, HF format)
-def fsync_tree(path: str):
-    for root, _, files in os.walk(path):
-        for fd in [os.open(os.path.join(root, name), os.O_RDONLY) for name in files + ["."]]:
-            os.fsync(fd)
-            os.close(fd)
-
-
-def latest_checkpoint(run_dir: str):
-    """The newest complete checkpoint (renamed into place only once fully written), or None."""
-    root = os.path.join(run_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
-    done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
-    return os.path.join(root, done[-1]) if done else None
-
-
-def save_checkpoint(cfg, step, policy, opt, tokenizer, extra):
-    """RUN_DIR/checkpoints/step_XXXXXX: model.safetensors + config + tokenizer (vLLM / from_pretrained load it as
-    is) and trainer_state.pt (optimizer, every rank's RNG, step = data position). Temp dir, fsync, rename."""
-    import safetensors.torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    weights = {}
-    for name, t in full_params(policy):  # every rank joins each gather; rank 0 keeps the tensors
-        if is_main():
-            weights[name] = t.cpu().clone()
-    optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                  "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
-    if is_main():
-        root = os.path.join(cfg.run_dir, "checkpoints")
-        final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        safetensors.torch.save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        policy.lm.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optim, "rng": rngs, "config": dataclasses.asdict(cfg), **extra},
-                   os.path.join(tmp, "trainer_state.pt"))
-        fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        fsync_tree(root)
-        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-max(cfg.keep_last, 1)]:
-            shutil.rmtree(os.path.join(root, old))
-    dist.barrier()
-
-
-def load_trainer_state(path, policy, opt, rank) -> dict:
-    """Optimizer (read by rank 0, broadcast), this rank's RNG, and the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = [torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-             if is_main() else None]
-    optim = state[0].pop("optimizer") if is_main() else {}
-    dist.broadcast_object_list(state, src=0)
-    set_optimizer_state_dict(policy, opt, optim,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    rng = state[0]["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state[0]
-
-
 # ----------------------------------------------------------------------------- periodic evaluation
-def run_eval(engine, tokenizer, examples, cfg, rank, world) -> dict:
+def run_eval(engine, tokenizer, examples, cfg, rank, world, device) -> dict:
     """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level)."""
     import eval as evaluation
-    levels = list(dict.fromkeys(ex["level"] for ex in examples))
-    mine, local = examples[rank::world], [0.0] * (2 * len(levels))
-    if mine:
-        summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
-                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                      seed=cfg.seed + rank)["summary"]
-        for i, level in enumerate(levels):
-            if level in summary:
-                local[2 * i] = summary[level]["count"]
-                local[2 * i + 1] = summary[level]["count"] * summary[level]["mean_at_n"]
-    t = torch.tensor(local, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    per_level = {lv: t[2 * i + 1].item() / t[2 * i].item() for i, lv in enumerate(levels) if t[2 * i] > 0}
-    out = {f"eval/{lv}": v for lv, v in per_level.items()}
-    out["eval_accuracy"] = sum(per_level.values()) / max(len(per_level), 1)  # the paper's average over levels
+    mine, acc = examples[rank::world], {}
+    summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
+                                  temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                  seed=cfg.seed + rank)["summary"] if mine else {}
+    for level in dict.fromkeys(ex["level"] for ex in examples):  # every rank adds every level: same reduce
+        count = summary[level]["count"] if level in summary else 0
+        add(acc, f"eval/{level}", count * summary[level]["mean_at_n"] if count else 0.0, 1.0, count)
+    out = reduce_metrics(acc, {}, device)  # Mean@n per level over all ranks' problems
+    out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
     return out
 
 
@@ -643,7 +570,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
                          f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
 
     # --- models: the engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher
-    ckpt = latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
     start_from = ckpt or student_path
     engine = make_engine(start_from, cfg, device, rank) if cfg.method != "sft" or cfg.eval_every else None
     if engine is not None:
@@ -660,7 +587,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, skipped, ent_coef = 0, 0, cfg.ent_coef
     if ckpt:
-        state = load_trainer_state(ckpt, policy, opt, rank)
+        state = checkpoint.load_trainer_state(ckpt, policy, opt)
         start, skipped, ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
         print0(f"resumed from {ckpt} at step {start}")
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -785,7 +712,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         last = step + 1 == cfg.max_steps
         if engine is not None and eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             refresh_engine(times)
-            m.update(run_eval(engine, tokenizer, eval_examples, cfg, rank, world))
+            m.update(run_eval(engine, tokenizer, eval_examples, cfg, rank, world, device))
             engine.sleep()
         if is_main():
             with open(metrics_path, "a") as f:
@@ -795,7 +722,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
             bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}", s=f"{m['time/step']:.1f}")
         bar.update(1)
         if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_checkpoint(cfg, step + 1, policy, opt, tokenizer, {"skipped_steps": skipped, "ent_coef": ent_coef})
+            state = {"config": dataclasses.asdict(cfg), "skipped_steps": skipped, "ent_coef": ent_coef}
+            checkpoint.save_checkpoint(cfg.run_dir, step + 1, full_params(policy), policy, opt, tokenizer, state,
+                                       cfg.keep_last)
         if stop:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
             break
