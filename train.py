@@ -2,7 +2,8 @@
 
 One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md and rlad.py):
   1. each rank takes its share of `prompts_per_step` prompts (a seeded permutation per epoch: resumable)
-  2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt
+  2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt, seeded by
+     the prompt's global position in the data stream (the same samples at any world size)
   3. rewards.score_batch scores them; 4. rlad.group_advantages, optionally dropping zero-advantage groups
   5. the teacher scores every sampled token (kdrl, rlad, distill); the student recomputes the old log-probs
      under no_grad (with 1 epoch x 1 mini-batch the update's own forward IS pi_old: no extra pass); the
@@ -312,6 +313,16 @@ def load_examples(cfg: Config, split: str) -> list:
     return generate(**levels, per_level=per_level, seed=cfg.seed, split=split)
 
 
+def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
+    """Seed of a rank's first prompt, at GLOBAL `position` in a sampling stream (0: rollouts, 1: eval), n samples each.
+
+    rollout.py seeds prompt i of a call with seed + i * n (vLLM's sample j with seed + i * n + j), so every global
+    prompt gets its own random streams: none shared between ranks or steps, and the same samples on 1 or 8 ranks.
+    The modulo keeps seeds in vLLM's range (below 2**31); streams repeat only after ~2**30 / n prompts.
+    """
+    return (cfg.seed * 100_000_007 + stream * 2**30 + position * n) % (2**31 - 1)
+
+
 def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
     """Indices of this rank's prompts at `step`: epochs of seeded permutations, read in order (resumable)."""
     first = step * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world)  # global position in the stream
@@ -516,12 +527,18 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
 
 # ----------------------------------------------------------------------------- periodic evaluation
 def run_eval(engine, tokenizer, examples, cfg, rank, world, device) -> dict:
-    """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level)."""
+    """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level).
+
+    Each rank takes a contiguous slice of one seeded shuffle of the problems (levels mixed: balanced work) and the
+    seed of the slice's global offset: problem k is sampled alike at any world size, and alike at every eval.
+    """
     import eval as evaluation
-    mine, acc = examples[rank::world], {}
-    summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
-                                  temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                  seed=cfg.seed + rank)["summary"] if mine else {}
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer (or none)
+    mine, acc = [examples[k] for k in order[rank * per_rank:(rank + 1) * per_rank]], {}
+    seed = sample_seed(cfg, rank * per_rank, cfg.eval_n, stream=1)
+    summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens, seed=seed,
+                                  temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)["summary"] if mine else {}
     for level in dict.fromkeys(ex["level"] for ex in examples):  # every rank adds every level: same reduce
         count = summary[level]["count"] if level in summary else 0
         add(acc, f"eval/{level}", count * summary[level]["mean_at_n"] if count else 0.0, 1.0, count)
@@ -626,7 +643,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         exs = [train_examples[i] for i in idx]
         pids, prefills = [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]  # (prompt_ids, prefill)
         idx0 = rank * (cfg.prompts_per_step // world)  # global position of this rank's first prompt in the step
-        seed = (cfg.seed * 1_000_003 + step * 4096 + rank) % (2**31 - 1)  # per step and rank: exact resume
+        seed = sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size)  # exact resume, any world size
 
         # 1. rollouts: G samples per prompt from the student (sft: from the teacher, or the data's target)
         t = time.perf_counter()

@@ -3,7 +3,8 @@
 - The update of 2 ranks equals the update of 1 rank on the same responses (SGD with lr 1, so weights = w - grad:
   gradients are compared to 1e-5), while the ranks keep different numbers of groups after the zero-advantage
   filter and so run different numbers of real micro-batches.
-- A real 2-rank run of the tiny preset (a vLLM engine per rank, teacher, eval, checkpoint) finishes cleanly.
+- A real 2-rank run of the tiny preset (a vLLM engine per rank, teacher, eval, checkpoint) finishes cleanly and
+  samples exactly what a 1-rank run samples (rollout and eval seeds follow each prompt's global position).
 """
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +44,24 @@ def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w0) < 1e-5
 
 
-def test_two_rank_tiny_preset_run(tmp_path):
-    run_dir = str(tmp_path / "run")
-    launch(TORCHRUN + [os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"),
-                       "--run_dir", run_dir, "--max_steps", "2", "--eval_every", "2", "--save_every", "2"])
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
+def test_two_rank_tiny_preset_run_samples_like_one_rank(tmp_path):
+    """2 ranks and 1 rank draw the same rollouts and eval samples: seeds follow each prompt's global position."""
+    flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--max_steps", "2", "--eval_every", "2",
+             "--save_every", "2"]
+    runs = {}
+    for name, cmd in (("two", TORCHRUN), ("one", [sys.executable])):
+        run_dir = str(tmp_path / name)
+        launch(cmd + [os.path.join(ROOT, "train.py")] + flags + ["--run_dir", run_dir])
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            runs[name] = [json.loads(line) for line in f]
+    metrics = runs["two"]
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[-1]["logprob_mismatch_max"] < 1e-4  # both ranks' engines got the synced weights
     assert "eval_accuracy" in metrics[-1] and metrics[-1]["kept_rows"] == 16  # 4 prompts x 4 samples, all ranks
-    ckpt = os.path.join(run_dir, "checkpoints", "step_000002")
+    ckpt = os.path.join(tmp_path, "two", "checkpoints", "step_000002")
     assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt"} <= set(os.listdir(ckpt))
+    # Step 1 samples from identical weights; step 2's eval from weights equal up to the gradient's reduction order.
+    same = ["reward", "accuracy", "format_ok", "response_len", "response_len_max", "truncated", "tokens_generated"]
+    assert {k: metrics[0][k] for k in same} == pytest.approx({k: runs["one"][0][k] for k in same}, rel=1e-9)
+    evals = [k for k in metrics[-1] if k.startswith("eval")]
+    assert {k: metrics[-1][k] for k in evals} == pytest.approx({k: runs["one"][-1][k] for k in evals}, rel=1e-9)
