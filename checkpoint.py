@@ -101,8 +101,8 @@ def load_trainer_state(path: str, policy, opt) -> dict:
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     rngs = state[0].pop("rng")
     if len(rngs) != dist.get_world_size() and main:
-        print(f"checkpoint {path}: saved at world size {len(rngs)}, resuming at {dist.get_world_size()}: sampling "
-              "streams differ from an uninterrupted run", flush=True)
+        print(f"checkpoint {path}: saved at world size {len(rngs)}, resuming at {dist.get_world_size()}: rank r "
+              f"takes rank r % {len(rngs)}'s RNG state (train.py's sampling seeds do not depend on it)", flush=True)
     rng = rngs[dist.get_rank() % len(rngs)]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
