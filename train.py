@@ -582,6 +582,13 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     if len(keep) < len(prompts):
         print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} prompts over {cfg.max_prompt_tokens} tokens")
     train_examples, prompts = [train_examples[i] for i in keep], [prompts[i] for i in keep]
+    # Eval prompts must fit the engine too (max_model_len = max_prompt_tokens + max_tokens): check now, not at the
+    # first eval hours into a run. Dropped problems change the metric, so say how many.
+    fits = [len(data.build_prompt(ex, tokenizer)[0]) <= cfg.max_prompt_tokens for ex in eval_examples]
+    if not all(fits):
+        print0(f"dropped {fits.count(False)} of {len(fits)} eval prompts over {cfg.max_prompt_tokens} tokens "
+               f"(raise --max_prompt_tokens to keep them)")
+        eval_examples = [ex for ex, ok in zip(eval_examples, fits) if ok]
     if not train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
                          f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
