@@ -12,7 +12,7 @@ RUN_DIR/checkpoints/step_000123/ holds
                                                    the trainer's own counters
 
 Why it is written the way it is:
-- atomic: rank 0 writes into .tmp_step_XXXXXX, fsyncs every file, renames the directory into place, then fsyncs
+- atomic: rank 0 writes into .tmp_step_NNNNNN, fsyncs every file, renames the directory into place, then fsyncs
   the parent. A crash (or a preempted node) mid-write leaves a temp dir that is ignored and later overwritten,
   never a half checkpoint under a step_ name; `latest_checkpoint` trusts only directories with trainer_state.pt,
   and mini_repro.py treats the final step's directory as "this run is finished".
@@ -21,7 +21,7 @@ Why it is written the way it is:
 - the last `keep_last` are kept: a long run's disk use stays bounded and a resume still has a fallback.
 
     import checkpoint
-    path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_XXXXXX, or None
+    path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_NNNNNN, or None
     checkpoint.save_checkpoint(run_dir, step, train.full_params(policy), policy, opt, tokenizer, state, keep_last)
     state = checkpoint.load_trainer_state(path, policy, opt)   # restores optimizer and RNG, returns the rest
 """
@@ -42,7 +42,7 @@ def latest_checkpoint(run_dir: str):
 
 
 def save_checkpoint(run_dir: str, step: int, weights, policy, opt, tokenizer, state: dict, keep_last: int):
-    """Write RUN_DIR/checkpoints/step_XXXXXX atomically; a collective (every rank calls it).
+    """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective (every rank calls it).
 
     weights: (hf_name, full tensor) pairs, gathered one at a time (train.full_params: every rank drains it);
     policy: the FSDP2 root module with the HF model as `.lm` (its config is saved beside the weights);
