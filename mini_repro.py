@@ -88,12 +88,19 @@ def is_finished(run_dir: str, max_steps: int) -> bool:
     return os.path.isfile(os.path.join(final_checkpoint(run_dir, max_steps), "trainer_state.pt"))
 
 
+def wall_seconds(run_dir: str):
+    """Wall-clock seconds of the invocation that finished the run (None if unknown, e.g. it was copied in)."""
+    path = os.path.join(run_dir, "wall_seconds.json")
+    return json.load(open(path))["seconds"] if os.path.isfile(path) else None
+
+
 def run_jobs(jobs: list, parallel: int, log) -> dict:
     """Run train.py jobs, at most `parallel` at a time, each after the jobs it needs. Returns {name: seconds}.
 
     A job is {"name", "run_dir", "args" (train.py flags), "steps", "after" (names)}. Finished runs are skipped
-    (seconds None); unfinished ones continue from their newest checkpoint (--resume true). A failed run stops
-    the study with its log's tail: everything after it would measure nothing.
+    (their seconds read back from RUN_DIR/wall_seconds.json); unfinished ones continue from their newest
+    checkpoint (--resume true). A failed run stops the study with its log's tail: everything after it would
+    measure nothing.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TOKENIZERS_PARALLELISM="false")
@@ -101,7 +108,7 @@ def run_jobs(jobs: list, parallel: int, log) -> dict:
     for job in jobs:
         if is_finished(job["run_dir"], job["steps"]):
             done.add(job["name"])
-            seconds[job["name"]] = None
+            seconds[job["name"]] = wall_seconds(job["run_dir"])
     pending = [j for j in pending if j["name"] not in done]
     if pending:
         log(f"{len(pending)} runs to do ({len(done)} already finished), {parallel} at a time")
@@ -138,6 +145,8 @@ def run_jobs(jobs: list, parallel: int, log) -> dict:
                 tail = open(os.path.join(job["run_dir"], "train.log")).read()[-3000:]
                 raise SystemExit(f"{name} failed (exit {proc.returncode}); log {job['run_dir']}/train.log:\n{tail}")
             done.add(name)
+            with open(os.path.join(job["run_dir"], "wall_seconds.json"), "w") as f:
+                json.dump({"seconds": seconds[name], "parallel": parallel}, f)
             log(f"done  {name} in {seconds[name]:.0f} s")
     return seconds
 
@@ -210,6 +219,13 @@ def final_eval(run_dir: str, max_steps: int, levels: list) -> dict:
     return out
 
 
+def run_eval_settings(run_dir: str) -> dict:
+    """The evaluation settings a run used, from the config.json train.py writes into its run directory."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return {k: cfg[k] for k in ("eval_n", "eval_per_level", "eval_temperature", "eval_top_p")}
+
+
 def mean_std(values: list) -> tuple:
     """Mean and sample standard deviation (ddof 1; 0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -241,8 +257,10 @@ def format_tables(results: dict) -> str:
     n = len(results["seeds"])
     row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
     header = ["model"] + levels + ["Avg"]
-    lines = [f"Accuracy (Mean@{results['eval']['eval_n']} over {results['eval']['eval_per_level']} held-out "
-             f"problems per level; mean +- std over {n} seed{'s' * (n > 1)}):", "",
+    ev, ref = results["eval"], results["eval_reference"]
+    lines = [f"Accuracy (Mean@{ev['eval_n']} over {ev['eval_per_level']} held-out problems per level, temperature "
+             f"{ev['eval_temperature']}, top-p {ev['eval_top_p']}; mean +- std over {n} seed{'s' * (n > 1)}; the "
+             f"teacher and start rows: Mean@{ref['eval_n']} over {ref['eval_per_level']} problems, one run):", "",
              row(header), row(["---"] * len(header))]
     for name, acc in refs.items():
         lines.append(row([name] + [f"{acc[lv]:.3f}" for lv in levels + ["average"]]))
@@ -317,13 +335,17 @@ def main(argv=None):
         "task": "arith", "seeds": seeds, "methods": aggregate(per_run, methods, seeds),
         "reference": {"teacher": final_eval(paths["teacher_run"], study["teacher_sft"]["max_steps"], levels),
                       "student (start)": final_eval(paths["student_run"], study["student_sft"]["max_steps"], levels)},
-        "eval": {k: study["rl"].get(k) for k in ("eval_n", "eval_per_level", "eval_temperature", "eval_top_p")},
+        # What train.py actually ran with (its config.json: preset + overrides), for the table's caption.
+        "eval": run_eval_settings(next(j["run_dir"] for j in jobs if "method" in j)),
+        "eval_reference": run_eval_settings(paths["teacher_run"]),
         "settings": {k: study[k] for k in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl",
                                            "methods")},
         "quick": a.quick,
-        "seconds": {"runs_this_invocation": seconds, "total_this_invocation": time.time() - t_start},
+        # Wall seconds per run (the invocation that ran it, `--jobs` side by side), and of this invocation.
+        "seconds": {"runs": seconds, "this_invocation": time.time() - t_start},
     }
     results["curves"] = plot_curves(out, seeds, methods)
+    results["seconds"]["this_invocation"] = time.time() - t_start
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = format_tables(results)
