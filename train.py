@@ -234,7 +234,7 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm, self.chunk, self.temperature = lm, chunk, temperature
 
-    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False):
+    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False, with_entropy=True):
         from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
         import rlad
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -244,8 +244,11 @@ class Policy(torch.nn.Module):
 
         def chunk_fn(h, t):
             logits = head(h) / self.temperature  # [c, V] in the compute dtype
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ent = rlad.entropy(logits, self.chunk)  # [c]
+            # entropy costs ~1.5x the log-prob pass over [c, V] (benchmarks/bench_rlad.py): only when it is used
+            ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent = rlad.entropy(logits, self.chunk)  # [c]
             return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
 
         parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
@@ -429,7 +432,7 @@ def score_rows(policy: Policy, rows: list, key: str, cfg: Config, device):
         for j in range(n_micro):
             mb = mbs[j] if j < len(mbs) else []
             b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
-            lp, _ = policy(b["ids"], b["attn"], b["src"], b["targets"])  # [n]
+            lp, _ = policy(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
             for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
                 r[key] = x
 
