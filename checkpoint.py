@@ -22,7 +22,7 @@ Why it is written the way it is:
 
     import checkpoint
     path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_NNNNNN, or None
-    checkpoint.save_checkpoint(run_dir, step, train.full_params(policy), policy, opt, tokenizer, state, keep_last)
+    checkpoint.save_checkpoint(run_dir, step, student.full_params(policy), policy, opt, tokenizer, state, keep_last)
     state = checkpoint.load_trainer_state(path, policy, opt)   # restores optimizer and RNG, returns the rest
 """
 import os
@@ -44,7 +44,7 @@ def latest_checkpoint(run_dir: str):
 def save_checkpoint(run_dir: str, step: int, weights, policy, opt, tokenizer, state: dict, keep_last: int):
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective (every rank calls it).
 
-    weights: (hf_name, full tensor) pairs, gathered one at a time (train.full_params: every rank drains it);
+    weights: (hf_name, full tensor) pairs, gathered one at a time (student.full_params: every rank drains it);
     policy: the FSDP2 root module with the HF model as `.lm` (its config is saved beside the weights);
     state: what the trainer wants back on resume (step, config, counters), saved with the optimizer and RNG.
     """

@@ -11,6 +11,7 @@ One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md an
   6. ppo_epochs x mini-batches x micro-batches (token budget). Each micro-batch loss is divided by the GLOBAL
      token count of its mini-batch across ranks, so gradients equal the full-batch gradient for any world
      size; every rank runs the same number of forward/backward passes (empty micro-batches pad the short ones)
+     (student.py: the FSDP2 student, which returns per-token log-probs, never [T, V] logits, and the micro-batching)
   7. clip the grad norm, skip (and count) a non-finite step, AdamW; 8. stream the new weights into the engine
   9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and checkpoints on schedule (checkpoint.py: HF-format
      student + trainer_state.pt, written atomically, the last keep_last kept; --resume continues exactly)
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import student
 
 
 @dataclass
@@ -223,65 +225,6 @@ def resolve_model(name: str, cfg: Config) -> str:
     return path
 
 
-class Policy(torch.nn.Module):
-    """The student as FSDP2's root module: returns log-probs (and entropies) of given tokens, never full logits.
-
-    The decoder's hidden states at the positions that predict response tokens go through the LM head one chunk
-    at a time under activation checkpointing, so neither forward nor backward keeps a [T, V] tensor.
-    """
-
-    def __init__(self, lm, chunk: int, temperature: float):
-        super().__init__()
-        self.lm, self.chunk, self.temperature = lm, chunk, temperature
-
-    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False, with_entropy=True):
-        from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
-        import rlad
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state  # [B, L, H]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # [n, H] response positions only
-        head = self.lm.get_output_embeddings()
-
-        def chunk_fn(h, t):
-            logits = head(h) / self.temperature  # [c, V] in the compute dtype
-            # entropy costs ~1.5x the log-prob pass over [c, V] (benchmarks/bench_rlad.py): only when it is used
-            ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
-            if with_entropy:
-                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    ent = rlad.entropy(logits, self.chunk)  # [c]
-            return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
-
-        parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
-                 for s in range(0, max(targets.shape[0], 1), self.chunk)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
-
-
-def load_policy(path: str, cfg: Config, device, world: int, trainable: bool = True) -> Policy:
-    """The student (or the frozen reference) from a HF checkpoint (or a model object), fp32 master weights,
-    FSDP2-sharded per decoder layer and at the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-    lm = path if isinstance(path, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if cfg.grad_checkpointing and trainable:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(lm, cfg.logit_chunk, cfg.temperature)
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()  # bf16 compute, fp32 gradient reduction on GPU; fp32 throughout on CPU
-    for layer in lm.get_decoder().layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(policy, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (tied or not)
-    # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
-    return policy.train() if trainable else policy.eval().requires_grad_(False)
-
-
-def full_params(policy: Policy):
-    """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates)."""
-    for name, p in policy.lm.named_parameters():
-        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-
-
 def make_engine(path: str, cfg: Config, device, rank: int):
     import rollout
     if cfg.engine == "hf":
@@ -338,63 +281,7 @@ def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: 
     return out
 
 
-# ----------------------------------------------------------------------------- batching
-def pack(rows: list, budget: int) -> list:
-    """Micro-batches (lists of rows) whose padded size B x L stays within `budget`; rows sorted longest first."""
-    out = []
-    for r in sorted(rows, key=lambda r: -(len(r["prompt"]) + len(r["response"]))):
-        if out and (len(out[-1]) + 1) * (len(out[-1][0]["prompt"]) + len(out[-1][0]["response"]) - 1) <= budget:
-            out[-1].append(r)  # the first row of a micro-batch is its longest: it sets the padded width
-        else:
-            out.append([r])
-    return out
-
-
-# One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
-DUMMY = {"prompt": [0], "response": [0], "dummy": True,
-         **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
-
-
-def collate(rows: list, device) -> dict:
-    """Right-padded inputs and [B, R] per-token tensors for one micro-batch (R = longest response)."""
-    rows = rows or [DUMMY]
-    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
-    width, rmax = max(lens), max(len(r["response"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
-    attn = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
-    src, dst, targets = [], [], []
-    for i, r in enumerate(rows):
-        seq = r["prompt"] + r["response"][:-1]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attn[i, :len(seq)] = 1
-        n = len(r["response"])
-        # response token t sits at position len(prompt) + t, predicted by the hidden state one before it
-        src.append(torch.arange(n) + i * width + len(r["prompt"]) - 1)
-        dst.append(torch.arange(n) + i * rmax)
-        targets.extend(r["response"])
-    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool)
-    dst = torch.cat(dst)
-    mask[dst] = not rows[0].get("dummy", False)
-    out = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
-           "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
-           "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
-           "wrong": torch.tensor([not r.get("correct", True) for r in rows]),
-           "tokens": sum(len(r["response"]) for r in rows if not r.get("dummy")), "slots": len(rows) * width,
-           "real": sum(lens) if not rows[0].get("dummy") else 0}
-    for key in ("teacher", "old", "ref", "engine"):  # per-row token vectors -> [B, R]
-        if all(key in r for r in rows):
-            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=rows[0][key].device)
-            out[key] = flat.index_copy(0, dst.to(flat.device), torch.cat([r[key] for r in rows])).view(len(rows), rmax)
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
-
-
-def forward(policy: Policy, b: dict, entropy_grad=False):
-    """Student log-probs and entropies laid out [B, R] like b["mask"]."""
-    lp, ent = policy(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad)  # [n], [n]
-    B, R = b["mask"].shape
-    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
-
-
+# ----------------------------------------------------------------------------- collectives and metrics
 def agree(counts: list, op) -> list:
     """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
     t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -424,14 +311,14 @@ def reduce_metrics(acc: dict, maxes: dict, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- the two passes of the student
-def score_rows(policy: Policy, rows: list, key: str, cfg: Config, device):
+def score_rows(policy: student.Policy, rows: list, key: str, cfg: Config, device):
     """rows[i][key] = log-probs of each response token under `policy` (no_grad): the old policy or the reference."""
-    mbs = pack(rows, cfg.micro_batch_tokens)
+    mbs = student.pack(rows, cfg.micro_batch_tokens)
     n_micro = agree([len(mbs)], dist.ReduceOp.MAX)[0]  # same number of FSDP forwards on every rank
     with torch.no_grad():
         for j in range(n_micro):
             mb = mbs[j] if j < len(mbs) else []
-            b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
+            b = student.collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
             lp, _ = policy(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
             for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
                 r[key] = x
@@ -478,7 +365,7 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
         deal = (torch.randperm(uids, generator=g) % M).tolist()
         minis = [[r for r in rows if deal[r["uid"]] == m] for m in range(M)]
-        plans = [pack(mb, cfg.micro_batch_tokens) for mb in minis]
+        plans = [student.pack(mb, cfg.micro_batch_tokens) for mb in minis]
         sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis],
                      dist.ReduceOp.SUM)  # global tokens, then global sequences, per mini-batch
         n_micro = agree([len(p) for p in plans], dist.ReduceOp.MAX)  # empty micro-batches pad the short ranks
@@ -488,8 +375,8 @@ def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> in
                 continue
             denom = tokens if cfg.loss_agg == "token-mean" else seqs
             for j in range(n_micro[m]):
-                b = collate(plans[m][j] if j < len(plans[m]) else [], device)
-                lp, ent = forward(policy, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
+                b = student.collate(plans[m][j] if j < len(plans[m]) else [], device)
+                lp, ent = student.forward(policy, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
                 mask, w = b["mask"], b["tokens"]
                 if cfg.method == "sft":
                     loss, metrics = rlad.sft_loss(lp, mask, loss_agg=cfg.loss_agg, num_tokens=denom,
@@ -602,8 +489,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     engine = make_engine(start_from, cfg, device, rank) if cfg.method != "sft" or cfg.eval_every else None
     if engine is not None:
         engine.sleep()
-    policy = load_policy(start_from, cfg, device, world)
-    ref = load_policy(student_path, cfg, device, world, trainable=False) if cfg.kl_coef > 0 else None
+    policy = student.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing)
+    ref = student.load(student_path, device, world, cfg.logit_chunk, cfg.temperature,
+                       trainable=False) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
     teacher = None
     if uses_teacher_lp:
         teacher = teacher_lib.Teacher(teacher_path, device=device, token_budget=cfg.teacher_token_budget,
@@ -640,7 +528,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         nonlocal stale
         t = time.perf_counter()
         if stale:  # asleep: the engine restores only its weights' memory for this, the KV cache comes with wake()
-            engine.load_weights(full_params(policy))
+            engine.load_weights(student.full_params(policy))
             stale = False
         engine.wake()
         times["sync"] = times.get("sync", 0.0) + time.perf_counter() - t
@@ -750,8 +638,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         bar.update(1)
         if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             state = {"config": dataclasses.asdict(cfg), "skipped_steps": skipped, "ent_coef": ent_coef}
-            checkpoint.save_checkpoint(cfg.run_dir, step + 1, full_params(policy), policy, opt, tokenizer, state,
-                                       cfg.keep_last)
+            checkpoint.save_checkpoint(cfg.run_dir, step + 1, student.full_params(policy), policy, opt, tokenizer,
+                                       state, cfg.keep_last)
         if stop:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
             break

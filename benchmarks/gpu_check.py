@@ -6,7 +6,7 @@
 2. Teacher pass (teacher.Teacher.logprobs) of a random Qwen3-8B-shaped model in bf16 on K&K-like sequences
    (512-token prompt + 2K response): tokens/s and padding.
 3. token_logprobs memory: peak extra memory of rlad.token_logprobs (forward + backward) on [T, V] bf16 logits vs
-   the naive float32 log_softmax, and of train.Policy's chunked LM head, at T = 8192, V = 151936.
+   the naive float32 log_softmax, and of student.Policy's chunked LM head, at T = 8192, V = 151936.
 
     python benchmarks/gpu_check.py              # one H100 / H200, about 3-5 minutes
     python benchmarks/gpu_check.py --dry-run    # tiny sizes on CPU: checks the code paths in seconds
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import rlad  # noqa: E402
+import student  # noqa: E402
 import train  # noqa: E402
 
 SHAPES = {  # Qwen3 configs (hidden, layers, heads, kv heads, head_dim, MLP, vocab, tied)
@@ -67,7 +68,7 @@ def check_update(args, device):
     lm = build(shape, torch.float32, device)
     n_params = sum(p.numel() for p in lm.parameters())
     layers, d_attn = lm.config.num_hidden_layers, lm.config.num_attention_heads * lm.config.head_dim
-    policy = train.load_policy(lm, cfg, device, 1)
+    policy = student.load(lm, device, 1, grad_checkpointing=True)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
     vocab = lm.config.vocab_size
@@ -146,10 +147,10 @@ def check_logprob_memory(args, device):
         print(f"[logprobs] {name}: T={T}, V={V}, {str(dtype)[6:]} logits ({T * V * logits.element_size() / 2**30:.2f} GB):"
               f" peak extra (fwd+bwd, incl. the logits' gradient) {extra:.2f} GB", flush=True)
         del logits, lp
-    # train.Policy: hidden states -> LM head per chunk under checkpointing: the [T, V] logits never exist at once
+    # student.Policy: hidden states -> LM head per chunk under checkpointing: the [T, V] logits never exist at once
     shape = "tiny" if args.dry_run else "1.7b"
     lm = build(shape, torch.float32, device)
-    policy = train.load_policy(lm, train.Config(grad_checkpointing=True), device, 1)
+    policy = student.load(lm, device, 1, grad_checkpointing=True)
     ids = torch.randint(0, V, (1, T), device=device, generator=g)
     src = torch.arange(T - 1, device=device)
     if device.type == "cuda":
@@ -159,7 +160,7 @@ def check_logprob_memory(args, device):
     lp, _ = policy(ids, None, src, ids[0, 1:])
     lp.sum().backward()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
-    print(f"[logprobs] train.Policy {shape} forward+backward, 1 x {T} tokens: peak extra {extra:.2f} GB "
+    print(f"[logprobs] student.Policy {shape} forward+backward, 1 x {T} tokens: peak extra {extra:.2f} GB "
           f"(weights excluded)", flush=True)
 
 

@@ -224,15 +224,16 @@ def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
 
 
 def test_non_finite_gradient_skips_the_step(tiny_model_dir):
+    import student
     import train
     _, _, device = train.setup_distributed()
     cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=64, lr=1e-2, warmup_steps=0)
-    policy = train.load_policy(tiny_model_dir, cfg, device, 1)
+    policy = student.load(tiny_model_dir, device, 1)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    before = {n: t.clone() for n, t in train.full_params(policy)}
+    before = {n: t.clone() for n, t in student.full_params(policy)}
     rows = [{"prompt": [5, 6, 7], "response": [8, 9], "uid": i, "adv": adv} for i, adv in enumerate([1.0, float("nan")])]
     assert train.update(policy, opt, rows, cfg, device, 1, 0, {"kd": 0.0, "ent": 0.0}, {}, {}) == 1
-    assert all(torch.equal(t, before[n]) for n, t in train.full_params(policy))  # no optimizer step taken
+    assert all(torch.equal(t, before[n]) for n, t in student.full_params(policy))  # no optimizer step taken
     rows[1]["adv"] = -1.0
     assert train.update(policy, opt, rows, cfg, device, 1, 1, {"kd": 0.0, "ent": 0.0}, {}, {}) == 0
-    assert any(not torch.equal(t, before[n]) for n, t in train.full_params(policy))
+    assert any(not torch.equal(t, before[n]) for n, t in student.full_params(policy))

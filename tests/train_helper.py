@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import student  # noqa: E402
 import train  # noqa: E402
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
@@ -59,13 +60,13 @@ def update_case(out_path, model_dir):
     per = 4 // world
     mine = slice(rank * per * 4, (rank + 1) * per * 4)
     my_rows = [dict(r, group=r["group"] - rank * per) for r in rows[mine]]
-    policy = train.load_policy(model_dir, cfg, device, world)
+    policy = student.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature)
     opt = torch.optim.SGD(policy.parameters(), lr=1.0)
     acc, maxes = {}, {}
     kept = train.select_rows(my_rows, rewards[mine], cfg, acc)
     train.score_rows(policy, kept, "old", cfg, device)
     train.update(policy, opt, kept, cfg, device, world, 0, {"kd": 0.0, "ent": 0.0}, acc, maxes)
-    weights = {name: t.clone() for name, t in train.full_params(policy)}
+    weights = {name: t.clone() for name, t in student.full_params(policy)}
     if train.is_main():
         torch.save({"weights": weights, "kept": len(kept)}, out_path)
     print(f"rank {rank}: kept {len(kept)} rows", flush=True)
