@@ -25,7 +25,11 @@ iterator (no second full copy), vLLM's own post-processing re-run (CPU repacks w
 prefix cache is reset so no KV computed with old weights is reused. Tied embeddings: vLLM's lm_head shares
 the embedding's parameter but keeps its own repacked copy on CPU, which goes stale unless lm_head is fed too;
 `named_parameters()` of a tied HF model has no "lm_head.weight", so the engine feeds the embedding under
-that name as well (same tensor, no copy) and drops any "lm_head.weight" the caller sends.
+that name as well (same tensor, no copy) and drops any "lm_head.weight" the caller sends. vLLM logs
+"RotaryEmbedding: Failed to load weights" on every sync: its layer-wise reload counts the rotary cos/sin cache
+(a non-persistent buffer, in no checkpoint) as loadable, finds no tensor for it and puts the existing cache
+back (vllm/model_executor/model_loader/reload/layerwise.py, finalize_layerwise_processing). Harmless: the
+cache depends on the config only, and tests/test_rollout.py checks the log-probs after every kind of sync.
 
 What the trainer must know about VLLMEngine (vLLM 0.32.0, measured on CPU):
 - Under torchrun, call torch.distributed.init_process_group *before* building the engine, and build it on
