@@ -23,6 +23,7 @@ the tokenizer tiny.make_arith_tokenizer (a BOS, one token per digit or signed op
     python mini_repro.py --out runs/mini --seeds 5        # more seeds (1..5)
     python mini_repro.py --out /tmp/mini --quick          # a smoke version in a few minutes (the test suite's)
     python mini_repro.py --out runs/mini --tune           # lr / beta / alpha sweeps on the tuning seed (OUT/tune/)
+    python mini_repro.py --out runs/mini_l4 --student_steps 5000   # a stronger student (L3 solved, L4 partly)
 
 Every setting lives in configs/: mini_sft.toml and mini_rl.toml are plain train.py presets (run one stage by
 hand with `python train.py --config configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml holds the
@@ -300,11 +301,18 @@ def main(argv=None):
     p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes side by side (one core each)")
     p.add_argument("--config", default=STUDY, help="the study config (default configs/mini_study.toml)")
+    p.add_argument("--student_steps", type=int, default=None,
+                   help="stop the student's SFT at this step instead of [student_sft] max_steps (a stronger or "
+                        "weaker starting student; use a fresh --out)")
     a = p.parse_args(argv)
     t_start = time.time()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     study = load_study(a.config, a.quick)
+    if a.student_steps is not None:
+        if a.student_steps < 1:
+            raise SystemExit(f"--student_steps {a.student_steps}: use a positive number of SFT steps")
+        study["student_sft"] = {**study["student_sft"], "max_steps": a.student_steps}
     log_path = os.path.join(out, "study.log")
 
     def log(msg):
