@@ -25,6 +25,7 @@ the tokenizer tiny.make_arith_tokenizer (a BOS, one token per digit or signed op
     python mini_repro.py --out /tmp/mini --quick          # a smoke version in a few minutes (the test suite's)
     python mini_repro.py --out runs/mini --tune           # lr / beta / alpha sweeps on the tuning seed (OUT/tune/)
     python mini_repro.py --out runs/mini_l4 --student_steps 5000   # a stronger student (L3 solved, L4 partly)
+    python mini_repro.py --out runs/mini_long --rl_steps 1000 --methods kdrl,rlad   # 5x longer RL runs
 
 Every setting lives in configs/: mini_sft.toml and mini_rl.toml are plain train.py presets (run one stage by
 hand with `python train.py --config configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml holds the
@@ -305,6 +306,8 @@ def main(argv=None):
     p.add_argument("--student_steps", type=int, default=None,
                    help="stop the student's SFT at this step instead of [student_sft] max_steps (a stronger or "
                         "weaker starting student; use a fresh --out)")
+    p.add_argument("--rl_steps", type=int, default=None,
+                   help="RL steps per run instead of [rl] max_steps (longer runs; use a fresh --out)")
     a = p.parse_args(argv)
     t_start = time.time()
     out = os.path.abspath(a.out)
@@ -314,6 +317,10 @@ def main(argv=None):
         if a.student_steps < 1:
             raise SystemExit(f"--student_steps {a.student_steps}: use a positive number of SFT steps")
         study["student_sft"] = {**study["student_sft"], "max_steps": a.student_steps}
+    if a.rl_steps is not None:
+        if a.rl_steps < 1:
+            raise SystemExit(f"--rl_steps {a.rl_steps}: use a positive number of RL steps")
+        study["rl"] = {**study["rl"], "max_steps": a.rl_steps}
     log_path = os.path.join(out, "study.log")
 
     def log(msg):

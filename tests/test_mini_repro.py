@@ -1,7 +1,7 @@
 """The miniature reproduction end to end, shrunk to a few steps (mini_repro.py --quick): real train.py
 subprocesses (SFT from ground truth, grpo / kdrl / rlad / rlad_self / distill with vLLM CPU rollouts), real
 eval through train.py's eval.evaluate, the results files, the curves; then a rerun that must skip every run.
-The student's SFT length comes from --student_steps (the flag that starts RL from another SFT step).
+The student's SFT and the RL runs take their lengths from --student_steps and --rl_steps.
 Also the word-level arithmetic tokenizer (tiny.make_arith_tokenizer) and the aggregation arithmetic."""
 import json
 import os
@@ -51,8 +51,9 @@ def test_aggregate_paired_differences():
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mini"))
-    # --student_steps 3: the student's SFT stops at step 3 instead of the quick preset's 2 (that flag's path)
-    cmd = [sys.executable, os.path.join(ROOT, "mini_repro.py"), "--out", out, "--quick", "--student_steps", "3"]
+    # --student_steps 3 / --rl_steps 3: 3 steps instead of the quick preset's 2 (the flags' path)
+    cmd = [sys.executable, os.path.join(ROOT, "mini_repro.py"), "--out", out, "--quick", "--student_steps", "3",
+           "--rl_steps", "3"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return out, cmd
@@ -92,7 +93,7 @@ def test_quick_study_runs_logged_and_checkpointed(quick_study):
     for m in METHODS:
         run = os.path.join(out, "runs", f"{m}_seed1")
         lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl")) if ln.strip()]
-        assert [r["step"] for r in lines] == [1, 2]
+        assert [r["step"] for r in lines] == [1, 2, 3]
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in lines)
         assert "eval_accuracy" in lines[-1] and "eval/L8" in lines[-1]
         cfg = json.load(open(os.path.join(run, "config.json")))
@@ -101,7 +102,7 @@ def test_quick_study_runs_logged_and_checkpointed(quick_study):
         assert cfg["model"] == student
         assert cfg["teacher"] == (student if m == "rlad_self" else os.path.join(out, "teacher_sft", "checkpoints",
                                                                               "step_000004"))
-        assert os.path.isfile(os.path.join(run, "checkpoints", "step_000002", "model.safetensors"))
+        assert os.path.isfile(os.path.join(run, "checkpoints", "step_000003", "model.safetensors"))
 
 
 def test_quick_study_rerun_skips_finished_runs(quick_study):
