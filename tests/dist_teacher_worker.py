@@ -43,6 +43,7 @@ def main():
         stats.append(t.last_stats)
     torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # leave together, as train.py does (see tests/train_helper.py)
     dist.destroy_process_group()
 
 
