@@ -15,7 +15,7 @@ Why it is written the way it is:
 - atomic: rank 0 writes into .tmp_step_NNNNNN, fsyncs every file, renames the directory into place, then fsyncs
   the parent. A crash (or a preempted node) mid-write leaves a temp dir that is ignored and later overwritten,
   never a half checkpoint under a step_ name; `latest_checkpoint` trusts only directories with trainer_state.pt,
-  and mini_repro.py treats the final step's directory as "this run is finished".
+  and experiments/mini_repro treats the final step's directory as "this run is finished".
 - rank 0 writes, every rank gathers: weights and optimizer state are collectives over the FSDP2 shards, so every
   rank calls `save_checkpoint`; a barrier at the end keeps ranks from running ahead of a checkpoint in progress.
 - the last `keep_last` are kept: a long run's disk use stays bounded and a resume still has a fallback.

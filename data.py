@@ -6,8 +6,8 @@ Every task ends up as a plain dict, the *Example* that rewards.py, eval.py and t
      "names": list[str] (kk), "level": "PPL2".."PPL8" (kk), a benchmark name such as "aime" (math) or
      "L2".."L8" (arith), "id": str}
 
-Knights and Knaves (Xie et al. 2024; PAPER.md "Tasks and rewards"). Each of n islanders makes one statement,
-in the public data's literal format (../shared/data/README.md):
+Knights and Knaves (Xie et al. 2024; docs/algorithm.md, "Tasks and rewards"). Each of n islanders makes one statement,
+in the public data's literal format (the K&K dataset's `statements` field):
 
     leaf   ('telling-truth', i) "X is a knight" | ('lying', i) "X is a knave"
     depth2 ('not', leaf) | ('and', leaf, leaf) | ('or', leaf, leaf) | ('->', leaf, leaf) | ('<=>', leaf, leaf)

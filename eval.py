@@ -13,9 +13,9 @@ The same `evaluate` serves train.py's periodic evaluation in-process (it takes t
 running, nothing is reloaded) and the command line:
 
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
-    python eval.py --model PATH --task kk --data ../shared/data/kk/people3_test.jsonl
+    python eval.py --model PATH --task kk --data people3_test.jsonl   # the public K&K test files
     python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
-    python eval.py --model PATH --task arith --n 1 --temperature 0  # the miniature task (issue 8), greedy
+    python eval.py --model PATH --task arith --n 1 --temperature 0  # the miniature study's task, greedy
     python eval.py plot runs/grpo runs/kdrl runs/rlad --out curves.png   # reward / accuracy vs step
 
 It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every
@@ -305,7 +305,7 @@ def load_examples(task: str, files, limit=None) -> list:
     elif task == "arith":
         examples = data.arith_examples(per_level=per_level, split="eval")
     else:
-        raise ValueError("--task math needs --data FILE... (e.g. ../shared/data/math/aime_2021_2024.jsonl)")
+        raise ValueError("--task math needs --data FILE... (e.g. aime_2021_2024.jsonl)")
     if limit is not None:
         kept, per_level = [], {}
         for ex in examples:
@@ -318,19 +318,8 @@ def load_examples(task: str, files, limit=None) -> list:
     return examples
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plot"]:
-        p = argparse.ArgumentParser(prog="eval.py plot", description="reward / accuracy vs step for runs")
-        p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
-        p.add_argument("--out", default="curves.png")
-        a = p.parse_args(argv[1:])
-        try:
-            print(plot(a.run_dirs, a.out))
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
-        return
-
+def parse_args(argv):
+    """The command line (see the module docstring); every check that needs no model comes here."""
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                 epilog="curves: python eval.py plot RUN_DIR... --out curves.png")
     p.add_argument("--model", required=True, help="model directory in Hugging Face format (a checkpoint)")
@@ -352,12 +341,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results.json")
     a = p.parse_args(argv)
-
     try:
-        ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
+        a.ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
     except ValueError:
         p.error(f"--k {a.k!r}: expected comma-separated integers, e.g. 1,8,32")
-    if a.n < 1 or not ks or min(ks) < 1 or max(ks) > a.n:
+    if a.n < 1 or not a.ks or min(a.ks) < 1 or max(a.ks) > a.n:
         p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be >= 1")
@@ -365,20 +353,34 @@ def main(argv=None):
         p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
                 "(RUN_DIR/checkpoints/step_...) or a downloaded model (huggingface-cli download NAME --local-dir DIR)")
     try:
-        examples = load_examples(a.task, a.data, a.limit)
+        a.examples = load_examples(a.task, a.data, a.limit)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
+    return p, a
 
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        p = argparse.ArgumentParser(prog="eval.py plot", description="reward / accuracy vs step for runs")
+        p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+        p.add_argument("--out", default="curves.png")
+        a = p.parse_args(argv[1:])
+        try:
+            print(plot(a.run_dirs, a.out))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        return
+    p, a = parse_args(argv)
     from transformers import AutoConfig, AutoTokenizer
     import data
     import rollout
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         context = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None)
     except (OSError, ValueError) as e:
         p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
-    longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in examples)
+    longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in a.examples)
     max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS[a.task]
     if context:  # prompt + response must fit the model's positions
         room = context - longest
@@ -387,15 +389,15 @@ def main(argv=None):
                     f"({context}): lower --max_tokens to at most {room}, or --limit / --data to shorter problems")
         max_tokens = min(max_tokens, room)
     if a.engine == "vllm":
-        max_len = a.max_model_len or longest + max_tokens
         kw = {"dtype": a.dtype} if a.dtype else {}
-        engine = rollout.VLLMEngine(a.model, max_model_len=max_len, gpu_memory_utilization=a.gpu_memory_utilization,
-                                    seed=a.seed, kv_cache_memory_bytes=a.kv_cache_memory_bytes, **kw)
+        engine = rollout.VLLMEngine(a.model, max_model_len=a.max_model_len or longest + max_tokens, seed=a.seed,
+                                    gpu_memory_utilization=a.gpu_memory_utilization,
+                                    kv_cache_memory_bytes=a.kv_cache_memory_bytes, **kw)
     else:
         engine = rollout.HFEngine(a.model, dtype=a.dtype)
-    print(f"eval: {len(examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
-    result = evaluate(engine, tokenizer, examples, n=a.n, max_tokens=max_tokens, temperature=a.temperature,
-                      top_p=a.top_p, seed=a.seed, ks=ks, batch_size=a.batch_size, progress=True)
+    print(f"eval: {len(a.examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
+    result = evaluate(engine, tokenizer, a.examples, n=a.n, max_tokens=max_tokens, temperature=a.temperature,
+                      top_p=a.top_p, seed=a.seed, ks=a.ks, batch_size=a.batch_size, progress=True)
     engine.shutdown()
     result["config"].update(model=a.model, task=a.task, data=a.data, engine=a.engine, limit=a.limit)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

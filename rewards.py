@@ -4,7 +4,7 @@
 the generated text. No reward ever raises on any string: a response the policy can write is a
 response the trainer must survive, and any hole here is a hole the policy will find.
 
-K&K (PAPER.md "Tasks and rewards", Logic-RL):
+K&K (Logic-RL's reward; docs/algorithm.md, "Tasks and rewards"):
     format  +1 when <think>, </think>, <answer>, </answer> each occur exactly once and in that order, else -1
     answer  +2 every role right, -1.5 any role wrong, -2 unparseable (or format failed)
     total   in {3, -0.5, -1, -3}; "correct" = total 3
@@ -18,31 +18,15 @@ is right, else 0.0; "format_ok" = the scratchpad has that shape. Intermediate di
 
 Math: the LAST \\boxed{...} of the response, checked against the reference with math-verify (no hand-written
 LaTeX equivalence): 1.0 equivalent, 0.0 otherwise; "format_ok" = a \\boxed{} answer was found. Answers over
-MAX_ANSWER_CHARS score 0 unparsed. math-verify can take unbounded time (9^{9^{9^9}}, deep nesting) and its
-own timeout is signal.alarm, which works only in a main thread, so answers are checked in a pool of worker
-processes: each worker runs math-verify in its main thread with math-verify's timeouts, and a worker still
-busy MATH_TIMEOUT_S after it got an answer is killed and replaced, that answer scoring 0.
-
-Workers are fresh interpreters (subprocess: spawn semantics, never fork, which is unsafe in a process
-holding torch and a vLLM engine; and unlike multiprocessing's spawn they do not re-import the trainer's
-__main__ and its torch/vLLM imports). The pool starts lazily on the first math answer, is reused for every
-later call, and is closed by close_pool() or at exit. K&K and arithmetic are scored in-process (pure
-Python, linear time).
+MAX_ANSWER_CHARS score 0 unparsed. math-verify runs in killable worker processes (verifier.py): an answer
+still unchecked after MATH_TIMEOUT_S scores 0, so no response can hang the trainer. K&K and arithmetic are
+scored in-process (pure Python, linear time).
 
     python rewards.py kk  RESPONSE_FILE SOLUTION_JSON NAMES_JSON
     python rewards.py math RESPONSE_FILE ANSWER
 """
-import atexit
-import contextlib
-import os
-import pickle
 import re
-import select
-import struct
-import subprocess
 import sys
-import threading
-import time
 from functools import lru_cache
 
 import data
@@ -126,9 +110,6 @@ def kk_reward(response, solution, names):
 
 MATH_TIMEOUT_S = 10.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is not an answer (no reference comes close)
-MATH_WORKERS = min(4, os.cpu_count() or 1)  # pool size, read when the pool starts
-WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) on a loaded machine
-WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker: 10^(10^10) must fail, not swap
 
 
 def _text(response):
@@ -145,193 +126,14 @@ def _boxed_answer(response):
     return pred
 
 
-# -- worker side: runs in a fresh interpreter, reads (key, pred, gold, seconds) and answers (key, bool) --
-
-def _send(fd, obj):
-    payload = pickle.dumps(obj)
-    os.write(fd, struct.pack("<I", len(payload)) + payload)
-
-
-def _recv(fd):
-    """One framed message from fd, or None at end of file."""
-    header = _read_exact(fd, 4)
-    if header is None:
-        return None
-    payload = _read_exact(fd, struct.unpack("<I", header)[0])
-    return None if payload is None else pickle.loads(payload)
-
-
-def _read_exact(fd, size):
-    chunks, left = [], size
-    while left:
-        chunk = os.read(fd, left)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-@lru_cache(maxsize=4096)
-def _parse_gold(gold, seconds):
-    from math_verify import parse
-    return parse("\\boxed{" + gold + "}", parsing_timeout=seconds)
-
-
-def _verify(pred, gold, seconds):
-    """math-verify on one pair, in this process's main thread (its timeouts are signal.alarm, whole seconds)."""
-    from math_verify import parse, verify
-    gold_parsed = _parse_gold(gold, seconds)
-    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=seconds)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
-
-
-def _worker_main():
-    """Entry point of a worker process: stdin carries requests, a private copy of stdout carries results."""
-    import logging
-    import resource
-    out_fd, in_fd = os.dup(1), os.dup(0)
-    os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the result channel
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
-    except (ValueError, OSError):
-        pass  # a platform without the limit still has the kill-on-timeout
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout warnings would flood the log
-    _verify("\\frac{1}{2}", "0.5", 30)  # sympy's lazy imports take ~1 s on first use: before "ready", not on an answer
-    _send(out_fd, ("ready", None))
-    while True:
-        message = _recv(in_fd)
-        if message is None:  # the parent closed the pipe or died
-            return
-        key, pred, gold, seconds = message
-        try:
-            ok = _verify(pred, gold, seconds)
-        except Exception:  # MemoryError, RecursionError, sympy internals: not equivalent
-            ok = False
-        _send(out_fd, (key, ok))
-
-
-# -- parent side --
-
-class _Worker:
-    def __init__(self):
-        here = os.path.dirname(os.path.abspath(__file__))
-        code = f"import sys; sys.path.insert(0, {here!r}); import rewards; rewards._worker_main()"
-        # start_new_session: Ctrl-C in a terminal reaches the trainer, which then closes the pool.
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
-        self.out, self.inp = self.proc.stdout.fileno(), self.proc.stdin.fileno()
-        self.ready, self.key, self.deadline = False, None, WORKER_START_TIMEOUT_S + time.monotonic()
-
-    def kill(self):
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):  # a dead worker's pipe may already be broken
-                stream.close()
-        self.proc.kill()
-        self.proc.wait()
-
-
-class VerifierPool:
-    """Worker processes running math-verify; verify() fans a batch out and keeps the input order."""
-
-    def __init__(self, num_workers=None):
-        self.workers = [_Worker() for _ in range(num_workers or MATH_WORKERS)]
-        self.lock = threading.Lock()
-        self.pid = os.getpid()
-        self.killed = 0  # answers that hit the hard limit (or crashed their worker), for logging
-
-    def verify(self, pairs, timeout_s=None):
-        """[(pred, gold)] -> [bool]: True when math-verify finds them equivalent within timeout_s each."""
-        timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
-        results = [False] * len(pairs)
-        with self.lock:
-            if not self.workers:
-                raise RuntimeError("rewards: the math-verify pool is closed; call start_pool() for a new one")
-            try:
-                self._run(pairs, timeout_s, results)
-            except BaseException:  # start-up failure, Ctrl-C: no worker may keep an answer of an abandoned batch
-                self.close()
-                raise
-        return results
-
-    def _run(self, pairs, timeout_s, results):
-        # math-verify's own limits (whole seconds) end most slow cases cleanly before the hard kill.
-        inner = max(1, int(timeout_s / 3))
-        todo = list(range(len(pairs)))[::-1]  # a stack: pop() takes the next index
-        while todo or any(w.key is not None for w in self.workers):
-            for w in self.workers:
-                if w.ready and w.key is None and todo:
-                    key = todo.pop()
-                    try:
-                        _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
-                    except OSError:  # died while idle: the answer was never seen, give it to another
-                        todo.append(key)
-                        self._replace(w)
-                        continue
-                    w.key, w.deadline = key, time.monotonic() + timeout_s
-            waiting = [w for w in self.workers if w.key is not None or not w.ready]
-            now = time.monotonic()
-            wait = max(0.0, min(w.deadline for w in waiting) - now)
-            readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
-            for w in waiting:
-                if w.out in readable:
-                    message = _recv(w.out)
-                    if message is None:  # the worker died (a crash on this answer, or at start-up)
-                        if not w.ready:
-                            raise RuntimeError("rewards: a math-verify worker died while starting; see its "
-                                               "error above (is math-verify installed in this Python?)")
-                        self.killed += 1
-                        self._replace(w)
-                    elif message[0] == "ready":
-                        w.ready = True
-                    else:
-                        results[message[0]] = message[1]
-                        w.key = None
-                elif time.monotonic() >= w.deadline:
-                    if not w.ready:
-                        raise RuntimeError(f"rewards: a math-verify worker did not start within "
-                                           f"{WORKER_START_TIMEOUT_S:.0f} s (machine overloaded?)")
-                    self.killed += 1  # past the hard limit: this answer stays False
-                    self._replace(w)
-
-    def _replace(self, worker):
-        worker.kill()
-        self.workers[self.workers.index(worker)] = _Worker()
-
-    def close(self):
-        for w in self.workers:
-            w.kill()
-        self.workers = []
-
-
-_POOL = None
-_AT_EXIT = []
-
-
-def start_pool(num_workers=None):
-    """The shared pool, started if needed (workers import math-verify in the background; returns at once)."""
-    global _POOL
-    if _POOL is None or not _POOL.workers or _POOL.pid != os.getpid():  # a forked child must not share pipes
-        _POOL = VerifierPool(num_workers)
-        if not _AT_EXIT:
-            _AT_EXIT.append(atexit.register(close_pool))
-    return _POOL
-
-
-def close_pool():
-    """Stop the worker processes (also registered with atexit). The next math answer starts a new pool."""
-    global _POOL
-    if _POOL is not None and _POOL.pid == os.getpid():
-        _POOL.close()
-    _POOL = None
-
-
 def _math_equivalent(pairs, timeout_s=None):
     """[(pred, gold)] -> [bool]. Identical strings are equivalent without a worker round trip."""
     results = [pred.strip() == gold.strip() for pred, gold in pairs]
     rest = [i for i, ok in enumerate(results) if not ok]
     if rest:
-        for i, ok in zip(rest, start_pool().verify([pairs[i] for i in rest], timeout_s)):
+        import verifier  # the worker pool starts only once a math answer needs it
+        timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
+        for i, ok in zip(rest, verifier.start_pool().verify([pairs[i] for i in rest], timeout_s)):
             results[i] = ok
     return results
 

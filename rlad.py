@@ -1,6 +1,6 @@
-"""RLAD: the algorithm. Group advantages, per-token log-probs, KL estimators, and the GRPO / KDRL / TRRD losses.
+"""RLAD: the algorithm. Group advantages, the GRPO / KDRL / TRRD / distill / SFT objectives, aggregation.
 
-Pure torch: no I/O, no distributed code. Read it next to PAPER.md; equation numbers are the paper's.
+Pure torch: no I/O, no distributed code. Read it next to docs/algorithm.md; equation numbers are the paper's.
 
     advantages  A_i = (r_i - mean r) / (std r + 1e-6)                     per group of G responses
     GRPO   (1)  loss = -agg( min(r A, clip(r, 1-eps_low, 1+eps_high) A) ),   log r = logp_S - logp_old
@@ -19,21 +19,29 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
     | teacher agrees (gap < 1) | ~0    | ordinary PPO step             | ordinary PPO step                      |
     | any, A = 0               |       | no gradient: the teacher acts only through the advantage       |
 
-alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. method="distill" is pure on-policy
-distillation (the KD term alone on the student's own samples); sft_loss is the SFT baseline's cross-entropy.
+alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is pure on-policy
+distillation (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy.
+
+Add your own objective in two edits: a function below with the objectives' signature, and a row in METHODS
+(what it needs: teacher log-probs, old log-probs, advantages, whose samples). train.py reads only the table
+(docs/algorithm.md has a worked example). The per-token log-prob and entropy kernels, which never build a
+float32 [T, V] tensor, live in kernels.py and are importable from here (rlad.token_logprobs, rlad.entropy).
 
 Run the tests: `.venv/bin/python -m pytest -q tests/test_rlad.py`; benchmark: `python benchmarks/bench_rlad.py`.
 """
+from types import SimpleNamespace
+
 import torch
 
+from kernels import entropy, token_logprobs  # noqa: F401  (part of this module's API)
+
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-METHODS = ("grpo", "kdrl", "rlad", "distill")
 KL_KINDS = ("k1", "k2", "k3")
 MAX_LOG_RATIO = 20.0  # log-ratios are clamped to +-20 before exp(): float32 never overflows (e^20 ~ 5e8)
 TEACHER_LOGP_FLOOR = -100.0  # a teacher log-prob of -inf (token impossible for it) counts as e^-100: finite KD
 
 
-# ----------------------------------------------------------------------------- advantages (PAPER "Group-relative ...")
+# ----------------------------------------------------------------------------- advantages (docs/algorithm.md)
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a length divisible by group_size={group_size}, laid out group by "
@@ -61,135 +69,134 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return adv.reshape(-1).to(out_dtype)  # [N]
 
 
-# ----------------------------------------------------------------------------- per-token log-probs and entropy, chunked
-# A [T, V] float32 tensor is 20 GB at T = 32768, V = 151936. Both functions below keep only the logits (in their own
-# dtype) and one float per token for backward, and recompute the softmax chunk by chunk there: forward and backward
-# need O(chunk x V) extra memory, plus the [.., V] gradient itself, which autograd needs in the logits' dtype anyway.
-def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """[..., T, V] -> [R, T, V], a view where the strides allow it (one long row when they do)."""
-    try:
-        return logits.view(1, -1, logits.shape[-1])  # [1, N, V]
-    except RuntimeError:  # e.g. logits[:, :-1] of a [B, T, V] batch: keep the rows, no copy
-        return logits.reshape(-1, logits.shape[-2], logits.shape[-1])  # [R, T, V]
+# ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
+# Each takes the batch `b` (per-token [B, T] tensors, masked positions already zeroed: logp, old_logp, adv,
+# teacher_log_ratio = logp - logp_T, mask, kd_mask), the options `o` (policy_loss's keywords) and a metrics dict
+# to fill, and returns its loss terms as (name, coefficient, per-token loss [B, T]): policy_loss aggregates each
+# term (logged as "loss/<name>") and minimises the sum of coefficient x aggregate.
+def clipped_surrogate(log_ratio, b, o, metrics):
+    """min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, eqs (1) / (4), and what the clip removed."""
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
+    surr = torch.minimum(ratio * b.adv, ratio.clamp(1 - o.eps_low, 1 + o.eps_high) * b.adv)  # [B, T]
+    r = ratio.detach()
+    metrics["ratio_mean"] = masked_mean(r, b.mask)
+    metrics["clip_frac_low"] = masked_mean(((b.adv < 0) & (r < 1 - o.eps_low)).float(), b.mask)
+    metrics["clip_frac_high"] = masked_mean(((b.adv > 0) & (r > 1 + o.eps_high)).float(), b.mask)
+    return surr
 
 
-def _chunks(x: torch.Tensor, chunk_size: int):
-    for r in range(x.shape[0]):
-        for s in range(0, x.shape[1], chunk_size):
-            yield r, slice(s, s + chunk_size)
+def kd_term(b, o):
+    """eq (2)'s per-token reverse KL to the teacher on the student's own samples (k2 by default), clamp, mask."""
+    kd_tok = kl(_clamp(b.teacher_log_ratio, o.kd_clamp), 0.0, o.kd_kl)  # [B, T]
+    if b.kd_mask is not None:  # tokens outside kd_mask count 0 but still count in the normaliser, like the PG term
+        kd_tok = torch.where(b.kd_mask.bool(), kd_tok, 0.0)  # [B, T]
+    return kd_tok
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, targets, chunk_size):  # x [R, T, V] any float dtype, targets [R, T] int64
-        dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 upcast per chunk; float64 stays float64
-        lse = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
-        out = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
-        for r, s in _chunks(x, chunk_size):
-            z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy, the one full-width temporary (in place below)
-            m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1] row max, finite
-            picked = z.sub_(m).gather(-1, targets[r, s, None]).squeeze(-1)  # [c] z_y - m
-            log_tot = z.exp_().sum(-1).log()  # [c] log sum exp(z - m)
-            lse[r, s] = m.squeeze(-1) + log_tot  # [c]
-            out[r, s] = picked - log_tot  # [c] log softmax(z)_y
-            del z  # before the next chunk's copy exists: one [c, V] temporary at a time, not two
-        ctx.save_for_backward(x, targets, lse)
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # grad_out [R, T]
-        x, targets, lse = ctx.saved_tensors
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V] in the logits' dtype
-        for r, s in _chunks(x, ctx.chunk_size):
-            g = grad_out[r, s, None]  # [c, 1]
-            p = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed
-            p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
-            grad[r, s] = p
-            del p
-        return grad, None, None
+def grpo(b, o, metrics):
+    """eq (1): the PPO-clipped ratio against the policy that sampled."""
+    return [("pg", 1.0, -clipped_surrogate(b.logp - b.old_logp, b, o, metrics))]
 
 
-class _Entropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, chunk_size):  # x [R, T, V]
-        dt = torch.promote_types(x.dtype, torch.float32)
-        lse = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
-        ent = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
-        for r, s in _chunks(x, chunk_size):
-            z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy
-            m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1]
-            z.sub_(m).clamp_(min=torch.finfo(dt).min)  # [c, V] shifted; -inf logits -> 0 * finite below, not NaN
-            e = z.exp()  # [c, V] one exp pass: H = log sum e - sum(e z) / sum e
-            tot = e.sum(-1)  # [c]
-            lse[r, s] = m.squeeze(-1) + tot.log()  # [c]
-            ent[r, s] = tot.log() - e.mul_(z).sum(-1) / tot  # [c] H = -sum p log p
-            del z, e
-        ctx.save_for_backward(x, lse, ent)
-        ctx.chunk_size = chunk_size
-        return ent
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # grad_out [R, T]
-        x, lse, ent = ctx.saved_tensors
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V]
-        for r, s in _chunks(x, ctx.chunk_size):
-            logp = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None])  # [c, V] float32
-            p = logp.clamp_(min=torch.finfo(lse.dtype).min).exp()  # [c, V]
-            grad[r, s] = logp.add_(ent[r, s, None]).mul_(p).mul_(-grad_out[r, s, None])  # dH/dz = -p (log p + H)
-            del logp, p
-        return grad, None
+def kdrl(b, o, metrics):
+    """eq (2): GRPO plus kd_coef x the reverse KL to the teacher."""
+    return grpo(b, o, metrics) + [("kd", o.kd_coef, kd_term(b, o))]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(logits)[targets] without a float32 [T, V] tensor, in forward or backward.
+def rlad(b, o, metrics):
+    """eqs (3)-(4): TRRD, the ratio against the mixture anchor pi_old^alpha pi_T^(1 - alpha)."""
+    teacher_term = _clamp(b.teacher_log_ratio, o.teacher_clamp)  # [B, T] Appendix B
+    # eq (3); alpha = 1 multiplies the teacher term by exactly 0: GRPO bit for bit
+    log_ratio = o.alpha * (b.logp - b.old_logp) + (1 - o.alpha) * teacher_term  # [B, T]
+    if o.teacher_clamp is not None:
+        lo, hi = _range(o.teacher_clamp)
+        outside = (b.teacher_log_ratio < lo) | (b.teacher_log_ratio > hi)  # [B, T]
+        metrics["teacher_clamp_frac"] = masked_mean(outside.float(), b.mask)
+    return [("pg", 1.0, -clipped_surrogate(log_ratio, b, o, metrics))]
 
-    logits [..., V] (any float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits).
+
+def distill(b, o, metrics):
+    """On-policy distillation: the KD term alone on the student's own samples, no reward."""
+    return [("kd", 1.0, kd_term(b, o))]
+
+
+def sft(b, o, metrics):
+    """The SFT baseline: negative log-likelihood of the (teacher's or the data's) response tokens."""
+    return [("nll", 1.0, -b.logp)]
+
+
+# One table of methods. train.py reads what each needs from it: the teacher's log-probs of every sampled token,
+# pi_old's log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples
+# are trained on ("student": the engine's rollouts; "teacher": the SFT baseline's rejection-sampled set).
+METHODS = {
+    "grpo": dict(objective=grpo, teacher_logp=False, old_logp=True, advantages=True, samples="student"),
+    "kdrl": dict(objective=kdrl, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
+    "rlad": dict(objective=rlad, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
+    "distill": dict(objective=distill, teacher_logp=True, old_logp=False, advantages=False, samples="student"),
+    "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="teacher"),
+}
+
+
+def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, alpha=0.5,
+                eps_low=0.2, eps_high=0.28, teacher_clamp=1.0, kd_coef=0.0, kd_kl="k2", kd_clamp=None, kl_coef=0.0,
+                loss_agg="token-mean", num_tokens=None, max_len=None, kd_mask=None, ref_kl="k3"):
+    """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
+
+    method: a key of METHODS. logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B]
+    or [B, T] (old_logp / advantages may be None for methods that do not use them). teacher_clamp / kd_clamp:
+    None, c for [-c, c], or (lo, hi). kd_mask: optional [B] / [B, T] bool restricting the KD term (e.g. to wrong
+    responses). kl_coef > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)). loss_agg, num_tokens, max_len: see
+    aggregate(). Metrics (detached 0-d tensors): loss and each term (loss/pg, loss/kd, loss/nll, loss/kl_ref),
+    parts of the mini-batch loss like `loss`; means over this batch's unmasked tokens: ratio_mean (r_TRRD for
+    rlad), clip_frac_low / clip_frac_high (tokens whose
+    gradient the clip removed, A < 0 / A > 0), teacher_log_ratio (+ _abs), teacher_clamp_frac (rlad).
     """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,)")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    x = _rows(logits)  # [R, T, V]
-    out = _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size)  # [R, T]
-    return out.reshape(targets.shape)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")
+    spec, mask = METHODS[method], mask.bool()  # [B, T]
+    given = {"teacher_logp": teacher_logp, "old_logp": old_logp, "advantages": advantages}
+    for name in ("teacher_logp", "old_logp", "advantages"):
+        if spec[name] and given[name] is None:
+            raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
+    shapes = {"mask": mask, "old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
+    bad = [n for n, t in shapes.items() if t is not None and t.shape != logp.shape]
+    if spec["advantages"] and advantages.shape not in (logp.shape, logp.shape[:1]):
+        bad.append("advantages")
+    if bad or logp.ndim != 2:
+        raise ValueError(f"{', '.join(bad) or 'logp'}: logp and the other per-token inputs must be [B, T] "
+                         f"(logp is {tuple(logp.shape)}), advantages [B] or [B, T]")
+
+    # Masked positions may hold anything (padding, -inf, NaN): replace them before any arithmetic.
+    zero = lambda x: None if x is None else torch.where(mask, x, 0.0)  # noqa: E731  [B, T]
+    logp, metrics = zero(logp), {}  # [B, T]
+    b = SimpleNamespace(logp=logp, old_logp=zero(old_logp), mask=mask, teacher_log_ratio=None, kd_mask=None, adv=None)
+    if spec["advantages"]:
+        b.adv = zero(advantages[:, None] if advantages.ndim == 1 else advantages)  # [B, 1] -> [B, T]
+    if teacher_logp is not None:
+        b.teacher_log_ratio = logp - zero(teacher_logp).clamp(min=TEACHER_LOGP_FLOOR)  # [B, T] log pi_S / pi_T
+        metrics["teacher_log_ratio"] = masked_mean(b.teacher_log_ratio.detach(), mask)
+        metrics["teacher_log_ratio_abs"] = masked_mean(b.teacher_log_ratio.detach().abs(), mask)
+    if kd_mask is not None:
+        b.kd_mask = kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask  # [B, 1] or [B, T]
+    o = SimpleNamespace(alpha=alpha, eps_low=eps_low, eps_high=eps_high, teacher_clamp=teacher_clamp,
+                        kd_coef=kd_coef, kd_kl=kd_kl, kd_clamp=kd_clamp)
+    terms = spec["objective"](b, o, metrics)
+    if kl_coef:
+        terms.append(("kl_ref", kl_coef, kl(logp, zero(ref_logp), ref_kl)))
+    loss = 0.0
+    for name, coef, per_token in terms:
+        value = aggregate(per_token, mask, loss_agg, num_tokens, max_len)
+        loss = loss + (value if coef == 1.0 else coef * value)
+        metrics[f"loss/{name}"] = value.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
 
 
-def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    x = _rows(logits)  # [R, T, V]
-    return _Entropy.apply(x, chunk_size).reshape(logits.shape[:-1])
-
-
-# ----------------------------------------------------------------------------- KL estimators and aggregation
-def kl(logp: torch.Tensor, other_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimator of KL(pi || pi_other) from samples of pi, d = logp - other_logp (PAPER "GRPO, eq (1)").
-
-    k1 = d; k2 = d^2 / 2 (gradient = the unbiased reverse-KL gradient, KDRL's choice); k3 = e^-d - 1 + d
-    (DeepSeekMath's low-variance one; its exponent is capped at MAX_LOG_RATIO so float32 never overflows).
-    """
-    d = logp - other_logp  # [B, T]
-    if kind == "k1":
-        return d
-    if kind == "k2":
-        return 0.5 * d * d
-    if kind == "k3":
-        return torch.exp((-d).clamp(max=MAX_LOG_RATIO)) - 1 + d
-    raise ValueError(f"unknown KL estimator {kind!r}: use one of {KL_KINDS}")
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over mask (0 for an empty mask); for logging, no host sync."""
-    mask = mask.bool()
-    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
-
-
+# ----------------------------------------------------------------------------- aggregation and KL estimators
 def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean", num_tokens=None, max_len=None):
-    """Reduce per-token values x [B, T] over mask [B, T] to a scalar (PAPER "aggregate").
+    """Reduce per-token values x [B, T] over mask [B, T] to a scalar (docs/algorithm.md, "aggregate").
 
     token-mean:              sum_i sum_t x / num_tokens        (default num_tokens: unmasked tokens here)
     seq-mean-token-mean:     sum_i mean_t x / num_tokens       (default: rows with at least one token)
@@ -212,6 +219,28 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
     raise ValueError(f"unknown loss_agg {loss_agg!r}: use one of {LOSS_AGGS}")
 
 
+def kl(logp: torch.Tensor, other_logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimator of KL(pi || pi_other) from samples of pi, d = logp - other_logp (docs/algorithm.md).
+
+    k1 = d; k2 = d^2 / 2 (gradient = the unbiased reverse-KL gradient, KDRL's choice); k3 = e^-d - 1 + d
+    (DeepSeekMath's low-variance one; its exponent is capped at MAX_LOG_RATIO so float32 never overflows).
+    """
+    d = logp - other_logp  # [B, T]
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.exp((-d).clamp(max=MAX_LOG_RATIO)) - 1 + d
+    raise ValueError(f"unknown KL estimator {kind!r}: use one of {KL_KINDS}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask (0 for an empty mask); for logging, no host sync."""
+    mask = mask.bool()
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
 def _range(rng):
     """None: no clamp; c: (-c, c); (lo, hi) as is."""
     return (-rng, rng) if isinstance(rng, (int, float)) else rng
@@ -219,100 +248,3 @@ def _range(rng):
 
 def _clamp(x: torch.Tensor, rng) -> torch.Tensor:
     return x if rng is None else x.clamp(*_range(rng))
-
-
-# ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
-def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, alpha=0.5,
-                eps_low=0.2, eps_high=0.28, teacher_clamp=1.0, kd_coef=0.0, kd_kl="k2", kd_clamp=None, kl_coef=0.0,
-                loss_agg="token-mean", num_tokens=None, max_len=None, kd_mask=None, ref_kl="k3"):
-    """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
-
-    method: "grpo" eq (1) | "kdrl" eq (2) | "rlad" eqs (3)-(5) | "distill" (agg of kd_kl(logp - logp_T) alone; no
-    reward, advantages/old_logp may be None, kd_coef unused). logp (with grad), old_logp, teacher_logp, ref_logp,
-    mask: [B, T]; advantages [B] or [B, T]. teacher_clamp / kd_clamp: None, c for [-c, c], or (lo, hi).
-    kd_mask: optional [B] / [B, T] bool restricting KDRL's KD term (e.g. to wrong responses). kl_coef > 0 adds
-    kl_coef * agg(ref_kl(logp - ref_logp)). loss_agg, num_tokens, max_len: see aggregate().
-    Metrics (detached 0-d tensors; means over this batch's unmasked tokens, the caller averages micro-batches):
-    loss, pg_loss, ratio_mean (r_TRRD for rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip
-    removed, A < 0 / A > 0), teacher_log_ratio (+ _abs) and teacher_clamp_frac (rlad), kd, kl_ref.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    for name, kind in (("kd_kl", kd_kl), ("ref_kl", ref_kl)):
-        if kind not in KL_KINDS:
-            raise ValueError(f"unknown KL estimator {name}={kind!r}: use one of {KL_KINDS}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}: use one of {LOSS_AGGS}")
-    if logp.ndim != 2 or mask.shape != logp.shape:
-        raise ValueError(f"logp and mask must both be [B, T]; got {tuple(logp.shape)} and {tuple(mask.shape)}")
-    if method in ("kdrl", "rlad", "distill") and teacher_logp is None:
-        raise ValueError(f"method {method!r} needs teacher_logp [B, T] (the teacher's log-prob of each sampled token)")
-    if kl_coef and ref_logp is None:
-        raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
-    named = {"old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
-    if method != "distill":
-        if old_logp is None or advantages is None:
-            raise ValueError(f"method {method!r} needs old_logp [B, T] and advantages [B] or [B, T]")
-        if advantages.shape not in (logp.shape, logp.shape[:1]):
-            raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}; got {tuple(advantages.shape)}")
-    for name, t in named.items():
-        if t is not None and t.shape != logp.shape:
-            raise ValueError(f"{name} must have logp's shape {tuple(logp.shape)}; got {tuple(t.shape)}")
-
-    mask = mask.bool()  # [B, T]
-    # Masked positions may hold anything (padding, -inf, NaN): replace them before any arithmetic.
-    logp = torch.where(mask, logp, 0.0)  # [B, T]
-    agg = dict(loss_agg=loss_agg, num_tokens=num_tokens, max_len=max_len)
-    metrics = {}
-    loss = 0.0
-    if teacher_logp is not None:
-        teacher_logp = torch.where(mask, teacher_logp, 0.0).clamp(min=TEACHER_LOGP_FLOOR)  # [B, T]
-        t_ratio = logp - teacher_logp  # [B, T] log pi_S / pi_T
-        metrics["teacher_log_ratio"] = masked_mean(t_ratio.detach(), mask)
-        metrics["teacher_log_ratio_abs"] = masked_mean(t_ratio.detach().abs(), mask)
-
-    if method != "distill":
-        adv = advantages[:, None] if advantages.ndim == 1 else advantages  # [B, 1] or [B, T]
-        adv = torch.where(mask, adv, 0.0)  # [B, T]
-        log_ratio = logp - torch.where(mask, old_logp, 0.0)  # [B, T] log pi_S / pi_old, eq (1)
-        if method == "rlad":
-            # eq (3) with the Appendix-B clamp; alpha = 1 multiplies the teacher term by exactly 0: GRPO bit for bit
-            log_ratio = alpha * log_ratio + (1 - alpha) * _clamp(t_ratio, teacher_clamp)  # [B, T]
-            if teacher_clamp is not None:
-                lo, hi = _range(teacher_clamp)
-                metrics["teacher_clamp_frac"] = masked_mean(((t_ratio < lo) | (t_ratio > hi)).float(), mask)
-        ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T] r (GRPO) or r_TRRD (eq 3)
-        surr = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)  # [B, T] eqs (1) / (4)
-        pg_loss = -aggregate(surr, mask, **agg)
-        loss = loss + pg_loss
-        r = ratio.detach()
-        metrics["pg_loss"] = pg_loss.detach()
-        metrics["ratio_mean"] = masked_mean(r, mask)
-        metrics["clip_frac_low"] = masked_mean(((adv < 0) & (r < 1 - eps_low)).float(), mask)
-        metrics["clip_frac_high"] = masked_mean(((adv > 0) & (r > 1 + eps_high)).float(), mask)
-
-    if method in ("kdrl", "distill"):
-        # eq (2): reverse KL to the teacher on the student's own samples (k2 by default), optional clamp and mask
-        kd_tok = kl(_clamp(t_ratio, kd_clamp), 0.0, kd_kl)  # [B, T]
-        if kd_mask is not None:  # tokens outside kd_mask count 0 but still count in the normaliser, like the PG term
-            kd_tok = torch.where((kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask).bool(), kd_tok, 0.0)  # [B, T]
-        kd = aggregate(kd_tok, mask, **agg)
-        loss = loss + (kd if method == "distill" else kd_coef * kd)
-        metrics["kd"] = kd.detach()
-
-    if kl_coef:
-        kl_tok = kl(logp, torch.where(mask, ref_logp, 0.0), ref_kl)  # [B, T]
-        kl_ref = aggregate(kl_tok, mask, **agg)
-        loss = loss + kl_coef * kl_ref
-        metrics["kl_ref"] = kl_ref.detach()
-    metrics["loss"] = loss.detach()
-    return loss, metrics
-
-
-def sft_loss(logp, mask, *, loss_agg="token-mean", num_tokens=None, max_len=None):
-    """SFT baseline: negative log-likelihood of the response tokens, aggregated (and normalised) like policy_loss."""
-    if logp.ndim != 2 or mask.shape != logp.shape:
-        raise ValueError(f"logp and mask must both be [B, T]; got {tuple(logp.shape)} and {tuple(mask.shape)}")
-    mask = mask.bool()
-    loss = aggregate(-torch.where(mask, logp, 0.0), mask, loss_agg, num_tokens, max_len)
-    return loss, {"loss": loss.detach(), "nll": masked_mean(-logp.detach(), mask)}

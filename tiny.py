@@ -6,9 +6,9 @@ Used by the tests, the tiny CPU preset of train.py, and the miniature reproducti
 `from_pretrained` and the trainer treat them exactly like Qwen3-0.6B, only smaller.
 
     python tiny.py OUT_DIR            # writes a tiny model + tokenizer that vLLM and transformers load
-    python tiny.py OUT_DIR arith      # the same with the word-level arithmetic tokenizer (mini_repro.py)
+    python tiny.py OUT_DIR arith      # the same with the word-level arithmetic tokenizer (the study)
 
-Constraints learned the hard way (../shared/VLLM_CPU.md): vLLM's CPU attention needs head_dim in
+Constraints learned the hard way (docs/cpu.md): vLLM's CPU attention needs head_dim in
 {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}; vocab_size must equal len(tokenizer).
 """
 import os

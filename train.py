@@ -1,23 +1,24 @@
-"""train.py: the RL loop for GRPO, KDRL, RLAD (TRRD) and the SFT baseline, hand-written, torchrun + FSDP2.
+"""train.py: the RL loop for GRPO, KDRL, RLAD (TRRD), on-policy distillation and the SFT baseline, hand-written,
+torchrun + FSDP2. Equations: docs/algorithm.md and rlad.py.
 
-One step (DESIGN.md "One training step, as data flows"; equations in PAPER.md and rlad.py):
-  1. each rank takes its share of `prompts_per_step` prompts (a seeded permutation per epoch: resumable)
+One step, the headings of the loop in main():
+  1. each rank takes its share of `prompts_per_step` prompts (a seeded permutation per pass over the data)
   2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt, seeded by
-     the prompt's global position in the data stream (the same samples at any world size)
-  3. rewards.score_batch scores them; 4. rlad.group_advantages, optionally dropping zero-advantage groups
-  5. the teacher scores every sampled token (kdrl, rlad, distill); the student recomputes the old log-probs
-     under no_grad (with 1 epoch x 1 mini-batch the update's own forward IS pi_old: no extra pass); the
-     engine's own log-probs are only compared with them (`logprob_mismatch`), never used
+     the prompt's global position in the data stream (the same samples at any world size); sft samples the
+     teacher (kept if correct) or takes the data's ground-truth `target` / `answer` text
+  3. rewards.score_batch scores them (math in worker processes, with a time limit per answer)
+  4. rlad.group_advantages, optionally dropping groups whose rewards are all equal (zero advantage)
+  5. the teacher scores every kept token (methods whose rlad.METHODS row says teacher_logp); the student
+     recomputes pi_old under no_grad when the policy moves within the step (ppo_epochs or mini_batches > 1:
+     otherwise the update's own forward IS pi_old), and the frozen reference when kl_coef > 0. The engine's
+     own log-probs are only compared with the trainer's (`logprob_mismatch`), never used
   6. ppo_epochs x mini-batches x micro-batches (token budget). Each micro-batch loss is divided by the GLOBAL
-     token count of its mini-batch across ranks, so gradients equal the full-batch gradient for any world
-     size; every rank runs the same number of forward/backward passes (empty micro-batches pad the short ones)
-     (student.py: the FSDP2 student, which returns per-token log-probs, never [T, V] logits, and the micro-batching)
-  7. clip the grad norm, skip (and count) a non-finite step, AdamW; 8. stream the new weights into the engine
-  9. one JSON line per step in RUN_DIR/metrics.jsonl; eval and checkpoints on schedule (checkpoint.py: HF-format
-     student + trainer_state.pt, written atomically, the last keep_last kept; --resume continues exactly)
-Methods: grpo eq (1); kdrl eq (2) (linear beta anneal, optional reward-guided mask); rlad eqs (3)-(5);
-distill (KD term alone on the student's samples); sft: k teacher samples per prompt (or the data's
-ground-truth `target` or `answer` text), keep the correct ones, cross-entropy on the response tokens.
+     token count of its mini-batch, so gradients equal the full-batch gradient for any world size; every rank
+     runs the same number of forward/backward passes (empty micro-batches pad the short ones)
+  7. clip the grad norm, skip (and count) a non-finite step, AdamW
+  8. the engine's weights are now stale: the new ones stream in (one full_tensor per parameter) at its next wake
+  9. one JSON line per step in RUN_DIR/metrics.jsonl (one collective for all metrics); eval and checkpoints on
+     schedule (checkpoint.py: HF-format student + trainer state, atomic, the last keep_last kept)
 
     python train.py --config configs/tiny_cpu.toml          # one CPU process, tiny models, about a minute
     python train.py                                          # the paper's K&K RLAD: Qwen3-0.6B <- Qwen3-8B
@@ -27,11 +28,12 @@ ground-truth `target` or `answer` text), keep the correct ones, cross-entropy on
 
 Plain `python train.py` is a process group of one (gloo, or nccl on a GPU; in memory, no port), so FSDP2 and
 the collectives run the same code at every world size. Flags: any Config field as `--key value`, after the
-preset given by `--config`; an unknown key is an error.
-Left out, on purpose: tensor/pipeline parallel students, a remote or multi-GPU rollout engine, sequence packing
-in the trainer (rows are sorted and right-padded; `pad_frac` reports the waste), meta-device init (every rank
-loads the student on CPU before FSDP shards it), and asynchronous (off-policy) rollouts.
+preset given by `--config`; an unknown key is an error. A new method is a function and a row in rlad.METHODS;
+this file reads only the row. Left out, on purpose: tensor/pipeline parallel students, a remote or multi-GPU
+rollout engine, sequence packing (rows are sorted and right-padded; `pad_frac` reports the waste), and
+asynchronous (off-policy) rollouts.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,12 +44,14 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 import checkpoint
-import student
+import policy
+import rlad
 
 
 @dataclass
@@ -62,21 +66,21 @@ class Config:
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill / sft(teacher); must share the tokenizer
     # task and data
     task: str = "kk"                        # kk | math | arith (what data.py and rewards.py know)
-    train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the K&K generator
-    eval_data: str = ""                     # idem; "" = held-out generated K&K puzzles (PPL2..PPL8)
+    train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the task's generator
+    eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
     kk_people: str = "3,4,5,6,7"            # generated K&K training puzzles: people per puzzle
     arith_levels: str = "2,3,4,5,6,7,8"     # generated arithmetic problems (task arith): operands per problem
-    train_per_level: int = 2000             # generated training puzzles per level
-    max_prompt_tokens: int = 1024           # longer prompts are dropped from the training set
-    # algorithm
-    method: str = "rlad"                    # grpo | kdrl | rlad | distill | sft
+    train_per_level: int = 2000             # generated training problems per level
+    max_prompt_tokens: int = 1024           # longer prompts are dropped from the training and eval sets
+    # algorithm (docs/algorithm.md)
+    method: str = "rlad"                    # a key of rlad.METHODS: grpo | kdrl | rlad | distill | sft
     group_size: int = 8                     # G responses per prompt
     prompts_per_step: int = 256             # global prompts per step (all ranks), divisible by world size
     mini_batches: int = 8                   # optimizer steps per epoch (paper 256/32 read as verl's mini-batch 32)
     ppo_epochs: int = 1                     # passes over each rollout batch
     micro_batch_tokens: int = 16384         # most tokens (padding included) in one forward/backward
     max_tokens: int = 2048                  # response budget
-    temperature: float = 1.0                # rollout temperature (the trainer's log-probs use the same one)
+    temperature: float = 1.0                # rollout temperature (the trainer's and teacher's log-probs use it too)
     top_p: float = 1.0                      # rollout nucleus sampling (1 = off)
     adv_scale: bool = True                  # divide advantages by the group std (False: Dr. GRPO)
     filter_groups: bool = False             # drop groups whose rewards are all equal (DAPO dynamic sampling)
@@ -88,28 +92,27 @@ class Config:
     kd_coef: float = 5e-3                   # KDRL beta at step 0, eq (2); distill uses the KD term unscaled
     kd_coef_end: float = 1e-3               # KDRL beta floor of the linear anneal
     kd_anneal: float = 5e-5                 # beta decrease per step (0 = constant beta)
-    kd_kl: str = "k2"                       # KD estimator k1 | k2 | k3
+    kd_kl: str = "k2"                       # KD estimator k1 | k2 | k3 (KDRL found k2 best)
     kd_clamp: float = 0.0                   # optional clamp of KDRL's log-ratio to [-c, c] (0 = none)
     kd_wrong_only: bool = False             # KDRL reward-guided masking: KD only on wrong responses
     kl_coef: float = 0.0                    # KL(pi_S || pi_ref) weight, k3; > 0 loads a frozen reference student
     ent_coef: float = 0.0                   # entropy bonus coefficient (start value under adaptive control)
     ent_target: float = 0.0                 # > 0: Skywork-OR1 adaptive control steers entropy to this target
     ent_delta: float = 5e-3                 # adaptive control: coefficient change per step
-    ent_coef_max: float = 5e-2              # adaptive control: coefficient ceiling
+    ent_coef_max: float = 5e-2              # adaptive control: coefficient ceiling (Skywork-OR1 bounds it too)
     sft_source: str = "teacher"             # sft: "teacher" samples (kept if correct), or "data": each example's
                                             # "target" text (the whole answer turn), else its reference "answer"
     # optimisation
     lr: float = 1e-6                        # AdamW peak learning rate (paper: 1e-6)
     lr_schedule: str = "constant"           # constant | cosine (to min_lr_ratio * lr at max_steps)
     warmup_steps: int = 10                  # linear warm-up from 0
-    min_lr_ratio: float = 0.1               # cosine floor, as a fraction of lr
+    min_lr_ratio: float = 0.1               # cosine floor, as a fraction of lr (kept: a floor of 0 wastes the tail)
     weight_decay: float = 0.01              # AdamW decoupled weight decay
     max_grad_norm: float = 1.0              # clip the global grad norm (a non-finite norm skips the step)
     grad_checkpointing: bool = False        # recompute decoder layers in backward (long responses)
     logit_chunk: int = 1024                 # LM-head rows at once: no [T, V] logits tensor ever exists
     # rollout engine
     engine: str = "vllm"                    # vllm | hf (transformers generate: slow, no vLLM needed)
-    engine_dtype: str = ""                  # "" = bfloat16 on GPU, float32 on CPU
     gpu_memory_utilization: float = 0.5     # vLLM's share of the GPU (it sleeps during training)
     max_num_seqs: int = 256                 # vLLM's concurrent sequences (its batch)
     kv_cache_memory_mb: int = 0             # vLLM KV cache size (needed on CPU); 0 = vLLM's default
@@ -117,7 +120,7 @@ class Config:
     # teacher pass
     teacher_token_budget: int = 16384       # most tokens in one teacher forward
     teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
-    teacher_offload: bool = False           # keep the teacher in CPU memory between passes
+    teacher_offload: bool = False           # keep the teacher in CPU memory between passes (small GPUs)
     # evaluation, checkpoints, logging
     eval_every: int = 50                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
@@ -157,10 +160,10 @@ def parse_config(argv) -> Config:
 
 def check_config(cfg: Config, world: int):
     """Errors that must come before any model is loaded."""
-    methods = ("grpo", "kdrl", "rlad", "distill", "sft")
-    if cfg.method not in methods:
-        raise SystemExit(f"method {cfg.method!r} unknown: use one of {methods}")
-    if cfg.group_size < 2 and cfg.method != "sft":
+    if cfg.method not in rlad.METHODS:
+        raise SystemExit(f"method {cfg.method!r} unknown: use one of {tuple(rlad.METHODS)}")
+    spec = rlad.METHODS[cfg.method]
+    if cfg.group_size < 2 and spec["advantages"]:
         raise SystemExit(f"group_size={cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}")
@@ -170,14 +173,19 @@ def check_config(cfg: Config, world: int):
                          ("sft_source", ("teacher", "data"))):
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
-    needs_teacher = cfg.method in ("kdrl", "rlad", "distill") or (cfg.method == "sft" and cfg.sft_source == "teacher")
-    if needs_teacher and not cfg.teacher:
+    if needs_teacher(cfg) and not cfg.teacher:
         raise SystemExit(f"method {cfg.method!r} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
-    for name in ("model", "teacher") if needs_teacher else ("model",):
+    for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
         path = getattr(cfg, name)
         local = path.startswith(("/", ".", "~")) or path.count("/") > 1
         if not path.startswith("tiny") and local and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
+
+
+def needs_teacher(cfg: Config) -> bool:
+    """The teacher scores tokens (the method's row says so) or generates the SFT baseline's samples."""
+    spec = rlad.METHODS[cfg.method]
+    return spec["teacher_logp"] or (spec["samples"] == "teacher" and cfg.sft_source == "teacher")
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -207,6 +215,45 @@ def setup_distributed():
     return rank, world, device
 
 
+class Metrics:
+    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks at the end
+    of the step by ONE collective: weighted means sum(value * weight) / sum(count or weight), and maxima.
+    Every rank must record the same names (it does: each rank runs the same code on its own rows)."""
+
+    def __init__(self):
+        self.sums, self.maxes = {}, {}
+
+    def mean(self, name: str, value, weight=1.0, count=None):
+        s, w = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + value * weight, w + (weight if count is None else count))
+
+    def max(self, name: str, value):
+        old = self.maxes.get(name)
+        self.maxes[name] = value if old is None else torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
+
+    def reduce(self, device) -> dict:
+        names, mnames = sorted(self.sums), sorted(self.maxes)
+        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+                             for n in names for x in self.sums[n]] +
+                            [torch.as_tensor(self.maxes[n], dtype=torch.float64, device=device).reshape(())
+                             for n in mnames] + [torch.zeros((), dtype=torch.float64, device=device)])  # [K]
+        every = local.new_empty(dist.get_world_size() * local.numel())  # [world * K]
+        dist.all_gather_into_tensor(every, local)
+        every = every.view(dist.get_world_size(), -1)  # [world, K]
+        sums, maxes = every[:, :2 * len(names)].sum(0).tolist(), every[:, 2 * len(names):-1].amax(0).tolist()
+        out = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, n in enumerate(names)}
+        out.update(zip(mnames, maxes))
+        return out
+
+
+@contextlib.contextmanager
+def timed(times: dict, key: str):
+    """Add the block's wall seconds to times[key] (the slowest rank's value is logged)."""
+    t = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t
+
+
 # ----------------------------------------------------------------------------- models
 TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
                                                           num_kv_heads=2, intermediate_size=256, seed_offset=1)}
@@ -229,8 +276,8 @@ def make_engine(path: str, cfg: Config, device, rank: int):
     import rollout
     if cfg.engine == "hf":
         return rollout.HFEngine(path, device=device)
-    dtype = cfg.engine_dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    return rollout.VLLMEngine(path, dtype=dtype, max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
+    return rollout.VLLMEngine(path, dtype="bfloat16" if device.type == "cuda" else "float32",
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
                               gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed + rank,
                               enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
                               kv_cache_memory_bytes=cfg.kv_cache_memory_mb * 2**20 or None)
@@ -259,6 +306,18 @@ def load_examples(cfg: Config, split: str) -> list:
     return generate(**levels, per_level=per_level, seed=cfg.seed, split=split)
 
 
+def fitting_prompts(examples: list, tokenizer, cfg: Config, what: str):
+    """(examples, [(prompt_ids, prefill)]) without the prompts over max_prompt_tokens (dropped and counted now,
+    not at the first generate hours into a run: the engine's max_model_len is max_prompt_tokens + max_tokens)."""
+    import data
+    prompts = [data.build_prompt(ex, tokenizer) for ex in examples]  # (prompt_ids, prefill)
+    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= cfg.max_prompt_tokens]
+    if len(keep) < len(prompts):
+        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} {what} prompts over {cfg.max_prompt_tokens} "
+               "tokens (raise --max_prompt_tokens to keep them)")
+    return [examples[i] for i in keep], [prompts[i] for i in keep]
+
+
 def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
     """Seed of a rank's first prompt, at GLOBAL `position` in a sampling stream (0: rollouts, 1: eval), n samples each.
 
@@ -281,60 +340,140 @@ def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: 
     return out
 
 
-# ----------------------------------------------------------------------------- collectives and metrics
-def agree(counts: list, op) -> list:
-    """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
-    t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
-    return [int(x) for x in t.tolist()]
+# ----------------------------------------------------------------------------- setup: data, models, state
+def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -> SimpleNamespace:
+    """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
+    import rewards
+    from transformers import AutoTokenizer
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
+                          score_fn=score_fn or rewards.score_batch, stale=False)
+    # --- data and tokenizers
+    train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
+    eval_examples = (load_examples(cfg, "eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
+    run.student_path = resolve_model(cfg.model, cfg)
+    run.teacher_path = resolve_model(cfg.teacher, cfg) if needs_teacher(cfg) else None
+    run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
+    if run.teacher_path:
+        import teacher as teacher_lib
+        teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
+                                     cfg.teacher)
+    run.train_examples, run.prompts = fitting_prompts(train_examples, run.tokenizer, cfg, "training")
+    run.eval_examples = fitting_prompts(eval_examples, run.tokenizer, cfg, "eval")[0]
+    if not run.train_examples:
+        raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
+                         f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
+    load_models(run)
+    # --- metrics file, logger, signals
+    run.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if is_main():
+        path, keep = run.metrics_path, run.start if run.resumed else -1
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        with open(path, "w") as f:  # a fresh run starts a fresh file; a resume drops steps past the checkpoint
+            f.writelines(ln + "\n" for ln in lines if json.loads(ln)["step"] <= keep)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+    run.wandb = None
+    if cfg.wandb_project and is_main():  # imported only when asked for
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
+        run.wandb = wandb
+    signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
+    n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
+    print0(f"{cfg.method}: student {cfg.model} (~{n_params / 1e6:.1f}M params), teacher {run.teacher_path}, world "
+           f"{world}, {len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps "
+           f"{run.start}..{cfg.max_steps}")
+    return run
 
 
-def add(acc: dict, name: str, value, weight=1.0, count=None):
-    """Accumulate sum(value * weight) / sum(count or weight) as device tensors: no host sync until the step's reduce."""
-    s, w = acc.get(name, (0.0, 0.0))
-    acc[name] = (s + value * weight, w + (weight if count is None else count))
+def load_models(run):
+    """The engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher, optimizer."""
+    cfg, device, world = run.cfg, run.device, run.world
+    ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    start_from = ckpt or run.student_path
+    run.engine = make_engine(start_from, cfg, device, run.rank) \
+        if run.spec["samples"] == "student" or cfg.eval_every else None
+    if run.engine is not None:
+        run.engine.sleep()
+    run.student = policy.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing)
+    run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature,
+                          trainable=False) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
+    run.teacher, run.teacher_engine = None, None
+    if run.spec["teacher_logp"]:
+        import teacher as teacher_lib
+        run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
+                                          token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
+                                          chunk_size=cfg.logit_chunk, temperature=cfg.temperature)
+    if run.spec["samples"] == "teacher" and cfg.sft_source == "teacher":  # the SFT baseline samples its teacher
+        import rollout
+        run.teacher_engine = rollout.HFEngine(run.teacher_path, device=device)
+    run.opt = torch.optim.AdamW(run.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.start, run.skipped, run.ent_coef, run.resumed = 0, 0, cfg.ent_coef, ckpt is not None
+    if ckpt:
+        state = checkpoint.load_trainer_state(ckpt, run.student, run.opt)
+        run.start, run.skipped, run.ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
+        print0(f"resumed from {ckpt} at step {run.start}")
 
 
-def reduce_metrics(acc: dict, maxes: dict, device) -> dict:
-    """One all_reduce(SUM) for the weighted means, one all_reduce(MAX) for maxima, then one .tolist()."""
-    names, mnames = sorted(acc), sorted(maxes)
-    flat = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
-                        for n in names for x in acc[n]] or [torch.zeros((), dtype=torch.float64, device=device)])
-    mx = torch.stack([torch.as_tensor(maxes[n], dtype=torch.float64, device=device).reshape(()) for n in mnames]
-                     or [torch.zeros((), dtype=torch.float64, device=device)])
-    dist.all_reduce(flat)
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-    flat, mx = flat.tolist(), mx.tolist()
-    out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(names)}
-    out.update(zip(mnames, mx))
-    return out
+# ----------------------------------------------------------------------------- the step's pieces
+def refresh_engine(run, times):
+    """Wake the engine and, if the trainer moved on, stream its weights in (one full_tensor per parameter)."""
+    with timed(times, "sync"):
+        if run.stale:  # asleep: the engine restores only its weights' memory for this, the KV cache comes with wake()
+            run.engine.load_weights(policy.full_params(run.student))
+            run.stale = False
+        run.engine.wake()
 
 
-# ----------------------------------------------------------------------------- the two passes of the student
-def score_rows(policy: student.Policy, rows: list, key: str, cfg: Config, device):
-    """rows[i][key] = log-probs of each response token under `policy` (no_grad): the old policy or the reference."""
-    mbs = student.pack(rows, cfg.micro_batch_tokens)
-    n_micro = agree([len(mbs)], dist.ReduceOp.MAX)[0]  # same number of FSDP forwards on every rank
-    with torch.no_grad():
-        for j in range(n_micro):
-            mb = mbs[j] if j < len(mbs) else []
-            b = student.collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
-            lp, _ = policy(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
-            for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
-                r[key] = x
+def rollout(run, step: int, times: dict):
+    """Steps 1-2: this rank's prompts at `step` and their samples, as rows (the schema below). -> rows, exs, prefills"""
+    cfg, tok = run.cfg, run.tokenizer
+    idx = prompts_for_step(len(run.train_examples), step, cfg, run.rank, run.world)
+    exs = [run.train_examples[i] for i in idx]
+    pids, prefills = [run.prompts[i][0] for i in idx], [run.prompts[i][1] for i in idx]  # (prompt_ids, prefill)
+    idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
+    seed = sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size)  # exact resume, any world size
+    sample = dict(n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                  seed=seed)
+    if run.spec["samples"] == "student":
+        refresh_engine(run, times)
+    with timed(times, "rollout"):
+        if run.spec["samples"] == "student":
+            outs = run.engine.generate(pids, **sample)
+            run.engine.sleep()
+        elif cfg.sft_source == "teacher":
+            outs = run.teacher_engine.generate(pids, **sample)
+        else:  # the data's own answer turn, one "sample" per prompt
+            outs = [[{"response_ids": tok((ex.get("target") or ex["answer"]).removeprefix(pf),
+                                          add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                      "finish_reason": "stop"}] for ex, pf in zip(exs, prefills)]
+    # A row is one sampled response; it carries everything the step learns about it:
+    #   prompt, response  token ids (the response ends with EOS when the sample stopped)
+    #   group             index of its prompt in this rank's share (a group's G samples are adjacent)
+    #   uid               global response id within the step, the same at any world size (deals mini-batches)
+    #   truncated         hit max_tokens;  engine: the engine's log-probs [R] (diagnostic; student samples only)
+    #   correct (3.), adv (4.), teacher / old / ref (5.): log-probs [R] under the teacher, pi_old, pi_ref
+    rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
+             "uid": (idx0 + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
+             **({"engine": torch.tensor(o["logprobs"])} if run.spec["samples"] == "student" else {})}
+            for p, group in enumerate(outs) for i, o in enumerate(group)]
+    return rows, exs, prefills
 
 
-def select_rows(rows: list, reward: torch.Tensor, cfg: Config, acc: dict) -> list:
-    """Set each row's group advantage; keep what is trained on: informative groups (when filtering), non-empty
-    responses; for sft the correct samples (every target when they come from the data)."""
-    import rlad
-    if cfg.method == "sft":
+def select_rows(rows: list, reward: torch.Tensor, cfg: Config, m: Metrics) -> list:
+    """Step 4. Set each row's group advantage; keep what is trained on: informative groups (when filtering),
+    non-empty responses; for the teacher's samples (sft) the correct ones (every target when they are data)."""
+    if rlad.METHODS[cfg.method]["samples"] == "teacher":
         return [r for r in rows if r["response"] and (r["correct"] or cfg.sft_source == "data")]
     adv = rlad.group_advantages(reward, cfg.group_size, scale=cfg.adv_scale)  # [N]
     informative = rlad.group_is_informative(reward, cfg.group_size).tolist()  # [P]
     for r, a in zip(rows, adv.tolist()):
         r["adv"] = a
-    add(acc, "groups_kept", sum(informative) if cfg.filter_groups else len(informative), 1.0, len(informative))
+    m.mean("groups_kept", sum(informative) if cfg.filter_groups else len(informative), 1.0, len(informative))
     return [r for r in rows if r["response"] and (informative[r["group"]] or not cfg.filter_groups)]
 
 
@@ -347,93 +486,118 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr
 
 
-def update(policy, opt, rows, cfg, device, world, step, coefs, acc, maxes) -> int:
-    """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the number of skipped steps.
+def loss_options(cfg: Config, coefs: dict) -> dict:
+    """rlad.policy_loss's keywords from the config (kd_coef and the entropy coefficient change per step)."""
+    return dict(alpha=cfg.alpha, eps_low=cfg.eps_low, eps_high=cfg.eps_high, teacher_clamp=cfg.teacher_clamp or None,
+                kd_coef=coefs["kd"], kd_kl=cfg.kd_kl, kd_clamp=cfg.kd_clamp or None, kl_coef=cfg.kl_coef,
+                loss_agg=cfg.loss_agg, max_len=cfg.max_tokens)
+
+
+def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict, m: Metrics, first_epoch: bool):
+    """Forward + backward of one micro-batch; its loss is a share of the mini-batch loss (global `denom`)."""
+    lp, ent = policy.forward(model, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
+    mask, w = b["mask"], b["tokens"]
+    old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
+    loss, metrics = rlad.policy_loss(cfg.method, lp, old, b["adv"], mask, teacher_logp=b.get("teacher"),
+                                     ref_logp=b.get("ref"), num_tokens=denom, **loss_options(cfg, coefs),
+                                     kd_mask=b["wrong"] if cfg.kd_wrong_only else None)
+    if "engine" in b and first_epoch:  # engine vs trainer log-probs of the same weights and tokens
+        gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
+        m.mean("logprob_mismatch", gap.sum() / max(w, 1), w)
+        m.max("logprob_mismatch_max", gap.max())
+    if coefs["ent"] > 0:  # entropy bonus (Skywork-OR1 adaptive entropy control steers its coefficient)
+        loss = loss - coefs["ent"] * rlad.aggregate(ent, mask, cfg.loss_agg, denom, cfg.max_tokens)
+    (loss * world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
+    for k, v in metrics.items():  # loss terms are partial sums of the mini-batch loss; the rest are token means
+        m.mean(k, v, 1.0, 0.0) if k == "loss" or k.startswith("loss/") else m.mean(k, v, w)
+    m.mean("entropy", rlad.masked_mean(ent.detach(), mask), w)
+    m.mean("pad_frac", 1.0 - b["real"] / b["slots"], b["slots"] if b["real"] else 0)
+
+
+def update(model, opt, rows, cfg, device, world, step, coefs, m: Metrics) -> int:
+    """Steps 6-7: PPO epochs x mini-batches x micro-batches on this rank's rows; returns the skipped-step count.
 
     Every micro-batch loss is divided by its mini-batch's GLOBAL token (or sequence) count, and multiplied by the
     world size because FSDP averages gradients over ranks: the accumulated gradient is the full-batch gradient.
     """
-    import rlad
     M, skipped = cfg.mini_batches, 0
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     for epoch in range(cfg.ppo_epochs):
         # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches: mini-batch m holds
         # the same responses whatever the world size (ranks just hold different parts of it).
-        uids = max((r["uid"] for r in rows), default=0) + 1
-        uids = agree([uids], dist.ReduceOp.MAX)[0]
+        uids = policy.agree([max((r["uid"] for r in rows), default=0) + 1])[0]
         g = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
         deal = (torch.randperm(uids, generator=g) % M).tolist()
-        minis = [[r for r in rows if deal[r["uid"]] == m] for m in range(M)]
-        plans = [student.pack(mb, cfg.micro_batch_tokens) for mb in minis]
-        sums = agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis],
-                     dist.ReduceOp.SUM)  # global tokens, then global sequences, per mini-batch
-        n_micro = agree([len(p) for p in plans], dist.ReduceOp.MAX)  # empty micro-batches pad the short ranks
-        for m in range(M):
-            tokens, seqs = sums[m], sums[M + m]
+        minis = [[r for r in rows if deal[r["uid"]] == k] for k in range(M)]
+        plans = [policy.pack(mb, cfg.micro_batch_tokens) for mb in minis]
+        sums = policy.agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis],
+                            dist.ReduceOp.SUM)  # global tokens, then global sequences, per mini-batch
+        n_micro = policy.agree([len(p) for p in plans])  # empty micro-batches pad the short ranks
+        for k in range(M):
+            tokens, seqs = sums[k], sums[M + k]
             if tokens == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
                 continue
             denom = tokens if cfg.loss_agg == "token-mean" else seqs
-            for j in range(n_micro[m]):
-                b = student.collate(plans[m][j] if j < len(plans[m]) else [], device)
-                lp, ent = student.forward(policy, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
-                mask, w = b["mask"], b["tokens"]
-                if cfg.method == "sft":
-                    loss, metrics = rlad.sft_loss(lp, mask, loss_agg=cfg.loss_agg, num_tokens=denom,
-                                                  max_len=cfg.max_tokens)
-                else:
-                    old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
-                    loss, metrics = rlad.policy_loss(
-                        cfg.method, lp, old, b["adv"], mask, teacher_logp=b.get("teacher"), ref_logp=b.get("ref"),
-                        alpha=cfg.alpha, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                        teacher_clamp=cfg.teacher_clamp or None, kd_coef=coefs["kd"], kd_kl=cfg.kd_kl,
-                        kd_clamp=cfg.kd_clamp or None, kl_coef=cfg.kl_coef, loss_agg=cfg.loss_agg, num_tokens=denom,
-                        max_len=cfg.max_tokens, kd_mask=b["wrong"] if cfg.kd_wrong_only else None)
-                    if "engine" in b and epoch == 0:  # engine vs trainer log-probs of the same weights and tokens
-                        gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
-                        add(acc, "logprob_mismatch", gap.sum() / max(w, 1), w)
-                        top = maxes.get("logprob_mismatch_max")
-                        maxes["logprob_mismatch_max"] = gap.max() if top is None else torch.maximum(top, gap.max())
-                if coefs["ent"] > 0:  # entropy bonus (Skywork-OR1 adaptive entropy control steers its coefficient)
-                    loss = loss - coefs["ent"] * rlad.aggregate(ent, mask, cfg.loss_agg, denom, cfg.max_tokens)
-                (loss * world).backward()
-                for k, v in metrics.items():  # loss terms are partial sums: averaged per mini-batch, others per token
-                    add(acc, k, v, 1.0, 0.0) if k in ("loss", "pg_loss", "kd", "kl_ref") else add(acc, k, v, w)
-                add(acc, "entropy", rlad.masked_mean(ent.detach(), mask), w)
-                add(acc, "pad_frac", 1.0 - b["real"] / b["slots"], b["slots"] if b["real"] else 0)
-            for k in ("loss", "pg_loss", "kd", "kl_ref"):
-                if k in acc:
-                    add(acc, k, 0.0, 0.0, 1.0 / world)
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            for j in range(n_micro[k]):
+                b = policy.collate(plans[k][j] if j < len(plans[k]) else [], device)
+                micro_step(model, b, cfg, world, denom, coefs, m, epoch == 0)
+            for name in [n for n in m.sums if n == "loss" or n.startswith("loss/")]:
+                m.mean(name, 0.0, 0.0, 1.0 / world)  # averaged over mini-batches
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if torch.isfinite(norm):  # one host sync per optimizer step
                 opt.step()
-                add(acc, "grad_norm", norm, 1.0 / world)
+                m.mean("grad_norm", norm, 1.0 / world)
             else:
                 skipped += 1
             opt.zero_grad(set_to_none=True)
     return skipped
 
 
-# ----------------------------------------------------------------------------- periodic evaluation
-def run_eval(engine, tokenizer, examples, cfg, rank, world, device) -> dict:
+def run_eval(run, times) -> dict:
     """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level).
 
     Each rank takes a contiguous slice of one seeded shuffle of the problems (levels mixed: balanced work) and the
     seed of the slice's global offset: problem k is sampled alike at any world size, and alike at every eval.
     """
     import eval as evaluation
+    cfg, examples, m = run.cfg, run.eval_examples, Metrics()
+    refresh_engine(run, times)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer (or none)
-    mine, acc = [examples[k] for k in order[rank * per_rank:(rank + 1) * per_rank]], {}
-    seed = sample_seed(cfg, rank * per_rank, cfg.eval_n, stream=1)
-    summary = evaluation.evaluate(engine, tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens, seed=seed,
-                                  temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)["summary"] if mine else {}
-    for level in dict.fromkeys(ex["level"] for ex in examples):  # every rank adds every level: same reduce
+    per_rank = -(-len(examples) // run.world)  # ceil: the last rank may get fewer (or none)
+    mine = [examples[k] for k in order[run.rank * per_rank:(run.rank + 1) * per_rank]]
+    seed = sample_seed(cfg, run.rank * per_rank, cfg.eval_n, stream=1)
+    summary = evaluation.evaluate(run.engine, run.tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
+                                  seed=seed, temperature=cfg.eval_temperature,
+                                  top_p=cfg.eval_top_p)["summary"] if mine else {}
+    run.engine.sleep()
+    for level in dict.fromkeys(ex["level"] for ex in examples):  # every rank adds every level: same collective
         count = summary[level]["count"] if level in summary else 0
-        add(acc, f"eval/{level}", count * summary[level]["mean_at_n"] if count else 0.0, 1.0, count)
-    out = reduce_metrics(acc, {}, device)  # Mean@n per level over all ranks' problems
+        m.mean(f"eval/{level}", count * summary[level]["mean_at_n"] if count else 0.0, 1.0, count)
+    out = m.reduce(run.device)  # Mean@n per level over all ranks' problems
     out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
+    return out
+
+
+def step_metrics(run, step, rows, kept, scores, reward, m: Metrics, times: dict, kd_coef: float) -> dict:
+    """Step 9's numbers: means over all ranks' rollouts, totals over ranks (count 1 / world), the slowest phase."""
+    n_tok, world = sum(len(r["response"]) for r in rows), run.world
+    for name, total, count in (
+            ("reward", reward.sum(), len(rows)), ("accuracy", sum(r["correct"] for r in rows), len(rows)),
+            ("format_ok", sum(bool(s["format_ok"]) for s in scores), len(rows)), ("response_len", n_tok, len(rows)),
+            ("truncated", sum(r["truncated"] for r in rows), len(rows)), ("kept_rows", len(kept), 1 / world),
+            ("tokens_generated", n_tok, 1 / world),
+            ("tokens_trained", sum(len(r["response"]) for r in kept), 1 / world)):
+        m.mean(name, total, 1.0, count)
+    m.max("response_len_max", max((len(r["response"]) for r in rows), default=0))
+    m.max("stop", STOP["signal"])
+    for k, v in times.items():
+        m.max(f"time/{k}", v)  # the slowest rank sets the pace
+    out = m.reduce(run.device)
+    out.update(step=step + 1, lr=lr_at(step, run.cfg), kd_coef=kd_coef, ent_coef=run.ent_coef,
+               skipped_steps=run.skipped, tokens_per_s=out["tokens_generated"] / out["time/step"],
+               update_tokens_per_s=out["tokens_trained"] / max(out["time/update"], 1e-9))
     return out
 
 
@@ -444,210 +608,83 @@ STOP = {"signal": 0}  # set by SIGTERM: finish the step, write a checkpoint, exi
 def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     """Train. A fork with its own task passes examples (data.py's dict shape) and score_fn(examples, texts) ->
     [{"reward", "correct", "format_ok"}] (rewards.score_batch's contract); eval_examples are scored by eval.py."""
-    import data
-    import rewards
-    import rlad
-    from transformers import AutoTokenizer
     from tqdm import tqdm
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world, device = setup_distributed()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    score_fn = score_fn or rewards.score_batch
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    uses_teacher_lp = cfg.method in ("kdrl", "rlad", "distill")
-    teacher_generates = cfg.method == "sft" and cfg.sft_source == "teacher"
-
-    # --- data and tokenizers: every cheap check before a model is loaded
-    train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
-    eval_examples = (load_examples(cfg, "eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
-    student_path = resolve_model(cfg.model, cfg)
-    teacher_path = resolve_model(cfg.teacher, cfg) if uses_teacher_lp or teacher_generates else None
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
-    if teacher_path:
-        import teacher as teacher_lib
-        teacher_lib.check_tokenizers(tokenizer, AutoTokenizer.from_pretrained(teacher_path), cfg.model, cfg.teacher)
-    prompts = [data.build_prompt(ex, tokenizer) for ex in train_examples]  # (prompt_ids, prefill)
-    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= cfg.max_prompt_tokens]
-    if len(keep) < len(prompts):
-        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} prompts over {cfg.max_prompt_tokens} tokens")
-    train_examples, prompts = [train_examples[i] for i in keep], [prompts[i] for i in keep]
-    # Eval prompts must fit the engine too (max_model_len = max_prompt_tokens + max_tokens): check now, not at the
-    # first eval hours into a run. Dropped problems change the metric, so say how many.
-    fits = [len(data.build_prompt(ex, tokenizer)[0]) <= cfg.max_prompt_tokens for ex in eval_examples]
-    if not all(fits):
-        print0(f"dropped {fits.count(False)} of {len(fits)} eval prompts over {cfg.max_prompt_tokens} tokens "
-               f"(raise --max_prompt_tokens to keep them)")
-        eval_examples = [ex for ex, ok in zip(eval_examples, fits) if ok]
-    if not train_examples:
-        raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
-                         f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
-
-    # --- models: the engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher
-    ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
-    start_from = ckpt or student_path
-    engine = make_engine(start_from, cfg, device, rank) if cfg.method != "sft" or cfg.eval_every else None
-    if engine is not None:
-        engine.sleep()
-    policy = student.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing)
-    ref = student.load(student_path, device, world, cfg.logit_chunk, cfg.temperature,
-                       trainable=False) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
-    teacher = None
-    if uses_teacher_lp:
-        teacher = teacher_lib.Teacher(teacher_path, device=device, token_budget=cfg.teacher_token_budget,
-                                      shard=cfg.teacher_shard, offload=cfg.teacher_offload, chunk_size=cfg.logit_chunk)
-    if teacher_generates:  # the SFT baseline samples from the teacher (transformers: one vLLM engine per process)
-        import rollout
-        teacher_engine = rollout.HFEngine(teacher_path, device=device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, skipped, ent_coef = 0, 0, cfg.ent_coef
-    if ckpt:
-        state = checkpoint.load_trainer_state(ckpt, policy, opt)
-        start, skipped, ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
-        print0(f"resumed from {ckpt} at step {start}")
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if is_main():
-        lines = open(metrics_path).read().splitlines() if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # a fresh run starts a fresh file; a resume drops steps past the checkpoint
-            f.writelines(ln + "\n" for ln in lines if ckpt and json.loads(ln)["step"] <= start)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    n_params = sum(p.numel() for p in policy.parameters()) * (world if device.type == "cpu" else 1)
-    print0(f"{cfg.method}: student {cfg.model} (~{n_params / 1e6:.1f}M params), teacher {teacher_path}, world {world}, "
-           f"{len(train_examples)} train / {len(eval_examples)} eval prompts, steps {start}..{cfg.max_steps}")
-    wandb = None
-    if cfg.wandb_project and is_main():  # imported only when asked for
-        import wandb
-        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
-    signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
-    stale = False  # the engine starts from the trainer's weights (the same checkpoint)
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not is_main(), desc=cfg.method)
-
-    def refresh_engine(times):
-        """Wake the engine and, if the trainer moved on, stream its weights in (one full_tensor per parameter)."""
-        nonlocal stale
-        t = time.perf_counter()
-        if stale:  # asleep: the engine restores only its weights' memory for this, the KV cache comes with wake()
-            engine.load_weights(student.full_params(policy))
-            stale = False
-        engine.wake()
-        times["sync"] = times.get("sync", 0.0) + time.perf_counter() - t
-
-    for step in range(start, cfg.max_steps):
-        times, acc, maxes, t_step = {"sync": 0.0}, {}, {}, time.perf_counter()
+    run = setup(cfg, train_examples, eval_examples, score_fn)
+    bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
+    for step in range(run.start, cfg.max_steps):
+        m, times, t_step = Metrics(), {"sync": 0.0}, time.perf_counter()
         for k in ("loss", "grad_norm"):  # present (0) even in a step without an update (everything filtered)
-            add(acc, k, 0.0, 0.0)
-        idx = prompts_for_step(len(train_examples), step, cfg, rank, world)
-        exs = [train_examples[i] for i in idx]
-        pids, prefills = [prompts[i][0] for i in idx], [prompts[i][1] for i in idx]  # (prompt_ids, prefill)
-        idx0 = rank * (cfg.prompts_per_step // world)  # global position of this rank's first prompt in the step
-        seed = sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size)  # exact resume, any world size
+            m.mean(k, 0.0, 0.0)
 
-        # 1. rollouts: G samples per prompt from the student (sft: from the teacher, or the data's target)
-        t = time.perf_counter()
-        if cfg.method == "sft" and cfg.sft_source == "data":
-            outs = [[{"response_ids": tokenizer((ex.get("target") or ex["answer"]).removeprefix(pf),
-                                                add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
-                      "finish_reason": "stop"}] for ex, pf in zip(exs, prefills)]
-        elif cfg.method == "sft":
-            outs = teacher_engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens,
-                                           temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
-        else:
-            refresh_engine(times)
-            t = time.perf_counter()
-            outs = engine.generate(pids, n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, seed=seed)
-            engine.sleep()
-        rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
-                 "uid": (idx0 + p) * len(group) + i,  # global response id: mini-batches independent of world size
-                 "truncated": o["finish_reason"] == "length",
-                 **({"engine": torch.tensor(o["logprobs"])} if cfg.method != "sft" else {})}
-                for p, group in enumerate(outs) for i, o in enumerate(group)]
-        times["rollout"] = time.perf_counter() - t
+        # 1-2. this rank's prompts and their samples
+        rows, exs, prefills = rollout(run, step, times)
 
-        # 2. rewards (CPU, worker processes)
-        t = time.perf_counter()
-        texts = [prefills[r["group"]] + tokenizer.decode(r["response"], skip_special_tokens=True) for r in rows]
-        scores = score_fn([exs[r["group"]] for r in rows], texts)
-        reward = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # [N]
-        for r, s in zip(rows, scores):
-            r["correct"] = bool(s["correct"])
-        times["reward"] = time.perf_counter() - t
+        # 3. rewards (CPU, worker processes for math)
+        with timed(times, "reward"):
+            texts = [prefills[r["group"]] + run.tokenizer.decode(r["response"], skip_special_tokens=True)
+                     for r in rows]
+            scores = run.score_fn([exs[r["group"]] for r in rows], texts)
+            reward = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # [N]
+            for r, s in zip(rows, scores):
+                r["correct"] = bool(s["correct"])
 
-        # 3. group advantages, optional zero-advantage filter (sft: keep the correct samples)
-        kept = select_rows(rows, reward, cfg, acc)
+        # 4. group advantages, optional zero-advantage filter (sft: keep the correct samples)
+        kept = select_rows(rows, reward, cfg, m)
 
-        # 4. teacher log-probs of every kept token (a collective when sharded: every rank calls it)
-        t = time.perf_counter()
-        if teacher is not None:
-            for r, lp in zip(kept, teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
-                r["teacher"] = lp
-            add(acc, "teacher_pad_frac", teacher.last_stats["pad_fraction"], 1 / world)
-        times["teacher"] = time.perf_counter() - t
-
-        # 5. old-policy (and reference) log-probs, recomputed by the trainer
-        t = time.perf_counter()
-        if cfg.method not in ("sft", "distill") and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1):
-            score_rows(policy, kept, "old", cfg, device)
-        if ref is not None:
-            score_rows(ref, kept, "ref", cfg, device)
-        times["old_logp"] = time.perf_counter() - t
+        # 5. teacher log-probs of every kept token (a collective when sharded: every rank calls it), pi_old, pi_ref
+        with timed(times, "teacher"):
+            if run.teacher is not None:
+                for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
+                    r["teacher"] = lp
+                m.mean("teacher_pad_frac", run.teacher.last_stats["pad_fraction"], 1 / run.world)
+        with timed(times, "old_logp"):
+            for key, model in (("old", run.student if run.spec["old_logp"] and (cfg.ppo_epochs > 1 or
+                                                                                cfg.mini_batches > 1) else None),
+                               ("ref", run.ref)):
+                if model is not None:
+                    for r, lp in zip(kept, policy.score(model, kept, cfg.micro_batch_tokens, run.device)[0]):
+                        r[key] = lp
 
         # 6-7. PPO epochs x mini-batches x micro-batches, clip, skip non-finite, AdamW
-        t = time.perf_counter()
-        kd_coef = max(cfg.kd_coef_end, cfg.kd_coef - cfg.kd_anneal * step) if cfg.kd_anneal else cfg.kd_coef
-        skipped += update(policy, opt, kept, cfg, device, world, step, {"kd": kd_coef, "ent": ent_coef}, acc, maxes)
-        stale = True
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times["update"] = time.perf_counter() - t
+        with timed(times, "update"):
+            kd_coef = max(cfg.kd_coef_end, cfg.kd_coef - cfg.kd_anneal * step) if cfg.kd_anneal else cfg.kd_coef
+            run.skipped += update(run.student, run.opt, kept, cfg, run.device, run.world, step,
+                                  {"kd": kd_coef, "ent": run.ent_coef}, m)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
 
-        # 8-9. metrics (one reduce, one host sync), eval, checkpoint
-        n_tok = sum(len(r["response"]) for r in rows)
-        for name, total, count in (  # means over all ranks' rollouts, or totals over ranks (count 1 / world)
-                ("reward", reward.sum(), len(rows)), ("accuracy", sum(r["correct"] for r in rows), len(rows)),
-                ("format_ok", sum(bool(s["format_ok"]) for s in scores), len(rows)), ("response_len", n_tok, len(rows)),
-                ("truncated", sum(r["truncated"] for r in rows), len(rows)), ("kept_rows", len(kept), 1 / world),
-                ("tokens_generated", n_tok, 1 / world),
-                ("tokens_trained", sum(len(r["response"]) for r in kept), 1 / world)):
-            add(acc, name, total, 1.0, count)
-        maxes["response_len_max"] = max((len(r["response"]) for r in rows), default=0)
-        maxes["stop"] = STOP["signal"]
+        # 8. the engine's weights are stale now: refresh_engine streams the new ones in at its next wake
+        run.stale = True
+
+        # 9. metrics (one collective), eval, checkpoint
         times["step"] = time.perf_counter() - t_step
-        for k, v in times.items():
-            maxes[f"time/{k}"] = v  # the slowest rank sets the pace
-        m = reduce_metrics(acc, maxes, device)
-        stop = m.pop("stop") > 0
-        m.update(step=step + 1, lr=lr_at(step, cfg), kd_coef=kd_coef, ent_coef=ent_coef, skipped_steps=skipped,
-                 tokens_per_s=m["tokens_generated"] / m["time/step"],
-                 update_tokens_per_s=m["tokens_trained"] / max(m["time/update"], 1e-9))
+        out = step_metrics(run, step, rows, kept, scores, reward, m, times, kd_coef)
+        stop, last = out.pop("stop") > 0, step + 1 == cfg.max_steps
         if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
-            ent_coef = min(max(ent_coef + (cfg.ent_delta if m["entropy"] < cfg.ent_target else -cfg.ent_delta), 0.0),
-                           cfg.ent_coef_max)
-        last = step + 1 == cfg.max_steps
-        if engine is not None and eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            refresh_engine(times)
-            m.update(run_eval(engine, tokenizer, eval_examples, cfg, rank, world, device))
-            engine.sleep()
+            delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta
+            run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
+        if run.engine is not None and run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0
+                                                                                or last):
+            out.update(run_eval(run, times))
         if is_main():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if wandb is not None:
-                wandb.log(m, step=step + 1)
-            bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.3f}", s=f"{m['time/step']:.1f}")
+            with open(run.metrics_path, "a") as f:
+                f.write(json.dumps(out) + "\n")
+            if run.wandb is not None:
+                run.wandb.log(out, step=step + 1)
+            bar.set_postfix(reward=f"{out['reward']:.3f}", acc=f"{out['accuracy']:.3f}", s=f"{out['time/step']:.1f}")
         bar.update(1)
         if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            state = {"config": dataclasses.asdict(cfg), "skipped_steps": skipped, "ent_coef": ent_coef}
-            checkpoint.save_checkpoint(cfg.run_dir, step + 1, student.full_params(policy), policy, opt, tokenizer,
-                                       state, cfg.keep_last)
+            state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
+            checkpoint.save_checkpoint(cfg.run_dir, step + 1, policy.full_params(run.student), run.student, run.opt,
+                                       run.tokenizer, state, cfg.keep_last)
         if stop:
             print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
             break
     bar.close()
-    # vLLM's shutdown destroys the default process group: every collective first, the engine last (VLLM_CPU.md).
+    # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
     dist.barrier()
-    if engine is not None:
-        engine.shutdown()
+    if run.engine is not None:
+        run.engine.shutdown()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,6 +5,8 @@
     python benchmarks/bench_rlad.py --threads 1 --sizes ""   # objectives only, stable timings on a busy CPU
 
 "naive" is log_softmax(logits.float()).gather(): it builds float32 [T, V] tensors (20 GB at T = 32768, V = 151936).
+"plain per chunk" is the same per chunk under activation checkpointing: bounded memory without the hand-written
+autograd of kernels.py, whose row says what those Functions save.
 Peak memory is the extra memory above what was live before the call: torch's allocator statistics on CUDA; on CPU the
 process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs), with glibc told to return every freed block of
 1 MiB or more to the OS at once (MALLOC_MMAP_THRESHOLD_, the script re-executes itself with it), so that RSS follows
@@ -70,6 +72,7 @@ def bench_logprobs(T, V, chunk, device, max_bytes):
     logits.requires_grad_(chunked <= max_bytes)
     targets = torch.randint(0, V, (T,), generator=g, device=device)  # [T]
     impls = {"chunked": (chunked, lambda: rlad.token_logprobs(logits, targets, chunk)),
+             "plain per chunk": (chunked + temps, lambda: plain_per_chunk(logits, targets, chunk)),
              "entropy": (chunked, lambda: rlad.entropy(logits, chunk)),
              "naive": (naive, lambda: torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]))}
     for name, (need, fn) in impls.items():
@@ -90,6 +93,17 @@ def bench_logprobs(T, V, chunk, device, max_bytes):
         del y
         logits.grad = None
     del logits
+
+
+def plain_per_chunk(logits, targets, chunk):
+    """The alternative to kernels.py: log_softmax(float32) of one chunk at a time, recomputed in backward by
+    activation checkpointing (what policy.py's chunked LM head would do without the custom autograd Functions)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(z, t):
+        return torch.log_softmax(z.float(), -1).gather(-1, t[:, None]).squeeze(-1)  # [c]
+    return torch.cat([checkpoint(one, logits[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+                      for s in range(0, logits.shape[0], chunk)])
 
 
 def bench_objectives(B, T, device, reps):

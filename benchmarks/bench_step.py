@@ -1,4 +1,4 @@
-"""Seconds per phase of a train.py step, GRPO vs RLAD, and what the teacher pass costs (issue 6 benchmark).
+"""Seconds per phase of a train.py step, GRPO vs RLAD, and what the teacher pass costs.
 
 Runs the real `train.py` (vLLM CPU engine, FSDP2, K&K prompts and rewards) for a few steps per method and reads
 the per-phase times back from metrics.jsonl (the first step, which warms up, is dropped). Two model sizes:

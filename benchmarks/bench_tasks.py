@@ -1,12 +1,13 @@
 """Benchmark and public-data check of data.py and rewards.py (a script, not a test).
 
-When ../shared/data exists (next to the repository): the solver must reproduce every recorded solution of the
+With --data DIR (a folder holding kk/people{N}_test.jsonl and math/*.jsonl, the public K&K and AIME/AMC
+files): the solver must reproduce every recorded solution of the
 public K&K files, and every recorded answer (solution_text_format) wrapped in <think>...</think><answer>...
 </answer> must score 3; the math files must load and score their own reference answers as correct. Always:
 time to generate 10,000 eight-person puzzles on one core, and scoring throughput (responses per second) for
 K&K and arithmetic (in-process) and math (math-verify worker pool, after start-up).
 
-    python benchmarks/bench_tasks.py [--data ../shared/data] [--workers N]
+    python benchmarks/bench_tasks.py [--data DIR] [--workers N]
 
 Exits non-zero when a public check fails.
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import rewards  # noqa: E402
+import verifier  # noqa: E402
 
 
 def check_public_kk(data_dir):
@@ -108,7 +110,7 @@ def bench_math_scoring(data_dir, count=2_000):
                 f"\\dfrac{{2\\cdot({gold})}}{{2}}" if kind < 0.7 else f"{gold}+1")
         examples.append({"task": "math", "answer": gold})
         responses.append("Let us compute. " * 100 + f"So the final answer is $\\boxed{{{pred}}}$.")
-    pool = rewards.start_pool()
+    pool = verifier.start_pool()
     start = time.perf_counter()
     rewards.score_batch(examples[:1], responses[:1])
     startup = time.perf_counter() - start
@@ -127,12 +129,12 @@ def bench_math_scoring(data_dir, count=2_000):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
+    parser.add_argument("--data", default=None, help="folder with kk/ and math/ public files (optional)")
     parser.add_argument("--workers", type=int, default=None, help="math-verify worker processes")
     args = parser.parse_args()
     if args.workers:
-        rewards.MATH_WORKERS = args.workers
-    data_dir = args.data if os.path.isdir(args.data) else None
+        verifier.MATH_WORKERS = args.workers
+    data_dir = args.data if args.data and os.path.isdir(args.data) else None
     failures = 0
     if data_dir:
         print(f"public K&K files ({os.path.abspath(data_dir)}):")
@@ -147,7 +149,7 @@ def main():
     bench_kk_scoring()
     bench_arith_scoring()
     bench_math_scoring(data_dir)
-    rewards.close_pool()
+    verifier.close_pool()
     print("FAILURES:", failures)
     sys.exit(1 if failures else 0)
 

@@ -2,7 +2,7 @@
 import os
 import sys
 
-# Before anything imports vllm or torch: no inductor compile, engine in this process (../shared/VLLM_CPU.md).
+# Before anything imports vllm or torch: no inductor compile, engine in this process (docs/cpu.md).
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,14 +34,18 @@ def main():
     import teacher
     t = teacher.Teacher(model_dir, device="cpu", token_budget=64, shard=True)
     # Sharded for real: each rank holds only part of every decoder layer's weights between calls.
-    local = sum(p.to_local().numel() for p in t.scorer.parameters())
-    full = sum(p.numel() for p in t.scorer.parameters())
-    results, stats = [], []
+    from torch.distributed.tensor import DTensor
+    local = sum(p.to_local().numel() for p in t.model.parameters())
+    full = sum(p.numel() for p in t.model.parameters())
+    results, stats, sharded_after = [], [], []
     for call in range(2):
-        t.pack = call == 1  # call 0: padded rows, call 1: one packed row per micro-batch
         results.append(t.logprobs(rank_sequences(rank, call)))
         stats.append(t.last_stats)
-    torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats},
+        # After the pass every parameter, the root's (embeddings, norm, LM head) included, is a shard again: the
+        # gathered full weights are freed, not left resident until the next call.
+        sharded_after.append(all(isinstance(p, DTensor) for p in t.model.lm.parameters()))
+    torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats,
+                "sharded_after": sharded_after},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # leave together, as train.py does (see tests/train_helper.py)
     dist.destroy_process_group()

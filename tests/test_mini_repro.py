@@ -1,4 +1,5 @@
-"""The miniature reproduction end to end, shrunk to a few steps (mini_repro.py --quick): real train.py
+"""The miniature reproduction end to end, shrunk to a few steps (experiments/mini_repro/mini_repro.py --quick,
+run from the repository root the way its README says): real train.py
 subprocesses (SFT from ground truth, grpo / kdrl / rlad / rlad_self / distill with vLLM CPU rollouts), real
 eval through train.py's eval.evaluate, the results files, the curves; then a rerun that must skip every run.
 The student's SFT and the RL runs take their lengths from --student_steps and --rl_steps.
@@ -11,6 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_DIR = os.path.join(ROOT, "experiments", "mini_repro")  # mini_repro.py and its configs/
+SCRIPT = os.path.join("experiments", "mini_repro", "mini_repro.py")  # relative to ROOT, as a user types it
 METHODS = ["grpo", "kdrl", "rlad", "rlad_self", "distill"]
 
 
@@ -34,6 +37,8 @@ def test_arith_tokenizer_round_trip_and_reward():
 
 
 def test_aggregate_paired_differences():
+    if STUDY_DIR not in sys.path:
+        sys.path.insert(0, STUDY_DIR)
     import mini_repro
     acc = lambda a, b: {"L2": a, "L3": b, "average": (a + b) / 2}  # noqa: E731
     per_run = {("grpo", 1): acc(0.5, 0.1), ("grpo", 2): acc(0.6, 0.2),
@@ -52,8 +57,7 @@ def test_aggregate_paired_differences():
 def quick_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mini"))
     # --student_steps 3 / --rl_steps 3: 3 steps instead of the quick preset's 2 (the flags' path)
-    cmd = [sys.executable, os.path.join(ROOT, "mini_repro.py"), "--out", out, "--quick", "--student_steps", "3",
-           "--rl_steps", "3"]
+    cmd = [sys.executable, SCRIPT, "--out", out, "--quick", "--student_steps", "3", "--rl_steps", "3"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return out, cmd

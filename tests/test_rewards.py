@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import rewards
+import verifier
 
 NAMES = ["Jack", "Jackson", "Zoë", "Mia"]  # a prefix pair and a non-ASCII name on purpose
 SOLUTION = [True, False, False, True]
@@ -18,9 +19,9 @@ VALUES = {3.0, -0.5, -1.0, -3.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def pool():
-    pool = rewards.start_pool(2)
+    pool = verifier.start_pool(2)
     yield pool
-    rewards.close_pool()
+    verifier.close_pool()
 
 
 def turn(answer, think="Let me check each statement."):
@@ -228,7 +229,7 @@ def test_pathological_answers_come_back_in_time(answer):
 
 
 def test_hard_limit_kills_and_replaces_a_stuck_worker():
-    pool = rewards.start_pool()
+    pool = verifier.start_pool()
     assert rewards.math_reward("\\boxed{1}", "1.0") == 1.0  # a live worker first
     killed = pool.killed
     before = [w.proc.pid for w in pool.workers]
@@ -267,7 +268,7 @@ def test_score_batch_keeps_order_with_mixed_tasks_and_slow_answers():
 
 
 def test_a_worker_that_died_while_idle_is_replaced():
-    pool = rewards.start_pool()
+    pool = verifier.start_pool()
     assert rewards.math_reward("\\boxed{1}", "1.0") == 1.0
     dead = pool.workers[0].proc
     dead.kill()  # as if the OOM killer took it between two training steps
@@ -279,18 +280,18 @@ def test_a_worker_that_died_while_idle_is_replaced():
 
 
 def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(rewards.sys, "executable", "/bin/false")  # an interpreter that exits at once
-    broken = rewards.VerifierPool(1)
+    monkeypatch.setattr(verifier.sys, "executable", "/bin/false")  # an interpreter that exits at once
+    broken = verifier.VerifierPool(1)
     with pytest.raises(RuntimeError, match="died while starting"):
         broken.verify([("1", "2")])
     assert broken.workers == []  # closed: nothing left running
 
 
 def test_close_pool_and_restart():
-    rewards.close_pool()
-    assert rewards._POOL is None
+    verifier.close_pool()
+    assert verifier._POOL is None
     assert rewards.math_reward("\\boxed{2}", "1+1") == 1.0  # a new pool starts on demand
-    assert rewards._POOL is not None
+    assert verifier._POOL is not None
 
 
 @settings(max_examples=60, deadline=None)

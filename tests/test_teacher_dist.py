@@ -45,3 +45,4 @@ def test_sharded_teacher_matches_unsharded(tiny_model_dir, tmp_path):
         assert steps[0] == steps[1]
         assert stats[0][call]["micro_batches"] != stats[1][call]["micro_batches"]
     assert stats[1][1]["sequences"] == 0 and stats[1][1]["dummy_batches"] > 0
+    assert all(torch.load(tmp_path / f"rank{rank}.pt")["sharded_after"] == [True, True] for rank in range(2))

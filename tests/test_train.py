@@ -117,7 +117,7 @@ def test_learns_toy_task(toy, method):
 def test_options_run(toy):
     _, metrics = toy["kdrl-options"]
     check_metrics(metrics, 4)
-    assert all(m["kl_ref"] > 0 and m["kd"] > 0 and 0 < m["groups_kept"] <= 1 for m in metrics)
+    assert all(m["loss/kl_ref"] > 0 and m["loss/kd"] > 0 and 0 < m["groups_kept"] <= 1 for m in metrics)
     assert [m["ent_coef"] for m in metrics] == pytest.approx([0.001, 0.006, 0.011, 0.016])  # entropy < target: up
     assert metrics[0]["lr"] == 1e-2 and metrics[-1]["lr"] < metrics[1]["lr"]  # cosine decay after warm-up
     assert metrics[-1]["logprob_mismatch_max"] < 1e-4  # old log-probs recomputed; HFEngine synced
@@ -126,7 +126,7 @@ def test_options_run(toy):
 def test_distill_runs(toy):
     _, metrics = toy["distill"]
     check_metrics(metrics, 2)
-    assert all(m["kd"] > 0 for m in metrics) and "pg_loss" not in metrics[0]
+    assert all(m["loss/kd"] > 0 for m in metrics) and "loss/pg" not in metrics[0]
 
 
 def test_sft_from_teacher_samples(toy):
@@ -140,7 +140,7 @@ def test_sft_from_teacher_samples(toy):
 def test_sft_from_data_targets_fits_them(toy):
     _, metrics = toy["sft-data"]
     check_metrics(metrics, 8, STEP_KEYS - {"logprob_mismatch"})
-    assert metrics[-1]["nll"] < 0.5 * metrics[0]["nll"], [m["nll"] for m in metrics]
+    assert metrics[-1]["loss/nll"] < 0.5 * metrics[0]["loss/nll"], [m["loss/nll"] for m in metrics]
 
 
 def test_kdrl_kk_run_and_resume_are_exact(kk):
@@ -149,7 +149,7 @@ def test_kdrl_kk_run_and_resume_are_exact(kk):
     check_metrics(a, 4)
     check_metrics(b, 4)
     assert 2 <= stopped_at < 4
-    assert all(m["kd"] > 0 and 0 <= m["teacher_pad_frac"] < 1 for m in a)
+    assert all(m["loss/kd"] > 0 and 0 <= m["teacher_pad_frac"] < 1 for m in a)
     assert "eval_accuracy" in a[1] and "eval/PPL8" in a[3]
     # Wall-clock fields differ; so do the last bits of the *engine's* log-probs (a restarted vLLM engine, fresh
     # prefix cache): logprob_mismatch is a diagnostic and only has to stay tiny. Everything else is exact.
@@ -224,16 +224,17 @@ def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
 
 
 def test_non_finite_gradient_skips_the_step(tiny_model_dir):
-    import student
+    import policy
     import train
     _, _, device = train.setup_distributed()
     cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=64, lr=1e-2, warmup_steps=0)
-    policy = student.load(tiny_model_dir, device, 1)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    before = {n: t.clone() for n, t in student.full_params(policy)}
+    student = policy.load(tiny_model_dir, device, 1)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    before = {n: t.clone() for n, t in policy.full_params(student)}
     rows = [{"prompt": [5, 6, 7], "response": [8, 9], "uid": i, "adv": adv} for i, adv in enumerate([1.0, float("nan")])]
-    assert train.update(policy, opt, rows, cfg, device, 1, 0, {"kd": 0.0, "ent": 0.0}, {}, {}) == 1
-    assert all(torch.equal(t, before[n]) for n, t in student.full_params(policy))  # no optimizer step taken
+    coefs = {"kd": 0.0, "ent": 0.0}
+    assert train.update(student, opt, rows, cfg, device, 1, 0, coefs, train.Metrics()) == 1
+    assert all(torch.equal(t, before[n]) for n, t in policy.full_params(student))  # no optimizer step taken
     rows[1]["adv"] = -1.0
-    assert train.update(policy, opt, rows, cfg, device, 1, 1, {"kd": 0.0, "ent": 0.0}, {}, {}) == 0
-    assert any(not torch.equal(t, before[n]) for n, t in student.full_params(policy))
+    assert train.update(student, opt, rows, cfg, device, 1, 1, coefs, train.Metrics()) == 0
+    assert any(not torch.equal(t, before[n]) for n, t in policy.full_params(student))

@@ -10,7 +10,7 @@ rollouts, teacher, FSDP2 update, weight sync, checkpoints. Each example also car
 for sft_source="data".
 
 update: a fixed batch of 4 prompts x 4 responses (rewards chosen so that group 3 is all-equal and filtered),
-split 2 + 2 groups over 2 ranks or all on one, goes through train.select_rows, train.score_rows and
+split 2 + 2 groups over 2 ranks or all on one, goes through train.select_rows, policy.score and
 train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients.
 """
 import os
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import student  # noqa: E402
+import policy  # noqa: E402
 import train  # noqa: E402
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
@@ -60,13 +60,14 @@ def update_case(out_path, model_dir):
     per = 4 // world
     mine = slice(rank * per * 4, (rank + 1) * per * 4)
     my_rows = [dict(r, group=r["group"] - rank * per) for r in rows[mine]]
-    policy = student.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature)
-    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
-    acc, maxes = {}, {}
-    kept = train.select_rows(my_rows, rewards[mine], cfg, acc)
-    train.score_rows(policy, kept, "old", cfg, device)
-    train.update(policy, opt, kept, cfg, device, world, 0, {"kd": 0.0, "ent": 0.0}, acc, maxes)
-    weights = {name: t.clone() for name, t in student.full_params(policy)}
+    student = policy.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature)
+    opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    m = train.Metrics()
+    kept = train.select_rows(my_rows, rewards[mine], cfg, m)
+    for r, lp in zip(kept, policy.score(student, kept, cfg.micro_batch_tokens, device)[0]):
+        r["old"] = lp
+    train.update(student, opt, kept, cfg, device, world, 0, {"kd": 0.0, "ent": 0.0}, m)
+    weights = {name: t.clone() for name, t in policy.full_params(student)}
     if train.is_main():
         torch.save({"weights": weights, "kept": len(kept)}, out_path)
     print(f"rank {rank}: kept {len(kept)} rows", flush=True)

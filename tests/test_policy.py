@@ -1,4 +1,4 @@
-"""student.py: micro-batching, and the FSDP2 student's per-token log-probs against a plain float64 forward.
+"""policy.py: micro-batching, and the FSDP2 student's per-token log-probs against a plain float64 forward.
 
 Real parts: a tiny Qwen3 from tiny.py, FSDP2 over a gloo process group of one (train.setup_distributed).
 """
@@ -22,9 +22,9 @@ def random_rows(n, seed, vocab=500):
 
 @pytest.mark.parametrize("budget", [1, 16, 40, 10_000])
 def test_pack_keeps_every_row_once_within_the_budget(budget):
-    import student
+    import policy
     rows = random_rows(37, seed=budget)
-    mbs = student.pack(rows, budget)
+    mbs = policy.pack(rows, budget)
     assert sorted(r["id"] for mb in mbs for r in mb) == list(range(37))
     for mb in mbs:
         lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in mb]  # the model's input length per row
@@ -35,11 +35,11 @@ def test_pack_keeps_every_row_once_within_the_budget(budget):
 
 
 def test_collate_lays_out_rows_and_the_dummy(device):
-    import student
+    import policy
     rows = [{"prompt": [5, 6, 7], "response": [8, 9], "teacher": torch.tensor([-1.0, -2.0]), "adv": 0.5},
             {"prompt": [5], "response": [10, 11, 12, 13], "teacher": torch.tensor([-3.0, -4.0, -5.0, -6.0]),
              "adv": -1.0, "correct": False}]
-    b = student.collate(rows, device)
+    b = policy.collate(rows, device)
     assert b["ids"].tolist() == [[5, 6, 7, 8], [5, 10, 11, 12]]  # the last response token is never an input
     assert b["attn"] is None  # both rows fill the width: no mask needed
     assert b["mask"].tolist() == [[True, True, False, False], [True, True, True, True]]
@@ -48,7 +48,7 @@ def test_collate_lays_out_rows_and_the_dummy(device):
     assert b["src"].tolist() == [2, 3, 4, 5, 6, 7]  # the position that predicts each response token, [B * L] flat
     assert b["adv"].tolist() == [0.5, -1.0] and b["wrong"].tolist() == [False, True]
     assert (b["tokens"], b["real"], b["slots"]) == (6, 8, 8)
-    dummy = student.collate([], device)  # a rank with no rows: one masked token, so its collectives still run
+    dummy = policy.collate([], device)  # a rank with no rows: one masked token, so its collectives still run
     assert not dummy["mask"].any() and (dummy["tokens"], dummy["real"]) == (0, 0)
     assert set(("teacher", "old", "ref", "engine")) <= set(dummy)
 
@@ -70,13 +70,13 @@ def reference_logprobs(model_dir, rows, temperature):
 
 @pytest.mark.parametrize("chunk", [1, 5, 1024])
 def test_logprobs_and_entropy_equal_a_plain_forward(tiny_model_dir, device, chunk):
-    import student
+    import policy
     rows = random_rows(9, seed=chunk)
-    policy = student.load(tiny_model_dir, device, 1, chunk=chunk, temperature=0.7)
+    model = policy.load(tiny_model_dir, device, 1, chunk=chunk, temperature=0.7)
     want = reference_logprobs(tiny_model_dir, rows, 0.7)
-    for mb in student.pack(rows, budget=40):  # several rows per micro-batch: right padding in play
-        b = student.collate(mb, device)
-        lp, ent = student.forward(policy, b)  # [B, R], [B, R]
+    for mb in policy.pack(rows, budget=40):  # several rows per micro-batch: right padding in play
+        b = policy.collate(mb, device)
+        lp, ent = policy.forward(model, b)  # [B, R], [B, R]
         assert lp.shape == ent.shape == b["mask"].shape
         assert torch.all(lp[~b["mask"]] == 0)
         for i, r in enumerate(mb):
@@ -87,10 +87,10 @@ def test_logprobs_and_entropy_equal_a_plain_forward(tiny_model_dir, device, chun
 
 @pytest.mark.parametrize("entropy_grad", [True, False])
 def test_gradients_equal_a_plain_forward_at_any_chunk_size(tiny_model_dir, device, entropy_grad):
-    import student
+    import policy
     from transformers import AutoModelForCausalLM
     rows = random_rows(6, seed=3)
-    b = student.collate(rows, device)
+    b = policy.collate(rows, device)
     weights = torch.randn(b["mask"].shape, generator=torch.Generator().manual_seed(0))  # [B, R]
     # reference: float64, row by row, full logits; the entropy term counts only when entropy_grad is on
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
@@ -105,23 +105,23 @@ def test_gradients_equal_a_plain_forward_at_any_chunk_size(tiny_model_dir, devic
     loss.backward()
     want = {n: p.grad for n, p in lm.named_parameters()}
     for chunk in (3, 1024):  # 3 rows of the LM head at a time vs all at once
-        policy = student.load(tiny_model_dir, device, 1, chunk=chunk)
-        lp, ent = student.forward(policy, b, entropy_grad=entropy_grad)  # [B, R], [B, R]
+        model = policy.load(tiny_model_dir, device, 1, chunk=chunk)
+        lp, ent = policy.forward(model, b, entropy_grad=entropy_grad)  # [B, R], [B, R]
         ((lp * weights).sum() + ent.sum()).backward()
-        got = {n: p.grad.full_tensor() for n, p in policy.lm.named_parameters()}
+        got = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
         assert got.keys() == want.keys()
         for name in got:
             assert torch.allclose(got[name].double(), want[name], atol=1e-5, rtol=1e-4), (chunk, name)
 
 
 def test_full_params_are_the_checkpoint_weights_under_hf_names(tiny_model_dir, device):
-    import student
+    import policy
     from transformers import AutoModelForCausalLM
-    policy = student.load(tiny_model_dir, device, 1, trainable=False)
-    assert not any(p.requires_grad for p in policy.parameters())
+    model = policy.load(tiny_model_dir, device, 1, trainable=False)
+    assert not any(p.requires_grad for p in model.parameters())
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     want = dict(lm.named_parameters())
-    got = dict(student.full_params(policy))
+    got = dict(policy.full_params(model))
     assert got.keys() == want.keys() and "lm_head.weight" in got  # the names vLLM's load_weights expects
     for name, tensor in got.items():
         assert not hasattr(tensor, "full_tensor") and torch.equal(tensor, want[name]), name

@@ -1,4 +1,4 @@
-"""mini_repro.py: the miniature reproduction on CPU (issue 8): GRPO vs KDRL vs RLAD, plus two controls.
+"""mini_repro.py: the miniature reproduction on CPU: GRPO vs KDRL vs RLAD, plus two controls.
 
 The paper's claim (RLAD learns faster and ends higher than GRPO and KDRL, most on the hardest problems) at a
 size a laptop runs in under an hour, with the project's own train.py and eval.py, run as subprocesses exactly
@@ -20,17 +20,22 @@ the tokenizer tiny.make_arith_tokenizer (a BOS, one token per digit or signed op
     6. report    OUT/results.json, OUT/results.md (per level and average, mean +- std over seeds, paired
                  differences against GRPO), OUT/curves_seedS.png through `python eval.py plot`
 
-    python mini_repro.py --out runs/mini                  # the study: configs/mini_study.toml
-    python mini_repro.py --out runs/mini --seeds 5        # more seeds (1..5)
-    python mini_repro.py --out /tmp/mini --quick          # a smoke version in a few minutes (the test suite's)
-    python mini_repro.py --out runs/mini --tune           # lr / beta / alpha sweeps on the tuning seed (OUT/tune/)
-    python mini_repro.py --out runs/mini_l4 --student_steps 5000   # a stronger student (L3 solved, L4 partly)
-    python mini_repro.py --out runs/mini_long --rl_steps 1000 --methods kdrl,rlad   # 5x longer RL runs
+From the repository root (this script lives in experiments/mini_repro/, its presets in configs/ next to it):
 
-Every setting lives in configs/: mini_sft.toml and mini_rl.toml are plain train.py presets (run one stage by
-hand with `python train.py --config configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml holds the
-model sizes and the per-stage and per-method train.py overrides, the seeds, and the tuning grids. --tune sweeps
-lr / beta / alpha per method on `tune_seed`, which is never one of the reported seeds.
+    python experiments/mini_repro/mini_repro.py --out runs/mini            # the study: configs/mini_study.toml
+    python experiments/mini_repro/mini_repro.py --out runs/mini --seeds 5  # more seeds (1..5)
+    python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick    # a smoke version (the test suite's)
+    python experiments/mini_repro/mini_repro.py --out runs/mini --tune     # lr / beta / alpha sweeps (OUT/tune/)
+    # a stronger student (L3 solved, L4 partly):
+    python experiments/mini_repro/mini_repro.py --out runs/mini_l4 --student_steps 5000
+    # 5x longer RL runs:
+    python experiments/mini_repro/mini_repro.py --out runs/mini_long --rl_steps 1000 --methods kdrl,rlad
+
+Every setting lives in configs/ next to this script: mini_sft.toml and mini_rl.toml are plain train.py presets
+(run one stage by hand from the repository root with
+`python train.py --config experiments/mini_repro/configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml
+holds the model sizes and the per-stage and per-method train.py overrides, the seeds, and the tuning grids.
+--tune sweeps lr / beta / alpha per method on `tune_seed`, which is never one of the reported seeds.
 
 Resumable: a finished run (its final checkpoint exists) is skipped; an unfinished one is restarted with
 `--resume true` and continues from its newest checkpoint. Each subprocess gets one torch thread
@@ -46,22 +51,26 @@ import sys
 import time
 import tomllib
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-STUDY = os.path.join(ROOT, "configs", "mini_study.toml")
-SFT_PRESET = os.path.join(ROOT, "configs", "mini_sft.toml")
-RL_PRESET = os.path.join(ROOT, "configs", "mini_rl.toml")
+HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/mini_repro/: this script and its presets
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository root: train.py, eval.py, tiny.py
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # `import tiny` below, whatever the working directory
+STUDY = os.path.join(HERE, "configs", "mini_study.toml")
+SFT_PRESET = os.path.join(HERE, "configs", "mini_sft.toml")
+RL_PRESET = os.path.join(HERE, "configs", "mini_rl.toml")
 BASELINE = "grpo"  # the paired differences are taken against this method
 
 
 # ----------------------------------------------------------------------------- settings
 def load_study(path: str, quick: bool) -> dict:
-    """configs/mini_study.toml, with its [quick] overrides merged in when asked for."""
+    """The study config (configs/mini_study.toml next to this script), with its [quick] overrides merged in when
+    asked for."""
     with open(path, "rb") as f:
         study = tomllib.load(f)
     for key in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "methods", "seeds",
                 "report_levels"):
         if key not in study:
-            raise SystemExit(f"{path}: missing [{key}]; see the comments in configs/mini_study.toml")
+            raise SystemExit(f"{path}: missing [{key}]; see the comments in {STUDY}")
     if BASELINE not in study["methods"]:
         raise SystemExit(f"{path}: [methods.{BASELINE}] is the baseline of the paired differences; keep it")
     if quick:
@@ -82,7 +91,7 @@ def train_args(overrides: dict) -> list:
 
 # ----------------------------------------------------------------------------- runs
 def final_checkpoint(run_dir: str, max_steps: int) -> str:
-    """Where train.py writes the last step's checkpoint (CONTRACT: RUN_DIR/checkpoints/step_000123/)."""
+    """Where train.py writes the last step's checkpoint: RUN_DIR/checkpoints/step_NNNNNN/ (six digits)."""
     return os.path.join(run_dir, "checkpoints", f"step_{max_steps:06d}")
 
 
@@ -302,7 +311,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="the [tune] sweeps on the tuning seed; prints their table")
     p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
     p.add_argument("--jobs", type=int, default=2, help="train.py processes side by side (one core each)")
-    p.add_argument("--config", default=STUDY, help="the study config (default configs/mini_study.toml)")
+    p.add_argument("--config", default=STUDY,
+                   help="the study config (default: configs/mini_study.toml next to this script)")
     p.add_argument("--student_steps", type=int, default=None,
                    help="stop the student's SFT at this step instead of [student_sft] max_steps (a stronger or "
                         "weaker starting student; use a fresh --out)")

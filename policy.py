@@ -1,0 +1,207 @@
+"""policy.py: a model as the trainer holds it. The trainable student, the frozen reference and the frozen teacher
+are all a `Policy`: an FSDP2-sharded (or plain) Hugging Face model that returns per-token log-probs of given
+tokens, never full logits, plus the batching of rows into padded micro-batches for it.
+
+    import policy
+    student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
+    teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
+    for mb in policy.pack(rows, budget=16384):                # rows: {"prompt": ids, "response": ids, ...}
+        b = policy.collate(mb, device)                        # right-padded [B, L] inputs, [B, R] fields
+        logp, entropy = policy.forward(student, b)            # [B, R] each, laid out like b["mask"]
+    logps, stats = policy.score(teacher, rows, 16384, device) # no_grad, one [len(response)] tensor per row
+    engine.load_weights(policy.full_params(student))          # full tensors, one at a time (a collective)
+
+The memory rule: the LM head runs on response positions only, one chunk of rows at a time under activation
+checkpointing, so no [T, V] logits tensor exists in forward or backward (kernels.py keeps only one chunk's
+logits and recomputes in backward). Padding: rows are sorted longest first and right-padded per micro-batch;
+collate reports padded slots and real tokens so train.py can log the waste (`pad_frac`). Sequence packing
+(one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.2-1.8x
+the padded layout (measured), and no GPU number exists yet to show it pays there.
+
+Sharded models are collectives: every rank calls forward / score the same number of times. score() makes the
+ranks agree on a micro-batch count (one all_reduce) and pads the short ones with one-token dummy batches.
+"""
+import torch
+import torch.distributed as dist
+
+import rlad
+
+
+class Policy(torch.nn.Module):
+    """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits.
+
+    The decoder's hidden states at the positions that predict response tokens go through the LM head one chunk
+    at a time under activation checkpointing, so neither forward nor backward keeps a [T, V] tensor.
+    """
+
+    def __init__(self, lm, chunk: int, temperature: float):
+        super().__init__()
+        self.lm, self.chunk, self.temperature = lm, chunk, temperature
+
+    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False, with_entropy=True):
+        from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # [B, L, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # [n, H] response positions only
+        head = self.lm.get_output_embeddings()
+
+        def chunk_fn(h, t):
+            logits = head(h) / self.temperature  # [c, V] in the compute dtype
+            # entropy costs ~1.5x the log-prob pass over [c, V] (benchmarks/bench_rlad.py): only when it is used
+            ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent = rlad.entropy(logits, self.chunk)  # [c]
+            return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
+
+        parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
+                 for s in range(0, max(targets.shape[0], 1), self.chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
+
+
+def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
+         trainable: bool = True, shard: bool = True, offload: bool = False) -> Policy:
+    """A Policy from a HF checkpoint dir or hub name (or a model object).
+
+    trainable: fp32 master weights (bf16 compute and fp32 gradient reduction on GPU), in training mode.
+    frozen (trainable=False): the weights in the compute dtype (bf16 on GPU, fp32 on CPU), eval mode, no grads.
+    shard: FSDP2 per decoder layer and at the root over all `world` ranks (else a plain module on `device`).
+    offload: frozen models only, parameters in CPU memory between uses (sharded: FSDP2's CPUOffloadPolicy copies
+    one layer at a time in; unsharded: score() moves the model in for the pass). chunk: LM-head rows at once;
+    temperature divides the logits (the rollout temperature, so that the trainer's log-probs are those of the
+    distribution that sampled); grad_checkpointing: recompute decoder layers in backward.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+    dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
+    is_module = isinstance(path, torch.nn.Module)
+    lm = path.to(dtype) if is_module else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None):
+        raise ValueError(f"{type(lm).__name__} transforms its logits after the LM head; this trainer supports models "
+                         "whose logits are lm_head(final hidden state) (Qwen, Llama, Mistral, ...)")
+    if grad_checkpointing and trainable:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = Policy(lm, chunk, temperature)
+    model.offload = offload and not trainable and device.type != "cpu" and not shard
+    if shard:
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" and trainable else MixedPrecisionPolicy()  # frozen: already in compute dtype
+        kw = dict(mesh=mesh, mp_policy=mp, **({"offload_policy": CPUOffloadPolicy()} if offload and not trainable
+                                               and device.type != "cpu" else {}))
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
+    elif not model.offload:
+        model.to(device)
+    # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
+    return model.train() if trainable else model.eval().requires_grad_(False)
+
+
+def full_params(model: Policy):
+    """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates)."""
+    for name, p in model.lm.named_parameters():
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+# ----------------------------------------------------------------------------- rows -> micro-batches
+def pack(rows: list, budget: int) -> list:
+    """Micro-batches (lists of rows) whose padded size B x L stays within `budget`; rows sorted longest first."""
+    out = []
+    for r in sorted(rows, key=lambda r: -(len(r["prompt"]) + len(r["response"]))):
+        if out and (len(out[-1]) + 1) * (len(out[-1][0]["prompt"]) + len(out[-1][0]["response"]) - 1) <= budget:
+            out[-1].append(r)  # the first row of a micro-batch is its longest: it sets the padded width
+        else:
+            out.append([r])
+    return out
+
+
+# One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
+DUMMY = {"prompt": [0], "response": [0], "dummy": True,
+         **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
+
+
+def collate(rows: list, device) -> dict:
+    """Right-padded inputs and [B, R] per-token tensors for one micro-batch (R = longest response).
+
+    An empty list gives DUMMY's one masked token: a rank with no data still runs the forward/backward (and so the
+    FSDP collectives) the others run. Per-row token vectors ("teacher", "old", "ref", "engine") become [B, R].
+    """
+    rows = rows or [DUMMY]
+    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
+    width, rmax = max(lens), max(len(r["response"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
+    attn = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
+    src, dst, targets = [], [], []
+    for i, r in enumerate(rows):
+        seq = r["prompt"] + r["response"][:-1]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        attn[i, :len(seq)] = 1
+        n = len(r["response"])
+        # response token t sits at position len(prompt) + t, predicted by the hidden state one before it
+        src.append(torch.arange(n) + i * width + len(r["prompt"]) - 1)
+        dst.append(torch.arange(n) + i * rmax)
+        targets.extend(r["response"])
+    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool)
+    dst = torch.cat(dst)
+    mask[dst] = not rows[0].get("dummy", False)
+    out = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
+           "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
+           "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
+           "wrong": torch.tensor([not r.get("correct", True) for r in rows]),
+           "tokens": sum(len(r["response"]) for r in rows if not r.get("dummy")), "slots": len(rows) * width,
+           "real": sum(lens) if not rows[0].get("dummy") else 0}
+    for key in ("teacher", "old", "ref", "engine"):  # per-row token vectors -> [B, R]
+        if all(key in r for r in rows):
+            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=rows[0][key].device)
+            out[key] = flat.index_copy(0, dst.to(flat.device), torch.cat([r[key] for r in rows])).view(len(rows), rmax)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def forward(model: Policy, b: dict, entropy_grad=False):
+    """Log-probs and entropies laid out [B, R] like b["mask"]."""
+    lp, ent = model(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad)  # [n], [n]
+    B, R = b["mask"].shape
+    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
+
+
+def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
+    """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
+    if not dist.is_initialized():  # a single process outside a trainer (tests, benchmarks, eval)
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
+    return [int(x) for x in t.tolist()]
+
+
+@torch.no_grad()
+def score(model: Policy, rows: list, budget: int, device):
+    """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old).
+
+    Returns ([float32 [len(response)] per row, in order], stats: slots / max_slots (padded tokens), real, and
+    micro_batches / dummy_batches). A collective when `model` is sharded: every rank calls it with its own rows
+    (even none); the ranks agree on the number of micro-batches and the short ones run one-token dummies.
+    """
+    mbs = pack(rows, budget)
+    n_micro = agree([len(mbs)])[0]  # same number of FSDP forwards on every rank
+    if getattr(model, "offload", False):
+        model.to(device)
+    out, stats = {}, {"slots": 0, "max_slots": 0, "real": 0, "micro_batches": len(mbs),
+                      "dummy_batches": n_micro - len(mbs)}
+    try:
+        for j in range(n_micro):
+            mb = mbs[j] if j < len(mbs) else []
+            b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
+            lp, _ = model(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
+            for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
+                out[id(r)] = x
+            if mb:
+                stats.update(slots=stats["slots"] + b["slots"], max_slots=max(stats["max_slots"], b["slots"]),
+                             real=stats["real"] + b["real"])
+    finally:
+        if getattr(model, "offload", False):
+            model.to("cpu")
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's gathered weights after a no-grad forward: free them
+        model.reshard()
+    return [out[id(r)] for r in rows], stats
