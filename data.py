@@ -39,9 +39,7 @@ import os
 import random
 import sys
 
-# ---------------------------------------------------------------------------------------------------
-# Knights and Knaves: solver
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------- knights and knaves: solver
 
 _MASKS = {}  # n -> (FULL, [K_0, ..., K_{n-1}])
 
@@ -116,9 +114,7 @@ def kk_solve(statements, n):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Knights and Knaves: generator (records in the public data's format)
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------- knights and knaves: generator (records in the public data's format)
 
 # The public files' 51 names and 18 sentence templates ({X} speaker, {S} statement text), with their quirks.
 NAMES = (
@@ -264,9 +260,7 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Arithmetic: running sums mod 10, a task small enough to train on CPU (the miniature reproduction)
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
 # Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
 # operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
 # end-of-sequence token; rewards.arith_reward pays 1 for exactly n - 1 digits whose last one is right.
@@ -312,9 +306,7 @@ def arith_examples(levels=ARITH_LEVELS, per_level=100, seed=0, split="train"):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loaders: jsonl / parquet in the public formats
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
 
 def _rows(path):
     """(where, row) for each row of a .jsonl or .parquet file; `where` names file and line for errors."""
@@ -468,9 +460,38 @@ def load_math(path, question_key=None, answer_key=None, level=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------------
+def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=None):
+    """The Examples of `task`: from files when given (K&K or math loaders; split="eval" keeps at most per_level per
+    level), else the task's generator data.<task>_examples: training problems drawn from `seed`, or the fixed
+    held-out stream (split="eval"), per_level per level (default 100) for each of `levels` (default: all)."""
+    if files and task not in ("kk", "math"):
+        raise ValueError(f"task {task!r} has no data files: drop them (its problems are generated)")
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+    if files:
+        examples = [ex for path in files for ex in (load_kk if task == "kk" else load_math)(path)]
+        if split == "eval" and per_level is not None:  # the first per_level problems of each level
+            kept, count = [], {}
+            for ex in examples:
+                count[ex["level"]] = count.get(ex["level"], 0) + 1
+                if count[ex["level"]] <= per_level:
+                    kept.append(ex)
+            examples = kept
+    elif task == "math":
+        raise ValueError("task 'math' needs data files (jsonl or parquet, e.g. aime_2021_2024.jsonl)")
+    else:
+        generate = globals().get(f"{task}_examples")
+        if generate is None:
+            raise ValueError(f"task {task!r}: no data files and no data.{task}_examples generator")
+        kw = {"people" if task == "kk" else "levels": levels} if levels else {}
+        examples = generate(**kw, per_level=100 if per_level is None else per_level, seed=seed, split=split)
+    if not examples:
+        raise ValueError(f"no {task} examples loaded from {list(files) or 'the generator'}")
+    return examples
+
+
+# -------------------------------------------------------------------------------------------------------------- prompts
 
 KK_INSTRUCTION = (
     "Solve the logic puzzle below. First think it through step by step inside <think> </think> tags. Then give "

@@ -34,8 +34,6 @@ TASKS = ("kk", "math", "arith")  # arith: data.py's running sums mod 10, the CPU
 # --max_tokens when not given (then capped to what fits the model's context): the paper's K&K runs allow 2K-8K
 # response tokens, math 8K-30K; an arith answer is at most 7 digits (+ spaces, EOS).
 DEFAULT_MAX_TOKENS = {"kk": 4096, "math": 8192, "arith": 32}
-EVAL_PER_LEVEL = 100  # problems per level, the size of the public K&K test set
-KK_EVAL_PEOPLE = (2, 3, 4, 5, 6, 7, 8)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -156,6 +154,32 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
     result["config"] = {"n": n, "ks": sorted(set(int(k) for k in ks)), "max_tokens": max_tokens,
                         "temperature": temperature, "top_p": top_p, "seed": seed}
     return result
+
+
+def evaluate_ranks(engine, tokenizer, examples, *, rank: int, world: int, device, seed: int, order_seed: int,
+                   n: int, **sampling) -> dict:
+    """evaluate() on this rank's share of `examples`, merged across ranks: {"eval/LEVEL": Mean@n, ...,
+    "eval_accuracy": the average over levels}. A collective (one all_reduce): every rank calls it.
+
+    Each rank takes a contiguous slice of one seeded shuffle of the problems (levels mixed: balanced work), seeded
+    by the slice's global offset (seed + offset * n): problem k is sampled alike at any world size and every eval.
+    """
+    import torch
+    import torch.distributed as dist
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(order_seed)).tolist()
+    per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer (or none)
+    mine = [examples[k] for k in order[rank * per_rank:(rank + 1) * per_rank]]
+    summary = evaluate(engine, tokenizer, mine, n=n, seed=(seed + rank * per_rank * n) % (2**31 - 1),
+                       **sampling)["summary"] if mine else {}
+    levels = list(dict.fromkeys(ex["level"] for ex in examples))  # every rank reduces every level
+    sums = torch.tensor([x for lv in levels for x in ((summary[lv]["count"] * summary[lv]["mean_at_n"],
+                                                       summary[lv]["count"]) if lv in summary else (0.0, 0.0))],
+                        dtype=torch.float64, device=device)  # [2 * levels]: correct fraction sums, problem counts
+    dist.all_reduce(sums)
+    sums = sums.tolist()
+    out = {f"eval/{lv}": sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, lv in enumerate(levels)}
+    out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
+    return out
 
 
 def _check_ks(n, ks):
@@ -285,39 +309,6 @@ def plot(run_dirs, out: str = "curves.png") -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def load_examples(task: str, files, limit=None) -> list:
-    """Examples from files (K&K or math), or the default held-out K&K / arith set; at most `limit` per level."""
-    import data
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use --task {' | '.join(TASKS)}")
-    per_level = EVAL_PER_LEVEL if limit is None else min(limit, EVAL_PER_LEVEL)
-    if files:
-        if task == "arith":
-            raise ValueError("--task arith has no data files: drop --data (its evaluation set is generated)")
-        for path in files:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--data {path}: no such file")
-        load = data.load_kk if task == "kk" else data.load_math
-        examples = [ex for path in files for ex in load(path)]
-    elif task == "kk":
-        examples = data.kk_examples(people=KK_EVAL_PEOPLE, per_level=per_level, split="eval")
-    elif task == "arith":
-        examples = data.arith_examples(per_level=per_level, split="eval")
-    else:
-        raise ValueError("--task math needs --data FILE... (e.g. aime_2021_2024.jsonl)")
-    if limit is not None:
-        kept, per_level = [], {}
-        for ex in examples:
-            per_level[ex["level"]] = per_level.get(ex["level"], 0) + 1
-            if per_level[ex["level"]] <= limit:
-                kept.append(ex)
-        examples = kept
-    if not examples:
-        raise ValueError(f"no examples loaded from {files or 'the K&K generator'}")
-    return examples
-
-
 def parse_args(argv):
     """The command line (see the module docstring); every check that needs no model comes here."""
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
@@ -352,8 +343,11 @@ def parse_args(argv):
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
                 "(RUN_DIR/checkpoints/step_...) or a downloaded model (huggingface-cli download NAME --local-dir DIR)")
-    try:
-        a.examples = load_examples(a.task, a.data, a.limit)
+    if a.task == "math" and not a.data:
+        p.error("--task math needs --data FILE... (jsonl or parquet, e.g. aime_2021_2024.jsonl)")
+    import data
+    try:  # default sets: 100 held-out generated problems per level (K&K PPL2..PPL8, arith L2..L8)
+        a.examples = data.load_examples(a.task, a.data or (), "eval", a.limit, levels=None)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
     return p, a

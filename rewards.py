@@ -21,19 +21,13 @@ LaTeX equivalence): 1.0 equivalent, 0.0 otherwise; "format_ok" = a \\boxed{} ans
 MAX_ANSWER_CHARS score 0 unparsed. math-verify runs in killable worker processes (verifier.py): an answer
 still unchecked after MATH_TIMEOUT_S scores 0, so no response can hang the trainer. K&K and arithmetic are
 scored in-process (pure Python, linear time).
-
-    python rewards.py kk  RESPONSE_FILE SOLUTION_JSON NAMES_JSON
-    python rewards.py math RESPONSE_FILE ANSWER
 """
 import re
-import sys
 from functools import lru_cache
 
 import data
 
-# ---------------------------------------------------------------------------------------------------
-# Knights and Knaves (Logic-RL's values)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------- Knights and Knaves (Logic-RL's values)
 
 FORMAT_RIGHT, FORMAT_WRONG = 1.0, -1.0
 ANSWER_RIGHT, ANSWER_WRONG, ANSWER_UNPARSED = 2.0, -1.5, -2.0
@@ -104,9 +98,7 @@ def kk_reward(response, solution, names):
     return _kk_score(_text(response), solution, names)["reward"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Math: math-verify in worker processes with a hard time limit
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------- math: math-verify, in worker processes (verifier.py)
 
 MATH_TIMEOUT_S = 10.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is not an answer (no reference comes close)
@@ -146,9 +138,7 @@ def math_reward(response, answer, timeout_s=None):
     return 1.0 if _math_equivalent([(pred, str(answer))], timeout_s)[0] else 0.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Arithmetic (data.py's running sums mod 10)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- arithmetic (data.py's running sums mod 10)
 
 _END_TOKENS = re.compile(r"(?:\s*(?:<\|[^<>|]{1,40}\|>|</s>|<eos>))+\s*$")  # a decoded end token, if kept
 
@@ -169,9 +159,7 @@ def arith_reward(response, answer):
     return _arith_score(_text(response), answer)["reward"]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Scoring Examples (data.py's dicts)
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------- scoring examples (data.py's dicts)
 
 def score(example, response):
     """{"reward", "correct", "format_ok"} for one Example and its response (prefill + generated text)."""
@@ -203,12 +191,3 @@ def score_batch(examples, responses, timeout_s=None):
             out[i] = {"reward": 1.0 if ok else 0.0, "correct": ok, "format_ok": True}
     return out
 
-
-if __name__ == "__main__":
-    import json
-    if len(sys.argv) == 5 and sys.argv[1] == "kk":
-        print(kk_reward(open(sys.argv[2]).read(), json.loads(sys.argv[3]), json.loads(sys.argv[4])))
-    elif len(sys.argv) == 4 and sys.argv[1] == "math":
-        print(math_reward(open(sys.argv[2]).read(), sys.argv[3]))
-    else:
-        sys.exit(__doc__.split("\n\n")[-1])

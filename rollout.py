@@ -29,20 +29,15 @@ each rank's engine then uses distributed_executor_backend="external_launcher". I
 default process group: do every collective first. The process-wide side effects vLLM has (environment
 variables, torch's thread count) are undone after construction. docs/cpu.md has the CPU background (why each
 setting, what was measured).
-
-Run a smoke test:  python rollout.py MODEL_DIR [--hf]
 """
 import contextlib
 import json
 import os
-import sys
 import time
 
 import torch
 
-# ---------------------------------------------------------------------------------------------------------
-# Shared checks and helpers
-
+# -------------------------------------------------------------------------------------------- Shared checks and helpers
 
 def _check_model_dir(model_path: str) -> None:
     if not os.path.isdir(model_path) or not os.path.exists(os.path.join(model_path, "config.json")):
@@ -52,8 +47,7 @@ def _check_model_dir(model_path: str) -> None:
 
 
 def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int) -> None:
-    if isinstance(prompt_token_ids, (str, bytes)) or not all(
-            isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) for p in prompt_token_ids):
+    if isinstance(prompt_token_ids, (str, bytes)) or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
         raise TypeError("prompt_token_ids must be a list of lists of token ids (ints): tokenize prompts first, "
                         "e.g. with data.build_prompt")
     if n < 1 or max_tokens < 1:
@@ -112,7 +106,7 @@ def _checkpoint_names(model_path: str) -> set:
     return {n for n in names if not n.endswith("rotary_emb.inv_freq")}  # a buffer some old checkpoints hold
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- the vLLM calls
 # Every vLLM call whose shape depends on the vLLM version sits here. Checked against vLLM 0.32.0.
 
 def vllm_build(**engine_kwargs):
@@ -166,9 +160,7 @@ def vllm_shutdown(llm):
     return llm.llm_engine.engine_core.shutdown()  # idempotent; tears down torch.distributed too
 
 
-# ---------------------------------------------------------------------------------------------------------
-# vLLM engine
-
+# ---------------------------------------------------------------------------------------------------------- vLLM engine
 
 def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
     """KV cache size on CPU: room for max_num_seqs full sequences, capped at a quarter of the free memory
@@ -328,9 +320,7 @@ class VLLMEngine:
         del self.llm
 
 
-# ---------------------------------------------------------------------------------------------------------
-# transformers engine
-
+# -------------------------------------------------------------------------------------------------- transformers engine
 
 class HFEngine:
     """The same interface on transformers' generate: batched, left-padded. Simple and slow.
@@ -434,15 +424,3 @@ class HFEngine:
     def shutdown(self) -> None:
         """Nothing to tear down (drop the engine to free the model)."""
 
-
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python rollout.py MODEL_DIR [--hf]")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(sys.argv[1])
-    engine = HFEngine(sys.argv[1]) if "--hf" in sys.argv else VLLMEngine(sys.argv[1], max_model_len=512)
-    prompt = tok("Alice said that Bob is a knight.")["input_ids"]
-    for s in engine.generate([prompt], n=2, max_tokens=32, temperature=1.0, seed=0)[0]:
-        print(s["finish_reason"], len(s["response_ids"]), repr(tok.decode(s["response_ids"])),
-              f"mean logprob {sum(s['logprobs']) / len(s['logprobs']):.3f}")
-    engine.shutdown()

@@ -285,25 +285,16 @@ def make_engine(path: str, cfg: Config, device, rank: int):
 
 # ----------------------------------------------------------------------------- data
 def load_examples(cfg: Config, split: str) -> list:
-    """Files when given (K&K or math loaders), else the task's generator data.<task>_examples. Evaluation sets
-    come from eval.load_examples (the default held-out sets), at most eval_per_level problems per level."""
+    """data.load_examples for the training or evaluation split (files when given, else the task's generator)."""
     import data
-    import eval as evaluation
     files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
-    for f in files:
-        if not os.path.isfile(f):
-            raise SystemExit(f"--{split}_data {f}: no such file")
-    if split == "eval" and cfg.task in getattr(evaluation, "TASKS", ("kk", "math")):
-        return evaluation.load_examples(cfg.task, files, limit=cfg.eval_per_level)
-    if files:
-        return [ex for f in files for ex in (data.load_kk if cfg.task == "kk" else data.load_math)(f)]
-    generate = getattr(data, f"{cfg.task}_examples", None)
-    if generate is None:
-        raise SystemExit(f"task {cfg.task!r}: no --{split}_data file and no data.{cfg.task}_examples generator")
-    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    levels = {"kk": {"people": ints(cfg.kk_people)}, "arith": {"levels": ints(cfg.arith_levels)}}.get(cfg.task, {})
+    levels = {"kk": cfg.kk_people, "arith": cfg.arith_levels}.get(cfg.task, "") if split == "train" else ""
     per_level = cfg.train_per_level if split == "train" else cfg.eval_per_level
-    return generate(**levels, per_level=per_level, seed=cfg.seed, split=split)
+    try:
+        return data.load_examples(cfg.task, files, split, per_level, cfg.seed,
+                                  [int(x) for x in levels.split(",") if x] or None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{split} data: {e}") from None
 
 
 def fitting_prompts(examples: list, tokenizer, cfg: Config, what: str):
@@ -556,27 +547,15 @@ def update(model, opt, rows, cfg, device, world, step, coefs, m: Metrics) -> int
 
 
 def run_eval(run, times) -> dict:
-    """eval.evaluate on this rank's share of the held-out problems, merged across ranks (Mean@n per level).
-
-    Each rank takes a contiguous slice of one seeded shuffle of the problems (levels mixed: balanced work) and the
-    seed of the slice's global offset: problem k is sampled alike at any world size, and alike at every eval.
-    """
+    """Mean@n per level on the held-out problems, each rank sampling its share (eval.evaluate_ranks)."""
     import eval as evaluation
-    cfg, examples, m = run.cfg, run.eval_examples, Metrics()
+    cfg = run.cfg
     refresh_engine(run, times)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    per_rank = -(-len(examples) // run.world)  # ceil: the last rank may get fewer (or none)
-    mine = [examples[k] for k in order[run.rank * per_rank:(run.rank + 1) * per_rank]]
-    seed = sample_seed(cfg, run.rank * per_rank, cfg.eval_n, stream=1)
-    summary = evaluation.evaluate(run.engine, run.tokenizer, mine, n=cfg.eval_n, max_tokens=cfg.max_tokens,
-                                  seed=seed, temperature=cfg.eval_temperature,
-                                  top_p=cfg.eval_top_p)["summary"] if mine else {}
+    out = evaluation.evaluate_ranks(run.engine, run.tokenizer, run.eval_examples, rank=run.rank, world=run.world,
+                                    device=run.device, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1),
+                                    order_seed=cfg.seed, n=cfg.eval_n, max_tokens=cfg.max_tokens,
+                                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
     run.engine.sleep()
-    for level in dict.fromkeys(ex["level"] for ex in examples):  # every rank adds every level: same collective
-        count = summary[level]["count"] if level in summary else 0
-        m.mean(f"eval/{level}", count * summary[level]["mean_at_n"] if count else 0.0, 1.0, count)
-    out = m.reduce(run.device)  # Mean@n per level over all ranks' problems
-    out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
     return out
 
 

@@ -116,13 +116,14 @@ def test_format_table_math_exact_and_from_json():
 
 
 def test_arith_levels_and_table():
-    exs = ev.load_examples("arith", None, limit=2)
+    import data  # (interface change: eval.py's loader is data.load_examples now, shared with train.py)
+    exs = data.load_examples("arith", (), "eval", 2)
     assert [ex["level"] for ex in exs] == [f"L{i}" for i in range(2, 9) for _ in range(2)]
     s = ev.summarize([ex["level"] for ex in exs][::-1], [1] * 14, [1.0] * 14, n=1)
     assert list(s) == [f"L{i}" for i in range(2, 9)] + ["average"]  # numeric order, whatever came first
     assert ev.format_table(s, "arith").splitlines()[0] == "| model | L2 | L3 | L4 | L5 | L6 | L7 | L8 | Avg |"
     with pytest.raises(ValueError, match="no data files"):
-        ev.load_examples("arith", ["x.jsonl"])
+        data.load_examples("arith", ["x.jsonl"], "eval")
 
 
 # ----------------------------------------------------------------------------- curves
