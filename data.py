@@ -491,6 +491,20 @@ def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=
     return examples
 
 
+def step_prompts(n_examples: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list:
+    """Indices of this rank's share of the `per_step` prompts of `step`: the data is read in passes, each pass a
+    seeded permutation, so the order is a function of the step alone (an exact resume needs nothing else)."""
+    import torch
+    first = step * per_step + rank * (per_step // world)  # global position of this rank's first prompt
+    perms, out = {}, []
+    for epoch, pos in (divmod(k, n_examples) for k in range(first, first + per_step // world)):
+        if epoch not in perms:  # one seeded permutation per pass over the data
+            g = torch.Generator().manual_seed(seed * 100003 + epoch)
+            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
+        out.append(perms[epoch][pos])
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------------- prompts
 
 KK_INSTRUCTION = (

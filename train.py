@@ -319,18 +319,6 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
     return (cfg.seed * 100_000_007 + stream * 2**30 + position * n) % (2**31 - 1)
 
 
-def prompts_for_step(n_examples: int, step: int, cfg: Config, rank: int, world: int) -> list:
-    """Indices of this rank's prompts at `step`: epochs of seeded permutations, read in order (resumable)."""
-    first = step * cfg.prompts_per_step + rank * (cfg.prompts_per_step // world)  # global position in the stream
-    perms, out = {}, []
-    for epoch, pos in (divmod(k, n_examples) for k in range(first, first + cfg.prompts_per_step // world)):
-        if epoch not in perms:  # one seeded permutation per pass over the data
-            g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
-        out.append(perms[epoch][pos])
-    return out
-
-
 # ----------------------------------------------------------------------------- setup: data, models, state
 def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -> SimpleNamespace:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
@@ -422,8 +410,9 @@ def refresh_engine(run, times):
 
 def rollout(run, step: int, times: dict):
     """Steps 1-2: this rank's prompts at `step` and their samples, as rows (the schema below). -> rows, exs, prefills"""
+    import data
     cfg, tok = run.cfg, run.tokenizer
-    idx = prompts_for_step(len(run.train_examples), step, cfg, run.rank, run.world)
+    idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
     exs = [run.train_examples[i] for i in idx]
     pids, prefills = [run.prompts[i][0] for i in idx], [run.prompts[i][1] for i in idx]  # (prompt_ids, prefill)
     idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
@@ -580,6 +569,49 @@ def step_metrics(run, step, rows, kept, scores, reward, m: Metrics, times: dict,
     return out
 
 
+def frozen_logprobs(run, kept: list, m: Metrics, times: dict):
+    """Step 5: r["teacher"], r["old"], r["ref"]: log-probs of each kept row's tokens under the frozen models."""
+    cfg = run.cfg
+    with timed(times, "teacher"):
+        if run.teacher is not None:
+            for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
+                r["teacher"] = lp
+            m.mean("teacher_pad_frac", run.teacher.last_stats["pad_fraction"], 1 / run.world)
+    # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
+    moves = run.spec["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
+    with timed(times, "old_logp"):
+        for key, model in (("old", run.student if moves else None), ("ref", run.ref)):
+            if model is not None:
+                for r, lp in zip(kept, policy.score(model, kept, cfg.micro_batch_tokens, run.device)[0]):
+                    r[key] = lp
+
+
+def finish_step(run, step: int, out: dict, bar) -> bool:
+    """Step 9 after the metrics: entropy control, eval, the JSON line, checkpoint. True when SIGTERM asks to stop."""
+    cfg = run.cfg
+    stop, last = out.pop("stop") > 0, step + 1 == cfg.max_steps
+    if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
+        delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta
+        run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
+    if run.engine is not None and run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0
+                                                                            or last):
+        out.update(run_eval(run, {}))
+    if is_main():
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(out) + "\n")
+        if run.wandb is not None:
+            run.wandb.log(out, step=step + 1)
+        bar.set_postfix(reward=f"{out['reward']:.3f}", acc=f"{out['accuracy']:.3f}", s=f"{out['time/step']:.1f}")
+    bar.update(1)
+    if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
+        checkpoint.save_checkpoint(cfg.run_dir, step + 1, policy.full_params(run.student), run.student, run.opt,
+                                   run.tokenizer, state, cfg.keep_last)
+    if stop:
+        print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
+    return stop
+
+
 # ----------------------------------------------------------------------------- the loop
 STOP = {"signal": 0}  # set by SIGTERM: finish the step, write a checkpoint, exit
 
@@ -611,18 +643,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         kept = select_rows(rows, reward, cfg, m)
 
         # 5. teacher log-probs of every kept token (a collective when sharded: every rank calls it), pi_old, pi_ref
-        with timed(times, "teacher"):
-            if run.teacher is not None:
-                for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
-                    r["teacher"] = lp
-                m.mean("teacher_pad_frac", run.teacher.last_stats["pad_fraction"], 1 / run.world)
-        with timed(times, "old_logp"):
-            for key, model in (("old", run.student if run.spec["old_logp"] and (cfg.ppo_epochs > 1 or
-                                                                                cfg.mini_batches > 1) else None),
-                               ("ref", run.ref)):
-                if model is not None:
-                    for r, lp in zip(kept, policy.score(model, kept, cfg.micro_batch_tokens, run.device)[0]):
-                        r[key] = lp
+        frozen_logprobs(run, kept, m, times)
 
         # 6-7. PPO epochs x mini-batches x micro-batches, clip, skip non-finite, AdamW
         with timed(times, "update"):
@@ -638,26 +659,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         # 9. metrics (one collective), eval, checkpoint
         times["step"] = time.perf_counter() - t_step
         out = step_metrics(run, step, rows, kept, scores, reward, m, times, kd_coef)
-        stop, last = out.pop("stop") > 0, step + 1 == cfg.max_steps
-        if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
-            delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta
-            run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
-        if run.engine is not None and run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0
-                                                                                or last):
-            out.update(run_eval(run, times))
-        if is_main():
-            with open(run.metrics_path, "a") as f:
-                f.write(json.dumps(out) + "\n")
-            if run.wandb is not None:
-                run.wandb.log(out, step=step + 1)
-            bar.set_postfix(reward=f"{out['reward']:.3f}", acc=f"{out['accuracy']:.3f}", s=f"{out['time/step']:.1f}")
-        bar.update(1)
-        if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
-            checkpoint.save_checkpoint(cfg.run_dir, step + 1, policy.full_params(run.student), run.student, run.opt,
-                                       run.tokenizer, state, cfg.keep_last)
-        if stop:
-            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
+        if finish_step(run, step, out, bar):
             break
     bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).

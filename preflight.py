@@ -1,0 +1,225 @@
+"""preflight.py: what a run checks before any weights load, so that a bad setting costs seconds, not hours.
+
+1. check_config: every Config field's type and range, and what the method needs: a one-line error naming the
+   flag and the fix.
+2. memory_plan: per-GPU bytes of every resident part (student masters, gradients and AdamW state, its bf16
+   compute copy, reference, teacher, activations at micro_batch_tokens, vLLM's share) from the model configs
+   alone (a model built on the meta device counts the parameters), and the vLLM KV cache that share leaves,
+   against what one rollout batch needs at full length. check_plan refuses a config that cannot fit.
+3. resolve_model: a model name as a local directory: tiny models built from a config, local folders as they are,
+   hub names downloaded once per node (huggingface_hub.snapshot_download, which honours HF_HUB_OFFLINE and the
+   local cache), after which every rank reads the same cache.
+
+    python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true                    # this machine's GPUs
+    python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true --plan_gpus 8x140  # 8 GPUs of 140 GiB
+
+The plan is an estimate (activations by a per-token formula, vLLM's own overhead a fixed 2 GiB); the README's
+table comes from it. Measured peaks on a GPU are what benchmarks/gpu_check.py reports.
+"""
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+import rlad
+
+GIB = 2**30
+
+# ----------------------------------------------------------------------------- 1. the config's types and ranges
+AT_LEAST_1 = ("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
+              "max_prompt_tokens train_per_level eval_per_level eval_n keep_last logit_chunk teacher_token_budget "
+              "max_num_seqs").split()
+RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
+         ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
+          "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature".split(),
+          lambda v: v >= 0, ">= 0"),
+         ("lr temperature max_grad_norm dist_timeout_min".split(), lambda v: v > 0, "> 0"),
+         ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
+         ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
+         ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
+CHOICES = {"method": tuple(rlad.METHODS), "lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"),
+           "sft_source": ("teacher", "data"), "loss_agg": rlad.LOSS_AGGS, "kd_kl": rlad.KL_KINDS}
+
+
+def check_config(cfg, world: int):
+    """SystemExit with one line naming the flag, for any setting that would fail later (or silently do nothing)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        ok = isinstance(value, f.type) and not (f.type is int and isinstance(value, bool))
+        if not ok and not (f.type is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise SystemExit(f"--{f.name} {value!r}: expected {f.type.__name__} (check the preset or the flag)")
+    for names, rule, text in RULES:
+        for name in names:
+            if not rule(getattr(cfg, name)):
+                raise SystemExit(f"--{name} {getattr(cfg, name)!r}: must be {text}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    for name in ("kk_people", "arith_levels"):
+        parts = getattr(cfg, name).split(",")
+        if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: expected comma-separated integers >= 2, e.g. 3,4,5")
+    spec = rlad.METHODS[cfg.method]
+    if cfg.group_size < 2 and spec["advantages"]:
+        raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
+    if needs_teacher(cfg) and not cfg.teacher:
+        raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
+    for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
+        path = getattr(cfg, name)
+        if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
+
+
+def needs_teacher(cfg) -> bool:
+    """The teacher scores tokens (the method's row says so) or generates the SFT baseline's samples."""
+    spec = rlad.METHODS[cfg.method]
+    return spec["teacher_logp"] or (spec["samples"] == "teacher" and cfg.sft_source == "teacher")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub name ("org/name"): absolute, relative, home, or more than one "/"."""
+    return not name.startswith("tiny") and (name.startswith(("/", ".", "~")) or name.count("/") > 1)
+
+
+# ----------------------------------------------------------------------------- 2. the memory plan
+def shapes(name: str) -> dict:
+    """Parameter counts (all, the largest decoder layer, the rest: embeddings, norm, LM head), sizes, KV bytes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):  # no memory, no weights: the module tree alone
+        lm = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in lm.get_decoder().layers]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return {"params": total, "layer": max(layers), "root": total - sum(layers), "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size, "layers": len(layers), "vocab": config.vocab_size,
+            "kv_bytes_per_token": 2 * len(layers) * kv_heads * head_dim * 2}  # K and V, bf16, every layer
+
+
+def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> dict:
+    """Bytes per GPU of each part, and of the three phases (rollout, teacher pass, update). Sharded parts divide
+    by the world size; the update's compute copy is FSDP2's bf16 gather of the root plus two layers in flight."""
+    P, shard = student["params"], world
+    act_layer = 2 * (6 * student["hidden"] + 4 * student["intermediate"])  # bf16 bytes per token per layer
+    tokens = cfg.micro_batch_tokens
+    saved = 2 * student["hidden"] * student["layers"] + act_layer if cfg.grad_checkpointing else \
+        act_layer * student["layers"]  # checkpointing keeps each layer's input, then recomputes one layer
+    head = cfg.logit_chunk * student["vocab"] * (2 + 4 + 2)  # a chunk's bf16 logits, float32 temporary, bf16 grad
+    t_dev = 0 if teacher is None or cfg.teacher_offload else 2 * teacher["params"] / (shard if cfg.teacher_shard
+                                                                                       else 1)
+    parts = {"student fp32 masters": 4 * P / shard, "AdamW state (fp32 m, v)": 8 * P / shard,
+             "reference (bf16)": 2 * P / shard if cfg.kl_coef > 0 else 0, "teacher (bf16)": t_dev,
+             "gradients (fp32, update only)": 4 * P / shard,
+             "bf16 compute copy (update only)": 2 * (student["root"] + 2 * student["layer"]),
+             "activations (update only)": tokens * saved + head,
+             "vLLM share (rollout only)": cfg.gpu_memory_utilization * gpu_bytes}
+    resident = sum(parts[k] for k in ("student fp32 masters", "AdamW state (fp32 m, v)", "reference (bf16)",
+                                      "teacher (bf16)"))
+    teacher_pass = 0 if teacher is None else \
+        cfg.teacher_token_budget * 2 * teacher["hidden"] * 4 + cfg.logit_chunk * teacher["vocab"] * 6 + \
+        (2 * teacher["layer"] * 2 if cfg.teacher_shard or cfg.teacher_offload else 0)
+    kv = max(parts["vLLM share (rollout only)"] - 2 * P - 2 * GIB, 0)  # minus the engine's weights and overhead
+    seq = cfg.max_prompt_tokens + cfg.max_tokens
+    return {"parts": parts, "gpu": gpu_bytes, "world": world,
+            "phases": {"rollout": resident + parts["vLLM share (rollout only)"], "teacher pass": resident +
+                       teacher_pass, "update": resident + sum(v for k, v in parts.items() if "update only" in k)},
+            "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": seq,
+            "rollout_seqs": cfg.prompts_per_step // world * cfg.group_size,
+            "max_util": (gpu_bytes - resident - 4 * GIB) / gpu_bytes}  # leave 4 GiB for allocator slack, NCCL
+
+
+def format_plan(plan: dict, cfg) -> str:
+    g = lambda b: f"{b / GIB:6.1f} GiB"  # noqa: E731
+    lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.1f} GiB; student {cfg.model}, teacher "
+             f"{cfg.teacher if needs_teacher(cfg) else '-'}; estimates from the model configs):"]
+    lines += [f"  {name:34s} {g(b)}" for name, b in plan["parts"].items() if b]
+    lines += [f"  phase {name:28s} {g(b)}  {'ok' if b <= plan['gpu'] else 'DOES NOT FIT'}"
+              for name, b in plan["phases"].items()]
+    batch = plan["rollout_seqs"] * plan["seq_tokens"]
+    at_once = min(int(plan["kv_tokens"] // plan["seq_tokens"]), cfg.max_num_seqs, plan["rollout_seqs"])
+    lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is {plan['rollout_seqs']} "
+                 f"sequences x {plan['seq_tokens']} = {batch / 1e6:.2f}M tokens at full length: {at_once} run at once "
+                 f"({100 * at_once / plan['rollout_seqs']:.0f}%)")
+    lines.append(f"  gpu_memory_utilization {cfg.gpu_memory_utilization} (at most {plan['max_util']:.2f} leaves the "
+                 "trainer room during rollouts)")
+    return "\n".join(lines)
+
+
+def check_plan(plan: dict, cfg):
+    """Refuse what cannot fit, naming the number and the flag to change."""
+    gpu, phases = plan["gpu"], plan["phases"]
+    if phases["rollout"] > gpu:
+        raise SystemExit(f"memory plan: rollouts need {phases['rollout'] / GIB:.1f} GiB per GPU of "
+                         f"{gpu / GIB:.1f} (the trainer's resident state + vLLM's share): lower "
+                         f"--gpu_memory_utilization to {max(plan['max_util'], 0):.2f} or less, or --teacher_shard "
+                         "true / --teacher_offload true, or use more GPUs")
+    if phases["update"] > gpu:
+        raise SystemExit(f"memory plan: the update needs {phases['update'] / GIB:.1f} GiB per GPU of "
+                         f"{gpu / GIB:.1f}: pass --grad_checkpointing true, lower --micro_batch_tokens (now "
+                         f"{cfg.micro_batch_tokens}), or use more GPUs")
+    if phases["teacher pass"] > gpu:
+        raise SystemExit(f"memory plan: the teacher pass needs {phases['teacher pass'] / GIB:.1f} GiB per GPU of "
+                         f"{gpu / GIB:.1f}: pass --teacher_shard true or --teacher_offload true, or lower "
+                         f"--teacher_token_budget (now {cfg.teacher_token_budget})")
+    if plan["kv_tokens"] < plan["seq_tokens"]:
+        raise SystemExit(f"memory plan: vLLM's share leaves a KV cache of ~{plan['kv_tokens']:.0f} tokens, less "
+                         f"than one sequence ({plan['seq_tokens']}): raise --gpu_memory_utilization (now "
+                         f"{cfg.gpu_memory_utilization}) or lower --max_tokens")
+
+
+def plan_for(cfg, world: int, paths: dict):
+    """The plan for this run (or for --plan_gpus NxGIB), or None on a machine without GPUs."""
+    if cfg.plan_gpus:
+        try:
+            world, gib = cfg.plan_gpus.lower().split("x")
+            world, gpu_bytes = int(world), float(gib) * GIB
+        except ValueError:
+            raise SystemExit(f"--plan_gpus {cfg.plan_gpus!r}: expected GPUSxGIB, e.g. 8x140 (8 H200)") from None
+    elif torch.cuda.is_available():
+        gpu_bytes = torch.cuda.mem_get_info()[1]
+    else:
+        return None
+    teacher = shapes(paths["teacher"]) if needs_teacher(cfg) else None
+    return memory_plan(cfg, world, gpu_bytes, shapes(paths["model"]), teacher)
+
+
+# ----------------------------------------------------------------------------- 3. model names -> local directories
+TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
+                                                          num_kv_heads=2, intermediate_size=256, seed_offset=1)}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]  # no .bin / .pth duplicates
+
+
+def resolve_model(name: str, cfg, flag: str) -> str:
+    """A local directory for `name`. A collective (every rank calls it): tiny models are written once by rank 0
+    into run_dir/models/NAME; a hub name is fetched by the first rank of each node (so node-local caches work as
+    well as a shared one), the others wait, then every rank reads the local cache."""
+    from torch.distributed import ReduceOp
+    import policy
+    if name in TINY:
+        path = os.path.join(cfg.run_dir, "models", name)
+        if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+            import tiny
+            kwargs = dict(TINY[name])
+            tiny.save_tiny(path, seed=cfg.seed + kwargs.pop("seed_offset"), **kwargs)
+        dist.barrier()
+        return path
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    from huggingface_hub import snapshot_download
+    error = ""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            snapshot_download(name, allow_patterns=HUB_FILES)
+        except Exception as e:  # no network, not cached, no such repo, gated: say which, on one line
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if policy.agree([1 if error else 0], ReduceOp.SUM)[0]:  # a barrier that also tells every rank about a failure
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub"
+                         f"{' or in its cache (HF_HUB_OFFLINE=1)' if offline else ''} ({error or 'on another node'}): "
+                         f"check the name, run `huggingface-cli download {name}` where there is network, or pass a "
+                         "local directory")
+    return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True)
