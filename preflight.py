@@ -128,13 +128,13 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
             "phases": {"rollout": resident + parts["vLLM share (rollout only)"], "teacher pass": resident +
                        teacher_pass, "update": resident + sum(v for k, v in parts.items() if "update only" in k)},
             "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": seq,
-            "rollout_seqs": cfg.prompts_per_step // world * cfg.group_size,
-            "max_util": (gpu_bytes - resident - 4 * GIB) / gpu_bytes}  # leave 4 GiB for allocator slack, NCCL
+            "rollout_seqs": -(-cfg.prompts_per_step // world) * cfg.group_size,
+            "max_util": max(gpu_bytes - resident - 4 * GIB, 0) / gpu_bytes}  # leave 4 GiB: allocator slack, NCCL
 
 
 def format_plan(plan: dict, cfg) -> str:
-    g = lambda b: f"{b / GIB:6.1f} GiB"  # noqa: E731
-    lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.1f} GiB; student {cfg.model}, teacher "
+    g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
+    lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.2f} GiB; student {cfg.model}, teacher "
              f"{cfg.teacher if needs_teacher(cfg) else '-'}; estimates from the model configs):"]
     lines += [f"  {name:34s} {g(b)}" for name, b in plan["parts"].items() if b]
     lines += [f"  phase {name:28s} {g(b)}  {'ok' if b <= plan['gpu'] else 'DOES NOT FIT'}"
@@ -153,17 +153,17 @@ def check_plan(plan: dict, cfg):
     """Refuse what cannot fit, naming the number and the flag to change."""
     gpu, phases = plan["gpu"], plan["phases"]
     if phases["rollout"] > gpu:
-        raise SystemExit(f"memory plan: rollouts need {phases['rollout'] / GIB:.1f} GiB per GPU of "
-                         f"{gpu / GIB:.1f} (the trainer's resident state + vLLM's share): lower "
+        raise SystemExit(f"memory plan: rollouts need {phases['rollout'] / GIB:.2f} GiB per GPU of "
+                         f"{gpu / GIB:.2f} (the trainer's resident state + vLLM's share): lower "
                          f"--gpu_memory_utilization to {max(plan['max_util'], 0):.2f} or less, or --teacher_shard "
                          "true / --teacher_offload true, or use more GPUs")
     if phases["update"] > gpu:
-        raise SystemExit(f"memory plan: the update needs {phases['update'] / GIB:.1f} GiB per GPU of "
-                         f"{gpu / GIB:.1f}: pass --grad_checkpointing true, lower --micro_batch_tokens (now "
+        raise SystemExit(f"memory plan: the update needs {phases['update'] / GIB:.2f} GiB per GPU of "
+                         f"{gpu / GIB:.2f}: pass --grad_checkpointing true, lower --micro_batch_tokens (now "
                          f"{cfg.micro_batch_tokens}), or use more GPUs")
     if phases["teacher pass"] > gpu:
-        raise SystemExit(f"memory plan: the teacher pass needs {phases['teacher pass'] / GIB:.1f} GiB per GPU of "
-                         f"{gpu / GIB:.1f}: pass --teacher_shard true or --teacher_offload true, or lower "
+        raise SystemExit(f"memory plan: the teacher pass needs {phases['teacher pass'] / GIB:.2f} GiB per GPU of "
+                         f"{gpu / GIB:.2f}: pass --teacher_shard true or --teacher_offload true, or lower "
                          f"--teacher_token_budget (now {cfg.teacher_token_budget})")
     if plan["kv_tokens"] < plan["seq_tokens"]:
         raise SystemExit(f"memory plan: vLLM's share leaves a KV cache of ~{plan['kv_tokens']:.0f} tokens, less "

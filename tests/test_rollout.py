@@ -121,6 +121,30 @@ def test_wake_generates_with_latest_weights(setup, tiny_tokenizer):
     assert max_error(hf, engine.generate(ps, max_tokens=16, seed=4), ps) < TOL
 
 
+def test_partial_wake_is_an_error_not_a_hang(setup, tiny_tokenizer):
+    """vLLM's scheduler paused for real (sleep level 0, which CPU vLLM honours): wake() must notice and refuse
+    instead of letting generate() wait forever on a scheduler that never runs."""
+    engine, hf, *_ = setup
+    engine.sleep()
+    engine.llm.sleep(level=0)  # vLLM itself: scheduling paused, as after a partial wake_up
+    engine.load_weights(hf.named_parameters())
+    with pytest.raises(RuntimeError, match="still partly asleep after wake"):
+        engine.wake()
+    assert engine.llm.wake_up(tags=["scheduling"])  # vLLM's own resume; our wake() then goes through
+    engine.sleep()
+    engine.load_weights(hf.named_parameters())
+    engine.wake()
+    assert len(engine.generate(prompts(tiny_tokenizer), max_tokens=4, seed=1)) == 3
+
+
+def test_other_vllm_versions_are_refused(monkeypatch, tiny_model_dir):
+    import vllm
+    rollout.check_vllm_version(vllm.__version__)  # the installed one is the tested one
+    monkeypatch.setattr(vllm, "__version__", "0.31.0")
+    with pytest.raises(RuntimeError, match=f"vllm 0.31.0 is installed.*pip install vllm=={rollout.TESTED_VLLM}"):
+        rollout.VLLMEngine(tiny_model_dir, dtype="float32", max_model_len=256, kv_cache_memory_bytes=64 * 2**20)
+
+
 def test_n_samples_max_tokens_and_seeds(setup, tiny_tokenizer):
     engine, *_ = setup
     ps = prompts(tiny_tokenizer)

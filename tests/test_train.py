@@ -190,6 +190,7 @@ def test_checkpoint_loads_in_transformers_and_vllm(kk):
 
 # ---------------------------------------------------------------------------- errors before any model is loaded
 def test_config_parsing_and_errors(tmp_path):
+    import preflight
     import train
     cfg = train.parse_config(["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--lr", "3e-4",
                               "--filter_groups", "true", "--group_size", "16"])
@@ -205,9 +206,48 @@ def test_config_parsing_and_errors(tmp_path):
         train.parse_config(["--resume", "yes"])
     for flags, msg in [(["--group_size", "1"], "at least 2"), (["--prompts_per_step", "3"], "not divisible"),
                        (["--teacher", ""], "needs a teacher"), (["--model", "/nonexistent/model"], "no such directory"),
-                       (["--method", "ppo"], "unknown")]:
+                       (["--method", "ppo"], "use one of grpo")]:
         with pytest.raises(SystemExit, match=msg):
-            train.check_config(train.parse_config(flags), 2)
+            preflight.check_config(train.parse_config(flags), 2)
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "abc"], "--lr 'abc': expected float"),
+    (["--max_steps", "-1"], "--max_steps -1: must be >= 1"),  # used to exit 0 having done nothing
+    (["--prompts_per_step", "0"], "--prompts_per_step 0: must be >= 1"),
+    (["--max_tokens", "0"], "--max_tokens 0: must be >= 1"),  # used to fail at the first generate
+    (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["--alpha", "2"], "--alpha 2.0: must be in [0, 1]"),
+    (["--gpu_memory_utilization", "1.5"], "must be in (0, 1]"),
+    (["--kk_people", "3,x"], "comma-separated integers"),
+    (["--loss_agg", "mean"], "use one of token-mean"),
+    (["--plan_gpus", "eight"], "--plan_gpus 'eight': expected GPUSxGIB"),
+])
+def test_bad_settings_are_one_line_errors(flags, message):
+    import train
+    with pytest.raises(SystemExit) as e:
+        cfg = train.parse_config(["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--plan", "true"] + flags)
+        train.main(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bad_data_and_preset_types_are_one_line_errors(tmp_path):
+    import train
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"question": "1 + 1?", "answer": "2"}\n{"question": oops}\n')
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"question": "1 + 1?"}\n')
+    preset = tmp_path / "typed.toml"
+    preset.write_text('lr = "abc"\n')
+    cases = [(["--task", "math", "--train_data", str(bad_line)], f"{bad_line}, line 2: not a JSON object"),
+             (["--task", "math", "--train_data", str(no_answer)], f"{no_answer}, line 1: missing answer field"),
+             (["--task", "math", "--train_data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
+             (["--config", str(preset)], "--lr 'abc': expected float")]
+    for flags, message in cases:
+        base = [] if "--config" in flags else ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml")]
+        with pytest.raises(SystemExit) as e:
+            train.main(train.parse_config(base + flags + ["--run_dir", str(tmp_path / "run"), "--eval_every", "0"]))
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
 
 def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
     import tiny
@@ -219,7 +259,7 @@ def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
     foreign = tiny.save_tiny(str(tmp_path / "foreign"), other)
     cfg = train.Config(model=tiny_model_dir, teacher=foreign, run_dir=str(tmp_path / "b"), eval_every=0)
     from train_helper import toy_examples
-    with pytest.raises(ValueError, match="tokenizer mismatch"):
+    with pytest.raises(SystemExit, match="tokenizer mismatch"):  # one line, before any model loads
         train.main(cfg, train_examples=toy_examples(8), eval_examples=[])
 
 

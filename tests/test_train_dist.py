@@ -29,6 +29,18 @@ def launch(cmd, timeout=600):
     return p.stdout + p.stderr
 
 
+def test_collective_timeout_is_honoured_on_gloo():
+    """Config.dist_timeout_min reaches the process group: with 0.1 min (6 s) a rank waiting 30 s for its peer
+    fails after about 6 s instead of hanging (gloo honours the timeout like NCCL)."""
+    helper = os.path.join(ROOT, "tests", "train_helper.py")
+    p = subprocess.run(TORCHRUN + [helper, "timeout", "0.1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    out = p.stdout + p.stderr
+    waited = re.search(r"rank 0: all_reduce failed after ([\d.]+) s", out)
+    assert p.returncode != 0 and waited, out[-3000:]
+    assert 5 <= float(waited.group(1)) < 25, out[-3000:]
+
+
 def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir):
     helper = os.path.join(ROOT, "tests", "train_helper.py")
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
@@ -65,3 +77,29 @@ def test_two_rank_tiny_preset_run_samples_like_one_rank(tmp_path):
     assert {k: metrics[0][k] for k in same} == pytest.approx({k: runs["one"][0][k] for k in same}, rel=1e-9)
     evals = [k for k in metrics[-1] if k.startswith("eval")]
     assert {k: metrics[-1][k] for k in evals} == pytest.approx({k: runs["one"][-1][k] for k in evals}, rel=1e-9)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_default_config_with_hub_names_runs_offline(hub_cache, tmp_path, ranks):
+    """`train.py` with its default config (Qwen/Qwen3-0.6B <- Qwen/Qwen3-8B, K&K, 2048-token responses), cut
+    down only in steps and batch, from a hub cache on disk with HF_HUB_OFFLINE=1: names resolve to the cached
+    snapshots for the engine, student, teacher and tokenizer, and the run reaches its last step and checkpoint."""
+    cmd = ([sys.executable] if ranks == 1 else TORCHRUN) + [
+        os.path.join(ROOT, "train.py"), "--max_steps", "1", "--prompts_per_step", "2", "--group_size", "2",
+        "--eval_per_level", "1", "--run_dir", str(tmp_path)]
+    env = dict(ENV, HF_HUB_CACHE=hub_cache, HF_HUB_OFFLINE="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert re.search(r"student Qwen/Qwen3-0.6B \(.*models--Qwen--Qwen3-0.6B/snapshots/", out), out[-3000:]
+    assert re.search(r"teacher Qwen/Qwen3-8B \(.*models--Qwen--Qwen3-8B/snapshots/", out), out[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1] and "eval/PPL8" in metrics[0]
+    assert metrics[0]["tokens_trained"] > 0 and metrics[0]["teacher_log_ratio_abs"] > 0  # the teacher pass ran
+    assert os.path.isfile(tmp_path / "checkpoints" / "step_000001" / "model.safetensors")
+    # A name that is not cached is a one-line error naming the fix, before any model loads.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--teacher", "Qwen/Qwen3-32B", "--run_dir",
+                        str(tmp_path / "missing")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "--teacher Qwen/Qwen3-32B: not a local directory" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert "huggingface-cli download Qwen/Qwen3-32B" in p.stderr

@@ -2,6 +2,7 @@
 
     python tests/train_helper.py toy --config configs/tiny_cpu.toml --run_dir DIR [--key value ...]
     [torchrun --nproc_per_node 2] tests/train_helper.py update OUT.pt MODEL_DIR
+    torchrun --nproc_per_node 2 tests/train_helper.py timeout MINUTES    # rank 1 arrives 30 s late
 
 toy: prompts whose reward is the fraction of generated characters that are lowercase letters or spaces. A
 random tiny model scores about 0.5 with a wide spread, so group advantages are informative from the first
@@ -77,11 +78,28 @@ def update_case(out_path, model_dir):
     torch.distributed.destroy_process_group()
 
 
+def late_rank(minutes: float):
+    """train.setup_distributed with a collective timeout; rank 1 reaches the all_reduce 30 s after rank 0."""
+    import time
+    rank, _, _ = train.setup_distributed(minutes)
+    if rank == 1:
+        time.sleep(30)
+    start = time.monotonic()
+    try:
+        torch.distributed.all_reduce(torch.ones(1))
+        print(f"rank {rank}: all_reduce returned after {time.monotonic() - start:.1f} s", flush=True)
+    except RuntimeError as e:
+        print(f"rank {rank}: all_reduce failed after {time.monotonic() - start:.1f} s: {str(e)[:200]}", flush=True)
+        os._exit(3)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "toy":
         train.main(train.parse_config(sys.argv[2:]), train_examples=toy_examples(), eval_examples=[],
                    score_fn=toy_score)
     elif sys.argv[1] == "update":
         update_case(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "timeout":
+        late_rank(float(sys.argv[2]))
     else:
         sys.exit(__doc__)
