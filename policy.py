@@ -59,50 +59,95 @@ class Policy(torch.nn.Module):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
 
 
+def device_mesh(device, world: int, shard_group: int = 0):
+    """FSDP2's mesh over `world` ranks: flat when shard_group is 0 or the world size, else 2-D (replicate x shard),
+    i.e. HSDP: every layer's all-gather and reduce-scatter stay inside a group of shard_group ranks (a node) and
+    only the gradient all-reduce crosses groups. A collective: build it once and pass it to every load()."""
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = shard_group or world
+    if world % shard:
+        raise ValueError(f"shard_group={shard_group} does not divide the world size {world}")
+    if shard == world:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
-         trainable: bool = True, shard: bool = True, offload: bool = False) -> Policy:
-    """A Policy from a HF checkpoint dir or hub name (or a model object).
+         trainable: bool = True, shard: bool = True, offload: bool = False, mesh=None) -> Policy:
+    """A Policy from a HF checkpoint dir (or a model object, which every rank then holds already).
 
     trainable: fp32 master weights (bf16 compute and fp32 gradient reduction on GPU), in training mode.
     frozen (trainable=False): the weights in the compute dtype (bf16 on GPU, fp32 on CPU), eval mode, no grads.
-    shard: FSDP2 per decoder layer and at the root over all `world` ranks (else a plain module on `device`).
-    offload: frozen models only, parameters in CPU memory between uses (sharded: FSDP2's CPUOffloadPolicy copies
-    one layer at a time in; unsharded: score() moves the model in for the pass). chunk: LM-head rows at once;
-    temperature divides the logits (the rollout temperature, so that the trainer's log-probs are those of the
-    distribution that sampled); grad_checkpointing: recompute decoder layers in backward.
+    shard: FSDP2 per decoder layer and at the root over `mesh` (default: flat over `world`), else a plain module
+    on `device`. offload: frozen models only, parameters in CPU memory between uses (sharded: FSDP2's
+    CPUOffloadPolicy copies one layer at a time in; unsharded: score() moves the model in for the pass).
+    chunk: LM-head rows at once; temperature divides the logits (the rollout temperature, so that the trainer's
+    log-probs are those of the distribution that sampled); grad_checkpointing: recompute layers in backward.
+
+    One read from disk: rank 0 loads the checkpoint into CPU memory, every other rank builds the model on the
+    meta device (no memory), everything is sharded, and rank 0's weights and buffers are broadcast, each rank
+    keeping its shard. Host memory is one copy of the model, on rank 0, instead of one per rank.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
-    is_module = isinstance(path, torch.nn.Module)
-    lm = path.to(dtype) if is_module else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    given, rank0 = isinstance(path, torch.nn.Module), not dist.is_initialized() or dist.get_rank() == 0
+    if given:
+        lm = path.to(dtype)
+    elif rank0:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     if getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None):
         raise ValueError(f"{type(lm).__name__} transforms its logits after the LM head; this trainer supports models "
                          "whose logits are lm_head(final hidden state) (Qwen, Llama, Mistral, ...)")
     if grad_checkpointing and trainable:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = Policy(lm, chunk, temperature)
+    full = {f"lm.{k}": v for k, v in lm.state_dict().items()} if rank0 and not given else {}  # rank 0's CPU copy
     model.offload = offload and not trainable and device.type != "cpu" and not shard
+    cpu_offload = shard and offload and not trainable and device.type != "cpu"  # FSDP2 keeps the shards on CPU
     if shard:
-        mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" and trainable else MixedPrecisionPolicy()  # frozen: already in compute dtype
-        kw = dict(mesh=mesh, mp_policy=mp, **({"offload_policy": CPUOffloadPolicy()} if offload and not trainable
-                                               and device.type != "cpu" else {}))
+        kw = dict(mesh=mesh or device_mesh(device, world), mp_policy=mp,
+                  **({"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}))
         for layer in lm.get_decoder().layers:
             fully_shard(layer, **kw)
         fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
-    elif not model.offload:
-        model.to(device)
+    else:
+        model.to(device) if rank0 or given else model.to_empty(device=device)
+    if not given and dist.is_initialized() and dist.get_world_size() > 1:
+        broadcast_from_rank0(model, full, torch.device("cpu") if cpu_offload else device, sharded=shard)
+    if not shard and model.offload:
+        model.to("cpu")
+    del full
     # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
     return model.train() if trainable else model.eval().requires_grad_(False)
 
 
-def full_params(model: Policy):
-    """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates)."""
+def broadcast_from_rank0(model: Policy, full: dict, device, sharded: bool):
+    """Fill the meta-built models of ranks 1.. with rank 0's weights (each rank keeps its shard) and buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device)
+    if sharded:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
+        dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
+def full_params(model: Policy, dtype=None):
+    """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates), no autograd.
+    dtype casts each rank's shard BEFORE the all-gather: a bf16 sync moves half the bytes of the fp32 masters."""
     for name, p in model.lm.named_parameters():
-        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        p = p.detach() if dtype is None else p.detach().to(dtype)  # a DTensor stays sharded through the cast
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 # ----------------------------------------------------------------------------- rows -> micro-batches

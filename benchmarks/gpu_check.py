@@ -1,47 +1,153 @@
-"""One-shot GPU check of what only a GPU can show (torch + transformers only: no vLLM needed). Prints everything.
+"""One run of at most 5 minutes on one GPU that measures what only a GPU can show; its JSON feeds the README.
 
-1. FSDP2 update (train.update: forward, backward, AdamW; bf16 compute, fp32 master weights and gradient
-   reduction; activation checkpointing) of a random Qwen3-1.7B-shaped model (vocab 151936, tied) on sequences
-   of 8K tokens: tokens/s, MFU (6 N + 6 L d T model FLOPs per token over the card's dense bf16 peak), peak memory.
-2. Teacher pass (teacher.Teacher.logprobs) of a random Qwen3-8B-shaped model in bf16 on K&K-like sequences
-   (512-token prompt + 2K response): tokens/s and padding.
-3. token_logprobs memory: peak extra memory of rlad.token_logprobs (forward + backward) on [T, V] bf16 logits vs
-   the naive float32 log_softmax, and of student.Policy's chunked LM head, at T = 8192, V = 151936.
+Models are built from their Qwen3 configs with random weights (speed and memory do not depend on the values):
+torch and transformers only, no vLLM, no model hub. Each part runs in its own try/except: an error prints its
+traceback and is recorded, an out-of-memory is recorded as "OOM" with the part's sizes, and the next part runs.
 
-    python benchmarks/gpu_check.py              # one H100 / H200, about 3-5 minutes
-    python benchmarks/gpu_check.py --dry-run    # tiny sizes on CPU: checks the code paths in seconds
+  dist        a process group of one (120 s collective timeout) and an all-reduce whose result is checked
+  logprobs    rlad.token_logprobs forward + backward on bf16 logits at T = 32768, V = 151936: peak memory above
+              the logits, the largest single allocation from the CUDA memory history against the 19.9 GB of a
+              float32 [T, V], time; a plain float32 log_softmax of the same logits for comparison
+  memory_fit  each GPU preset (configs/*.toml) as the trainer holds it: its student shape under FSDP2 (fp32
+              masters, AdamW) with the Qwen3-8B-shaped teacher resident, a teacher pass and two train.update
+              calls on one full micro-batch; measured peaks next to preflight.memory_plan's phases
+  padding     policy.forward + backward of the Qwen3-1.7B shape: padded micro-batches of mixed RL lengths against
+              equal lengths with the same tokens: tokens/s, pad fraction, MFU
+  teacher     Teacher.logprobs of the 8B shape (bf16) on K&K-like sequences against the model's own forward (full
+              logits) on the same micro-batches: tokens/s, ratio, pad fraction, peak memory
+  sync        policy.full_params of the FSDP2 1.7B student, fp32 against bf16: seconds and GB
+  adamw       AdamW foreach=True against fused=True on the 1.7B student's parameters: ms per step
+
+    python benchmarks/gpu_check.py                          # one H100 / H200: about 3-4 minutes
+    python benchmarks/gpu_check.py --parts logprobs,adamw   # a subset (dist always runs first)
+    python benchmarks/gpu_check.py --dry-run                # tiny sizes on CPU: every code path in seconds
+
+Every number goes into one JSON (--json, default gpu_check.json; also printed at the end), one line per part as
+it finishes. MFU = model FLOPs (6 N per token plus causal attention, 6 L d n per token of an n-token sequence,
+for forward + backward; 2 N and 2 L d n for a forward) over the card's dense bf16 peak (PEAK_BF16).
 """
 import argparse
+import dataclasses
+import gc
+import glob
+import json
 import math
 import os
+import statistics
 import sys
 import time
+import traceback
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
+import policy  # noqa: E402
+import preflight  # noqa: E402
 import rlad  # noqa: E402
-import student  # noqa: E402
+import teacher as teacher_lib  # noqa: E402
 import train  # noqa: E402
+from benchmarks.bench_teacher import make_lengths  # noqa: E402
 
-SHAPES = {  # Qwen3 configs (hidden, layers, heads, kv heads, head_dim, MLP, vocab, tied)
-    "1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
+GIB = 2**30
+VOCAB = 151936
+SHAPES = {  # Qwen3 configs: the students the presets name and the 8B teacher
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
+TINY = {  # --dry-run: the same three roles, distinct shapes, vocabulary 512
+    "0.6b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=48, tie_word_embeddings=True),
+    "8b": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+}
+MODEL_SHAPE = {"Qwen/Qwen3-0.6B": "0.6b", "Qwen/Qwen3-1.7B": "1.7b", "Qwen/Qwen3-1.7B-Base": "1.7b",
+               "Qwen/Qwen3-8B": "8b", "Qwen/Qwen3-8B-Base": "8b"}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
+DRY = 128  # --dry-run divides the presets' token counts by this
+PARTS = ("logprobs", "memory_fit", "padding", "teacher", "sync", "adamw")
 
 
-def build(shape, dtype, device):
+# ----------------------------------------------------------------------------- helpers
+def is_cuda(device) -> bool:
+    return device.type == "cuda"
+
+
+def sync(device):
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device) -> int:
+    """Synchronise, reset the peak counters; the bytes allocated now (0 on CPU)."""
+    if not is_cuda(device):
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peaks(device, base: int = 0) -> dict:
+    """Peak allocated (above `base`) and reserved GiB since the last reset_peak; empty on CPU."""
+    if not is_cuda(device):
+        return {}
+    torch.cuda.synchronize()
+    return {"peak_alloc_gib": gib(torch.cuda.max_memory_allocated() - base),
+            "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()),
+            "alloc_now_gib": gib(torch.cuda.memory_allocated())}
+
+
+def gib(n) -> float:
+    return round(n / GIB, 3)
+
+
+def timed(fn, device):
+    """(seconds, fn's result) with a synchronise on each side."""
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device) if is_cuda(device) else "cpu"
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def model_flops(n_params: int, layers: int, d_attn: int, lens, passes: int = 6) -> float:
+    """passes = 6 (forward + backward) or 2 (forward): passes * N per token plus causal attention,
+    passes * L * d * n per token of an n-token sequence (half of the full 2 * passes * L * d * n)."""
+    return sum(passes * n_params * n + passes * layers * d_attn * n * n for n in lens)
+
+
+def mfu(flops: float, seconds: float, device):
+    peak = peak_flops(device)
+    return round(flops / seconds / peak, 4) if peak and seconds > 0 else None
+
+
+def build(shape: str, dtype, device, dry: bool):
+    """A random Qwen3ForCausalLM of `shape`, built in `dtype` directly on `device` (no float32 copy first)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, dtype=str(dtype).split(".")[-1])
+    cfg = Qwen3Config(**(TINY if dry else SHAPES)[shape], vocab_size=512 if dry else VOCAB,
+                      max_position_embeddings=40960)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype on the device: no float32 copy of an 8B model first
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             torch.manual_seed(0)
@@ -50,142 +156,540 @@ def build(shape, dtype, device):
         torch.set_default_dtype(default)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def dims(lm) -> tuple:
+    """(parameters, layers, attention width) for the MFU formula; tied embeddings count once."""
+    c = lm.config
+    return sum(p.numel() for p in lm.parameters()), c.num_hidden_layers, c.num_attention_heads * c.head_dim
 
 
-def mem_gb(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+def plan_shapes(lm) -> dict:
+    """The dict preflight.shapes returns, from a built model instead of a hub config."""
+    c = lm.config
+    total = sum(p.numel() for p in lm.parameters())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in lm.get_decoder().layers]
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return {"params": total, "layer": max(layers), "root": total - sum(layers), "hidden": c.hidden_size,
+            "intermediate": c.intermediate_size, "layers": len(layers), "vocab": c.vocab_size,
+            "kv_bytes_per_token": 2 * len(layers) * kv_heads * c.head_dim * 2}
 
 
-def check_update(args, device):
-    shape = "tiny" if args.dry_run else "1.7b"
-    seq, n_seq = (256, 4) if args.dry_run else (8192, args.sequences)
-    prompt = seq // 16
-    cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=2 * seq, grad_checkpointing=True,
-                       max_tokens=seq, lr=1e-6, warmup_steps=0)
-    lm = build(shape, torch.float32, device)
-    n_params = sum(p.numel() for p in lm.parameters())
-    layers, d_attn = lm.config.num_hidden_layers, lm.config.num_attention_heads * lm.config.head_dim
-    policy = student.load(lm, device, 1, grad_checkpointing=True)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(0)
-    vocab = lm.config.vocab_size
-    rows = [{"prompt": torch.randint(0, vocab, (prompt,), generator=g).tolist(),
-             "response": torch.randint(0, vocab, (seq - prompt,), generator=g).tolist(), "group": i // 2, "uid": i,
-             "adv": float(torch.randn(1, generator=g)), "correct": True} for i in range(n_seq)]
-    for r in rows:
-        # a random model is near uniform: log-probs ~ -log V; some ratios clip, most carry gradient (as in training)
-        r["old"] = -math.log(vocab) + 0.1 * torch.randn(len(r["response"]), generator=g)
-    tokens = sum(len(r["prompt"]) + len(r["response"]) for r in rows)
-    times = []
-    for it in range(1 + args.iters):  # the first iteration warms up (allocator, kernels)
-        sync(device)
-        t = time.perf_counter()
-        train.update(policy, opt, rows, cfg, device, 1, it, {"kd": 0.0, "ent": 0.0}, {}, {})
-        sync(device)
-        times.append(time.perf_counter() - t)
-    sec = sum(times[1:]) / args.iters
-    flops_tok = 6 * n_params + 6 * layers * d_attn * seq  # causal attention: half of 12 L d T
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = f"{flops_tok * tokens / sec / peak:.1%}" if peak else "n/a"
-    print(f"[update] {shape}: {n_params / 1e9:.2f}B params, {n_seq} x {seq} tokens, grad ckpt {cfg.grad_checkpointing}: "
-          f"{sec:.2f} s/update, {tokens / sec:,.0f} tokens/s, MFU {mfu} ({name}), peak mem {mem_gb(device):.1f} GB; "
-          f"iters {[round(t, 2) for t in times]}", flush=True)
-    del policy, opt, lm
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def random_ids(n: int, vocab: int, g) -> list:
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
-def check_teacher(args, device):
-    import teacher as teacher_lib
-    shape = "tiny" if args.dry_run else "8b"
-    prompt, resp, n_seq = (32, 128, 8) if args.dry_run else (512, 2048, args.teacher_sequences)
-    lm = build(shape, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
-    t = teacher_lib.Teacher(lm, device=device, token_budget=32768 if not args.dry_run else 1024)
-    g = torch.Generator().manual_seed(0)
-    vocab = lm.config.vocab_size
-    seqs = [(torch.randint(0, vocab, (prompt,), generator=g).tolist(),
-             torch.randint(0, vocab, (int(resp * (0.25 + 0.75 * torch.rand(1, generator=g))),), generator=g).tolist())
-            for _ in range(n_seq)]
-    t.logprobs(seqs[:2])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    out = t.logprobs(seqs)
-    sync(device)
-    sec = time.perf_counter() - start
-    tokens = sum(len(p) + len(r) for p, r in seqs)
-    assert all(torch.isfinite(x).all() for x in out)
-    print(f"[teacher] {shape}: {n_seq} sequences, {tokens:,} tokens in {sec:.2f} s: {tokens / sec:,.0f} tokens/s, "
-          f"pad {t.last_stats['pad_fraction']:.1%}, micro-batches {t.last_stats['micro_batches']}, "
-          f"peak mem {mem_gb(device):.1f} GB", flush=True)
-    del t, lm
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def summary(res: dict, prefix: str = "") -> str:
+    """One line of key=value for a result dict (nested keys joined by '.', long lists left out)."""
+    out = []
+    for k, v in res.items():
+        if isinstance(v, dict):
+            inner = summary(v, f"{prefix}{k}.")
+            out.append(inner) if inner else None
+        elif isinstance(v, float):
+            out.append(f"{prefix}{k}={v:.4g}")
+        elif not isinstance(v, list) or len(v) <= 6:
+            out.append(f"{prefix}{k}={v}")
+    return " ".join(out)
 
 
-def check_logprob_memory(args, device):
-    T, V = (512, 512) if args.dry_run else (8192, 151936)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+# ----------------------------------------------------------------------------- dist
+def part_dist(args, state, res):
+    """The trainer's process group (train.setup_distributed, a group of one outside torchrun) and a checked
+    all-reduce. ~5 s (CUDA and NCCL initialisation)."""
+    rank, world, device = train.setup_distributed(timeout_min=2.0)
+    state.update(rank=rank, world=world, device=device)
+    res.update(backend=dist.get_backend(), rank=rank, world=world, device=str(device), timeout_s=120)
+    x = torch.full((1024,), float(rank + 1), device=device)
+    seconds, _ = timed(lambda: dist.all_reduce(x), device)
+    expected = world * (world + 1) / 2
+    res.update(all_reduce_value=x[0].item(), all_reduce_expected=expected, all_reduce_ok=bool((x == expected).all()),
+               all_reduce_ms=round(1e3 * seconds, 3))
+    if not res["all_reduce_ok"]:
+        raise RuntimeError(f"all_reduce gave {x[0].item()}, expected {expected}")
+
+
+# ----------------------------------------------------------------------------- logprobs
+def start_history(max_entries: int) -> str:
+    """Start the CUDA allocator's history (the signature varies across torch versions); which call worked."""
+    record = torch.cuda.memory._record_memory_history
+    for how, kw in (("kwargs+clear", dict(enabled="all", context="alloc", stacks="python", max_entries=max_entries,
+                                          clear_history=True)),
+                    ("kwargs", dict(enabled="all", context="alloc", stacks="python", max_entries=max_entries)),
+                    ("legacy bool", dict(enabled=True, trace_alloc_max_entries=max_entries))):
+        try:
+            record(**kw)
+            return how
+        except TypeError:
+            continue
+    record()
+    return "defaults"
+
+
+def stop_history():
+    try:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    except TypeError:
+        torch.cuda.memory._record_memory_history(False)
+
+
+def largest_allocs(snapshot, skip_size: int) -> dict:
+    """Largest 'alloc' in the snapshot's device traces (all, and other than blocks of `skip_size` bytes, the
+    logits' gradient); falls back to the segments' current blocks when the format has no traces."""
+    out = {"snapshot_keys": sorted(snapshot) if isinstance(snapshot, dict) else str(type(snapshot))}
+    traces = snapshot.get("device_traces") if isinstance(snapshot, dict) else None
+    sizes, segment_sizes = [], []
+    for trace in traces or []:
+        for e in trace if isinstance(trace, list) else []:
+            if isinstance(e, dict) and e.get("action") == "alloc":
+                sizes.append(int(e.get("size", 0)))
+            elif isinstance(e, dict) and e.get("action") == "segment_alloc":
+                segment_sizes.append(int(e.get("size", 0)))
+    out["source"] = "device_traces"
+    if not sizes and isinstance(snapshot, dict):  # no traces: what is allocated now (a lower bound)
+        out["source"] = "segments (current blocks only)"
+        for seg in snapshot.get("segments", []):
+            for block in seg.get("blocks", []):
+                if str(block.get("state", "")).startswith("active"):
+                    sizes.append(int(block.get("size", 0)))
+    other = [s for s in sizes if not 0 <= s - skip_size < 2**21]  # the gradient, rounded up by the allocator
+    out.update(alloc_events=len(sizes), largest_alloc_bytes=max(sizes, default=None),
+               largest_alloc_other_than_grad_bytes=max(other, default=None),
+               largest_segment_alloc_bytes=max(segment_sizes, default=None))
+    return out
+
+
+def part_logprobs(args, state, res):
+    """rlad.token_logprobs forward + backward at T = 32768, V = 151936, bf16 logits (10.0 GB) that require grad.
+    H200 estimate ~10 s: each pass streams ~40 GB (~20-40 ms); 1 recorded + 1 warm-up + 3 timed passes; the
+    float32 log_softmax baseline needs ~70 GB (~1 s for two passes)."""
+    device = state["device"]
+    T, V = (512, 1024) if args.dry_run else (32768, VOCAB)
+    dtype = torch.bfloat16
+    fp32_tv = T * V * 4
+    res.update(T=T, V=V, logits_dtype="bfloat16", logits_bytes=T * V * 2, fp32_TV_bytes=fp32_tv,
+               chunk=1024, chunk_fp32_bytes=min(1024, T) * V * 4)
     g = torch.Generator(device=device).manual_seed(0)
-    targets = torch.randint(0, V, (T,), device=device, generator=g)
-    for name in ("naive float32", "rlad.token_logprobs"):
-        logits = torch.randn(T, V, device=device, dtype=dtype, generator=g).requires_grad_()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        if name == "naive float32":
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
-        else:
-            lp = rlad.token_logprobs(logits, targets)
-        lp.sum().backward()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
-        print(f"[logprobs] {name}: T={T}, V={V}, {str(dtype)[6:]} logits ({T * V * logits.element_size() / 2**30:.2f} GB):"
-              f" peak extra (fwd+bwd, incl. the logits' gradient) {extra:.2f} GB", flush=True)
-        del logits, lp
-    # student.Policy: hidden states -> LM head per chunk under checkpointing: the [T, V] logits never exist at once
-    shape = "tiny" if args.dry_run else "1.7b"
-    lm = build(shape, torch.float32, device)
-    policy = student.load(lm, device, 1, grad_checkpointing=True)
-    ids = torch.randint(0, V, (1, T), device=device, generator=g)
-    src = torch.arange(T - 1, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    lp, _ = policy(ids, None, src, ids[0, 1:])
-    lp.sum().backward()
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
-    print(f"[logprobs] student.Policy {shape} forward+backward, 1 x {T} tokens: peak extra {extra:.2f} GB "
-          f"(weights excluded)", flush=True)
+    logits = torch.randn(T, V, device=device, dtype=dtype, generator=g).requires_grad_()  # [T, V]
+    targets = torch.randint(0, V, (T,), device=device, generator=g)  # [T]
+
+    def fwd_bwd():
+        rlad.token_logprobs(logits, targets).sum().backward()
+
+    # memory: peak above the logits, and the allocator's history of this one call
+    logits.grad = None
+    base = reset_peak(device)
+    if is_cuda(device):
+        res["history_api"] = start_history(100_000)
+        try:
+            fwd_bwd()
+            sync(device)
+            snapshot = torch.cuda.memory._snapshot()
+        finally:
+            stop_history()
+        res.update(peaks(device, base))
+        res.update(largest_allocs(snapshot, T * V * 2))
+        del snapshot
+        big = res.get("largest_alloc_bytes")
+        other = res.get("largest_alloc_other_than_grad_bytes")
+        res["largest_over_fp32_TV"] = round(big / fp32_tv, 4) if big else None
+        res["largest_other_than_grad_over_fp32_TV"] = round(other / fp32_tv, 4) if other else None
+        res["no_fp32_TV_allocation"] = bool(big is not None and big < fp32_tv)
+    else:
+        fwd_bwd()
+        res["memory_history"] = "skipped: no CUDA"
+    # time: one warm-up, then the median of 3 (forward alone, forward + backward)
+    fwd_ms, both_ms = [], []
+    for it in range(4):
+        logits.grad = None
+        s, _ = timed(lambda: rlad.token_logprobs(logits.detach(), targets), device)
+        fwd_ms.append(1e3 * s)
+        s, _ = timed(fwd_bwd, device)
+        both_ms.append(1e3 * s)
+    res.update(forward_ms=round(statistics.median(fwd_ms[1:]), 3),
+               forward_backward_ms=round(statistics.median(both_ms[1:]), 3))
+    # the naive float32 log_softmax of the same logits (a float32 [T, V] copy, its output and its gradient)
+    naive = res["naive_fp32"] = {}
+    try:
+        def naive_fwd_bwd():
+            torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0].sum().backward()
+        logits.grad = None
+        base = reset_peak(device)
+        naive_fwd_bwd()
+        naive.update(peaks(device, base))
+        logits.grad = None
+        s, _ = timed(naive_fwd_bwd, device)
+        naive["forward_backward_ms"] = round(1e3 * s, 3)
+    except torch.OutOfMemoryError as e:
+        naive.update(error="OOM", message=str(e)[:300])
+    logits.grad = None
+    del logits, targets
+    free(device)
+    print(f"[logprobs] T={T} V={V}: peak above the logits {res.get('peak_alloc_gib')} GiB, largest single "
+          f"allocation {res.get('largest_alloc_bytes')} B (other than the bf16 gradient "
+          f"{res.get('largest_alloc_other_than_grad_bytes')} B) vs float32 [T, V] {fp32_tv} B: ratio "
+          f"{res.get('largest_over_fp32_TV')} ({res.get('largest_other_than_grad_over_fp32_TV')}); "
+          f"fwd+bwd {res['forward_backward_ms']} ms; naive float32 peak {naive.get('peak_alloc_gib')} GiB", flush=True)
+
+
+# ----------------------------------------------------------------------------- memory_fit
+def fit_rows(cfg, vocab: int, seed: int) -> list:
+    """One micro-batch that fills micro_batch_tokens: the fewest rows of at most max_prompt_tokens (<= 512) +
+    max_tokens, the first at the full width, the others up to 25% shorter (padding and an attention mask, as in
+    training). Rows as train.update takes them after the teacher pass ("teacher" is added by the caller)."""
+    g = torch.Generator().manual_seed(seed)
+    budget = cfg.micro_batch_tokens
+    prompt = min(cfg.max_prompt_tokens, 512 // (DRY if budget < 1024 else 1))
+    n = max(1, math.ceil(budget / (prompt + cfg.max_tokens - 1)))
+    width = budget // n
+    prompt = min(prompt, width // 2)
+    response = width - prompt + 1  # prompt + response - 1 forward positions
+    rows = []
+    for i in range(n):
+        r = response if i == 0 else response - int(torch.randint(0, response // 4 + 1, (1,), generator=g))
+        rows.append({"prompt": random_ids(prompt, vocab, g), "response": random_ids(r, vocab, g), "uid": i,
+                     "group": i // 8, "adv": float(torch.randn(1, generator=g)), "correct": bool(i % 2)})
+    return rows
+
+
+def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
+    """One preset: the student as train.setup makes it, a teacher pass, two train.update calls (the second has
+    AdamW's state resident, as every step after the first does)."""
+    device = state["device"]
+    lm = build(key, torch.float32, device, args.dry_run)
+    n_params, layers, d_attn = dims(lm)
+    student = policy.load(lm, device, 1, chunk=cfg.logit_chunk, temperature=1.0,
+                          grad_checkpointing=cfg.grad_checkpointing)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # as train.setup
+    rows = fit_rows(cfg, lm.config.vocab_size, 0)
+    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
+    out.update(rows=len(rows), prompt=len(rows[0]["prompt"]), response_max=len(rows[0]["response"]),
+               slots=len(rows) * max(lens), real=sum(lens))
+    teach = teacher_lib.Teacher(teach_lm, device=device, token_budget=cfg.teacher_token_budget)
+    base = reset_peak(device)
+    seconds, lps = timed(lambda: teach.logprobs([(r["prompt"], r["response"]) for r in rows]), device)
+    out["teacher_pass"] = dict(peaks(device), seconds=round(seconds, 3), pad_fraction=teach.last_stats["pad_fraction"],
+                               resident_before_gib=gib(base))
+    for r, lp in zip(rows, lps):
+        r["teacher"] = lp
+    del lps, teach
+    ucfg = dataclasses.replace(cfg, mini_batches=1, ppo_epochs=1, warmup_steps=0)  # one micro-batch, one step
+    out["updates"] = []
+    for step in range(2):
+        m = train.Metrics()
+        base = reset_peak(device)
+        seconds, skipped = timed(lambda: train.update(student, opt, rows, ucfg, device, 1, step,
+                                                      {"kd": 0.0, "ent": 0.0}, m), device)
+        red = m.reduce(device)
+        out["updates"].append(dict(peaks(device), seconds=round(seconds, 3), skipped=skipped,
+                                   resident_before_gib=gib(base), loss=red.get("loss"),
+                                   grad_norm=red.get("grad_norm"), pad_frac=red.get("pad_frac")))
+    last = out["updates"][-1]
+    out.update(update_peak_alloc_gib=last.get("peak_alloc_gib"), update_peak_reserved_gib=last.get("peak_reserved_gib"),
+               update_tokens_per_s=round(sum(lens) / last["seconds"]),
+               update_mfu=mfu(model_flops(n_params, layers, d_attn, lens), last["seconds"], device))
+    del student, opt, lm, rows
+
+
+def part_memory_fit(args, state, res):
+    """Every GPU preset, one micro-batch of its micro_batch_tokens through train.update with the 8B teacher
+    resident (16.4 GB). H200 estimate ~100 s: the teacher build ~10 s; per measured preset a student build
+    (~5 s), a 32K-token teacher pass (~1.5 s) and two updates (~1-3 s each at 16K-32K tokens); the two presets
+    whose student, micro_batch_tokens and checkpointing repeat an earlier one are skipped; presets starting after
+    --fit-seconds are skipped."""
+    device = state["device"]
+    t0 = time.perf_counter()
+    teach_lm = build("8b", torch.bfloat16 if is_cuda(device) else torch.float32, device, args.dry_run)
+    teacher_shape = plan_shapes(teach_lm)
+    total = torch.cuda.mem_get_info()[1] if is_cuda(device) else 140 * GIB
+    res.update(gpu_bytes=total, teacher_params=teacher_shape["params"], teacher_build_s=round(time.perf_counter() - t0,
+                                                                                                1))
+    measured, presets = {}, res["presets"] = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))):
+        name = os.path.basename(path)[:-5]
+        cfg = train.parse_config(["--config", path])
+        if cfg.model.startswith("tiny"):
+            continue
+        out = presets[name] = {"model": cfg.model, "teacher": cfg.teacher}
+        key = MODEL_SHAPE.get(cfg.model)
+        if key is None or MODEL_SHAPE.get(cfg.teacher) != "8b":
+            out["skipped"] = f"no shape here for {cfg.model} <- {cfg.teacher}"
+            continue
+        if args.dry_run:
+            cfg = dataclasses.replace(cfg, **{k: max(getattr(cfg, k) // DRY, 4) for k in (
+                "micro_batch_tokens", "max_tokens", "max_prompt_tokens", "teacher_token_budget", "logit_chunk")})
+        out.update(shape=key, micro_batch_tokens=cfg.micro_batch_tokens, grad_checkpointing=cfg.grad_checkpointing,
+                   max_tokens=cfg.max_tokens, logit_chunk=cfg.logit_chunk)
+        with torch.device("meta"):
+            meta_lm = build(key, torch.float32, "meta", args.dry_run)
+        plan = preflight.memory_plan(cfg, 1, total, plan_shapes(meta_lm), teacher_shape)
+        del meta_lm
+        out["plan_gib"] = {k: gib(v) for k, v in plan["phases"].items()}
+        out["plan_parts_gib"] = {k: gib(v) for k, v in plan["parts"].items()}
+        print(f"[memory_fit] {name}: preflight plan, world 1:\n{preflight.format_plan(plan, cfg)}", flush=True)
+        sig = (key, cfg.micro_batch_tokens, cfg.grad_checkpointing)
+        if sig in measured:
+            out["skipped"] = f"same student shape, micro_batch_tokens, grad_checkpointing as {measured[sig]}"
+            continue
+        if time.perf_counter() - t0 > args.fit_seconds:
+            out["skipped"] = f"part time budget ({args.fit_seconds} s) spent"
+            continue
+        measured[sig] = name
+        try:
+            fit_one(args, state, cfg, key, teach_lm, out)
+        except torch.OutOfMemoryError as e:
+            out.update(error="OOM", message=str(e)[:300])
+        except Exception as e:
+            traceback.print_exc()
+            out["error"] = f"{type(e).__name__}: {e}"[:500]
+        free(device)
+        print(f"[memory_fit] {name}: {key} student, {cfg.micro_batch_tokens} tokens, checkpointing "
+              f"{cfg.grad_checkpointing}: update peak alloc {out.get('update_peak_alloc_gib', out.get('error'))} / "
+              f"reserved {out.get('update_peak_reserved_gib')} GiB vs plan {out['plan_gib']['update']} GiB; teacher "
+              f"pass peak {out.get('teacher_pass', {}).get('peak_alloc_gib')} vs plan {out['plan_gib']['teacher pass']}"
+              f" GiB; {out.get('update_tokens_per_s')} tokens/s, MFU {out.get('update_mfu')}", flush=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    del teach_lm
+
+
+# ----------------------------------------------------------------------------- padding
+def part_padding(args, state, res):
+    """policy.forward + backward (grad checkpointing, as the 1.7B presets) over 64 sequences of mixed RL lengths
+    (prompts 64-320, responses log-normal around 512 with 20% at 2048: ~70K tokens) in padded micro-batches of
+    16384, against 64 equal rows of the same total. H200 estimate ~20 s: build ~5 s, per layout one warm-up
+    micro-batch and one timed pass (~8 N FLOPs per token with recompute: ~3 s)."""
+    device = state["device"]
+    n, max_response, budget, chunk = (8, 32, 256, 16) if args.dry_run else (64, 2048, 16384, 1024)
+    lm = build("1.7b", torch.float32, device, args.dry_run)
+    n_params, layers, d_attn = dims(lm)
+    vocab = lm.config.vocab_size
+    model = policy.load(lm, device, 1, chunk=chunk, grad_checkpointing=True)
+    g = torch.Generator().manual_seed(0)
+    p_lens, r_lens = make_lengths(n, max_response, 0)
+    mixed = [{"prompt": random_ids(p, vocab, g), "response": random_ids(r, vocab, g)} for p, r in zip(p_lens, r_lens)]
+    total = sum(p + r - 1 for p, r in zip(p_lens, r_lens))
+    p_eq = round(sum(p_lens) / n)
+    r_eq = total // n - p_eq + 1
+    equal = [{"prompt": random_ids(p_eq, vocab, g), "response": random_ids(r_eq, vocab, g)} for _ in range(n)]
+    res.update(sequences=n, budget=budget, max_response=max_response, forward_tokens=total, equal_prompt=p_eq,
+               equal_response=r_eq, n_params=n_params)
+
+    def run(mbs):
+        slots = real = 0
+        for mb in mbs:
+            b = policy.collate(mb, device)
+            lp, _ = policy.forward(model, b)  # [B, R]
+            ((lp * b["mask"]).sum() / max(b["tokens"], 1)).backward()
+            slots, real = slots + b["slots"], real + b["real"]
+        model.zero_grad(set_to_none=True)
+        return slots, real
+
+    for name, rows in (("mixed", mixed), ("equal", equal)):
+        mbs = policy.pack(rows, budget)
+        out = res[name] = {"micro_batches": len(mbs)}
+        run(mbs[:1])  # warm-up: the widest micro-batch
+        base = reset_peak(device)
+        seconds, (slots, real) = timed(lambda: run(mbs), device)
+        lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
+        out.update(peaks(device, base), seconds=round(seconds, 3), slots=slots, real=real,
+                   pad_fraction=round(1 - real / slots, 4), tokens_per_s=round(real / seconds),
+                   mfu=mfu(model_flops(n_params, layers, d_attn, lens), seconds, device))
+    res["mixed_over_equal_tokens_per_s"] = round(res["mixed"]["tokens_per_s"] / res["equal"]["tokens_per_s"], 3)
+    del model, lm
+
+
+# ----------------------------------------------------------------------------- teacher
+def part_teacher(args, state, res):
+    """Teacher.logprobs (policy.score) of the 8B shape in bf16, 64 sequences of a 512-token prompt and a
+    512-2048-token response (~115K tokens) in micro-batches of 32768 (the presets' teacher_token_budget), against
+    the model's own forward with full logits over the same micro-batches. H200 estimate ~20 s: build ~10 s,
+    2 x 1.9e15 FLOPs (~3 s each), warm-ups."""
+    device = state["device"]
+    n, prompt, resp, budget = (8, 32, 64, 512) if args.dry_run else (64, 512, 2048, 32768)
+    lm = build("8b", torch.bfloat16 if is_cuda(device) else torch.float32, device, args.dry_run)
+    n_params, layers, d_attn = dims(lm)
+    t = teacher_lib.Teacher(lm, device=device, token_budget=budget)
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    seqs = [(random_ids(prompt, vocab, g), random_ids(int(resp * (0.25 + 0.75 * float(torch.rand(1, generator=g)))),
+                                                      vocab, g)) for _ in range(n)]
+    lens = [len(p) + len(r) - 1 for p, r in seqs]
+    res.update(sequences=n, prompt=prompt, max_response=resp, budget=budget, forward_tokens=sum(lens),
+               n_params=n_params)
+    flops = model_flops(n_params, layers, d_attn, lens, passes=2)
+    t.logprobs(seqs[:2])  # warm-up
+    base = reset_peak(device)
+    seconds, out = timed(lambda: t.logprobs(seqs), device)
+    finite = all(bool(torch.isfinite(x).all()) for x in out)
+    res["teacher_pass"] = dict(peaks(device, base), seconds=round(seconds, 3), tokens_per_s=round(sum(lens) / seconds),
+                               pad_fraction=round(t.last_stats["pad_fraction"], 4),
+                               micro_batches=t.last_stats["micro_batches"], finite=finite, mfu=mfu(flops, seconds,
+                                                                                                    device))
+    del out
+    mbs = [policy.collate(mb, device) for mb in policy.pack([{"prompt": p, "response": r} for p, r in seqs], budget)]
+
+    def plain(batches):
+        with torch.inference_mode():
+            for b in batches:
+                lm(input_ids=b["ids"], attention_mask=b["attn"], use_cache=False).logits  # [B, L, V] all positions
+
+    plain(mbs[:1])  # warm-up
+    base = reset_peak(device)
+    seconds, _ = timed(lambda: plain(mbs), device)
+    res["plain_forward"] = dict(peaks(device, base), seconds=round(seconds, 3), tokens_per_s=round(sum(lens) / seconds),
+                                mfu=mfu(flops, seconds, device))
+    res["teacher_over_plain_tokens_per_s"] = round(res["teacher_pass"]["tokens_per_s"] /
+                                                   res["plain_forward"]["tokens_per_s"], 3)
+    del mbs, t, lm
+
+
+# ----------------------------------------------------------------------------- sync
+def part_sync(args, state, res):
+    """policy.full_params of the FSDP2 1.7B student (world 1): fp32 masters against a bf16 cast before the
+    gather, the bytes an engine sync moves. H200 estimate ~10 s: build ~5 s, 4 passes over 8.1 / 4.1 GB."""
+    device = state["device"]
+    lm = build("1.7b", torch.float32, device, args.dry_run)
+    model = policy.load(lm, device, 1)
+
+    def gather(dtype):
+        n = nbytes = 0
+        for _, t in policy.full_params(model, dtype) if dtype else policy.full_params(model):
+            n, nbytes = n + 1, nbytes + t.numel() * t.element_size()
+        return n, nbytes
+
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        gather(dtype)  # warm-up
+        seconds, (n, nbytes) = timed(lambda: gather(dtype), device)
+        res[name] = dict(seconds=round(seconds, 4), tensors=n, gb=round(nbytes / 1e9, 3),
+                         gb_per_s=round(nbytes / 1e9 / seconds, 1))
+    res["bf16_over_fp32_bytes"] = round(res["bf16"]["gb"] / res["fp32"]["gb"], 3)
+    del model, lm
+
+
+# ----------------------------------------------------------------------------- adamw
+def part_adamw(args, state, res):
+    """AdamW foreach=True against fused=True on the 1.7B student's 2.0B fp32 parameters with random gradients:
+    as train.py holds them (FSDP2 DTensors) and as plain tensors. H200 estimate ~15 s: build ~5 s, 4 optimizers
+    x 13 steps of ~20-60 ms (each step streams ~50 GB), 16 GB of state at a time."""
+    device = state["device"]
+    lm = build("1.7b", torch.float32, device, args.dry_run)
+    model = policy.load(lm, device, 1)
+    params = list(model.parameters())
+    try:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        res["train_default"] = "fused" if fused else "foreach" if foreach else "for-loop"
+    except Exception as e:  # a private helper: record, do not fail
+        res["train_default"] = f"unknown ({type(e).__name__})"
+    plain = [torch.nn.Parameter(p.detach().to_local() if hasattr(p, "to_local") else p.detach()) for p in params]
+    res.update(n_params=sum(p.numel() for p in plain), tensors=len(plain))
+    g = torch.Generator(device=device).manual_seed(0)
+    for ps in (params, plain):
+        for p in ps:
+            p.grad = 1e-3 * torch.randn(p.shape, device=device, generator=g) if ps is plain else None
+    for p, q in zip(params, plain):
+        p.grad = q.grad if not hasattr(p, "to_local") else \
+            torch.distributed.tensor.DTensor.from_local(q.grad, p.device_mesh, p.placements)
+    for layout, ps in (("dtensor", params), ("plain", plain)):
+        for kind in ("foreach", "fused"):
+            out = res[f"{layout}_{kind}"] = {}
+            opt = None
+            try:
+                opt = torch.optim.AdamW(ps, lr=1e-6, weight_decay=0.01, **{kind: True})
+                ms = []
+                for _ in range(13):  # 3 warm-up steps (the first allocates the state), 10 timed
+                    s, _ = timed(opt.step, device)
+                    ms.append(1e3 * s)
+                out.update(ms_per_step=round(statistics.median(ms[3:]), 3), ms_all=[round(x, 2) for x in ms])
+            except torch.OutOfMemoryError as e:
+                out.update(error="OOM", message=str(e)[:300])
+            except Exception as e:
+                traceback.print_exc()
+                out["error"] = f"{type(e).__name__}: {e}"[:300]
+            del opt
+            free(device)
+        a, b = res[f"{layout}_foreach"].get("ms_per_step"), res[f"{layout}_fused"].get("ms_per_step")
+        res[f"{layout}_fused_over_foreach"] = round(b / a, 3) if a and b else None
+    del params, plain, model, lm
+
+
+# ----------------------------------------------------------------------------- main
+def versions(device) -> dict:
+    import transformers
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if is_cuda(device) else None,
+           "nccl": None, "driver": None, "device": "cpu", "env": {k: os.environ.get(k) for k in (
+               "PYTORCH_CUDA_ALLOC_CONF", "TORCH_COMPILE_DISABLE", "CUDA_VISIBLE_DEVICES")}}
+    if not is_cuda(device):
+        out["cpu_threads"] = torch.get_num_threads()
+        return out
+    props = torch.cuda.get_device_properties(device)
+    out.update(device=torch.cuda.get_device_name(device), capability=f"{props.major}.{props.minor}",
+               total_memory=props.total_memory, sms=props.multi_processor_count, peak_bf16=peak_flops(device))
+    try:
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:
+        pass
+    for get in (lambda: torch._C._cuda_getDriverVersion(), lambda: __import__("pynvml").nvmlSystemGetDriverVersion()):
+        try:
+            if get.__code__.co_names and "pynvml" in str(get.__code__.co_consts):
+                __import__("pynvml").nvmlInit()
+            out["driver"] = get()
+            break
+        except Exception:
+            continue
+    return out
+
+
+def mem_info(device):
+    return list(torch.cuda.mem_get_info(device)) if is_cuda(device) else None
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--sequences", type=int, default=4, help="8K-token sequences per update")
-    ap.add_argument("--teacher-sequences", type=int, default=32)
-    ap.add_argument("--only", default="update,teacher,logprobs")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (checks every code path)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--json", default="gpu_check.json", help="write every number here (also printed at the end)")
+    ap.add_argument("--max-seconds", type=float, default=270, help="parts that would start later are skipped")
+    ap.add_argument("--fit-seconds", type=float, default=120, help="memory_fit presets starting later are skipped")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    _, _, device = train.setup_distributed()
-    if device.type != "cuda" and not args.dry_run:
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS + ("dist",)]
+    if unknown:
+        sys.exit(f"--parts: unknown {unknown}; choose from {', '.join(PARTS)}")
+    if not torch.cuda.is_available() and not args.dry_run:
         sys.exit("no GPU visible: run with --dry-run for the CPU check of the code paths")
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    for part, fn in (("update", check_update), ("teacher", check_teacher), ("logprobs", check_logprob_memory)):
-        if part in args.only:
+    state = {"device": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+             else torch.device("cpu"), "world": 1}
+    results = {"argv": sys.argv[1:], "dry_run": args.dry_run, "parts": {}}
+    results["mem_get_info_before"] = mem_info(state["device"])
+    for name, fn in [("dist", part_dist)] + [(p, globals()[f"part_{p}"]) for p in PARTS if p in parts]:
+        res = results["parts"][name] = {}
+        if time.perf_counter() - t0 > args.max_seconds:
+            res["skipped"] = f"time budget ({args.max_seconds} s) spent"
+        elif name != "dist" and state["world"] != 1:
+            res["skipped"] = "run as one process (the parts measure one GPU)"
+        else:
+            start = time.perf_counter()
             try:
-                fn(args, device)
-            except torch.OutOfMemoryError as e:  # report and go on: the other numbers are still worth having
-                print(f"[{part}] out of memory: {str(e)[:200]}", flush=True)
-                torch.cuda.empty_cache()
-    print(f"total {time.perf_counter() - t0:.0f} s")
-    torch.distributed.destroy_process_group()
+                fn(args, state, res)
+            except torch.OutOfMemoryError as e:
+                res.update(error="OOM", message=str(e)[:300])
+            except Exception as e:
+                traceback.print_exc()
+                res["error"] = f"{type(e).__name__}: {e}"[:500]
+            res["part_seconds"] = round(time.perf_counter() - start, 2)
+            free(state["device"])
+        print(f"[{name}] {summary(res)}", flush=True)
+    results["versions"] = versions(state["device"])
+    results["mem_get_info_after"] = mem_info(state["device"])
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(results, indent=1, default=str)
+    with open(args.json, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wrote {args.json}; total {results['total_seconds']} s", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
