@@ -1,36 +1,43 @@
 """checkpoint.py: atomic, resumable training checkpoints that are also ready-to-serve Hugging Face models.
 
 RUN_DIR/checkpoints/step_000123/ holds
-  model.safetensors, config.json, tokenizer files  the student as a plain HF model: `vllm serve DIR`,
-                                                   `AutoModelForCausalLM.from_pretrained(DIR)` and eval.py take it
-                                                   as it is (full tensors gathered from FSDP2 shards, HF names),
-                                                   so no conversion script stands between training and evaluation
-  trainer_state.pt                                 what an exact resume needs beyond the weights: the optimizer
-                                                   (full state dict, loadable at another world size), every rank's
-                                                   RNG (torch, python, cuda), the step (= data position: train.py's
-                                                   prompt order is a function of the step), the run's config and
-                                                   the trainer's own counters
+  model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json past 4 GiB), config.json,
+  generation_config.json, tokenizer files
+      the student in its compute dtype (bf16 on GPU, fp32 on CPU), Hugging Face names: `vllm serve DIR`,
+      `from_pretrained(DIR)` and eval.py take it as it is. generation_config.json carries the EOS ids vLLM reads
+      from it, so the stop tokens of `vllm serve` are those of the training engine.
+  trainer/            torch.distributed.checkpoint (DCP): the fp32 master weights and the AdamW state, each rank
+                      writing its own shards (nothing is gathered to one rank); DCP reshards them on load, so a
+                      resume may use another world size
+  rng_rank{r}.pt      each rank's RNG state (torch, python, cuda)
+  trainer_state.pt    the step (= the data position: the prompt order is a function of the step), the run's config
+                      and the trainer's counters; written last, it marks the checkpoint complete
 
-Why it is written the way it is:
-- atomic: rank 0 writes into .tmp_step_NNNNNN, fsyncs every file, renames the directory into place, then fsyncs
-  the parent. A crash (or a preempted node) mid-write leaves a temp dir that is ignored and later overwritten,
-  never a half checkpoint under a step_ name; `latest_checkpoint` trusts only directories with trainer_state.pt,
-  and experiments/mini_repro treats the final step's directory as "this run is finished".
-- rank 0 writes, every rank gathers: weights and optimizer state are collectives over the FSDP2 shards, so every
-  rank calls `save_checkpoint`; a barrier at the end keeps ranks from running ahead of a checkpoint in progress.
-- the last `keep_last` are kept: a long run's disk use stays bounded and a resume still has a fallback.
+Atomic: everything goes into .tmp_step_NNNNNN (on a filesystem every rank sees, for multi-node runs), is fsynced,
+and rank 0 renames the directory into place at the end, then fsyncs the parent. A crash or a SIGKILL mid-save leaves
+a temp dir that is ignored and later overwritten, never a half checkpoint under a step_ name; latest_checkpoint
+trusts only directories with trainer_state.pt. The last `keep_last` are kept.
+
+Resume: at the same world size it is exact (masters, optimizer, RNG, data position: the final weights are byte-
+identical to an uninterrupted run's). At another world size the masters and optimizer are resharded exactly; rank
+r takes rank r % saved-world's RNG state, which train.py does not draw from (its sampling seeds follow each
+prompt's global position), and the gradient reduction order changes, so weights agree to float rounding only.
 
     import checkpoint
     path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_NNNNNN, or None
-    checkpoint.save_checkpoint(run_dir, step, student.full_params(policy), policy, opt, tokenizer, state, keep_last)
-    state = checkpoint.load_trainer_state(path, policy, opt)   # restores optimizer and RNG, returns the rest
+    checkpoint.save_checkpoint(run_dir, step, model, opt, tokenizer, state, keep_last, dtype)   # a collective
+    state = checkpoint.load_trainer_state(path, model, opt)   # restores masters, optimizer and RNG; returns the rest
 """
+import copy
+import json
 import os
 import random
 import shutil
 
 import torch
 import torch.distributed as dist
+
+SHARD_BYTES = 4 * 2**30  # the serving weights are split into files of about this size
 
 
 def latest_checkpoint(run_dir: str):
@@ -41,36 +48,77 @@ def latest_checkpoint(run_dir: str):
     return os.path.join(root, done[-1]) if done else None
 
 
-def save_checkpoint(run_dir: str, step: int, weights, policy, opt, tokenizer, state: dict, keep_last: int):
+def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict, keep_last: int, dtype=None):
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective (every rank calls it).
 
-    weights: (hf_name, full tensor) pairs, gathered one at a time (student.full_params: every rank drains it);
-    policy: the FSDP2 root module with the HF model as `.lm` (its config is saved beside the weights);
-    state: what the trainer wants back on resume (step, config, counters), saved with the optimizer and RNG.
+    model: the FSDP2 policy.Policy (its `.lm` is the HF model); dtype: the serving dtype (None: as trained);
+    state: what the trainer wants back on resume (step, config, counters).
     """
-    import safetensors.torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    import policy
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     main = dist.get_rank() == 0
-    tensors = {name: t.cpu().clone() for name, t in weights if main}  # every rank joins each gather
-    optim = get_optimizer_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rngs = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                  "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    root = os.path.join(run_dir, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
     if main:
-        root = os.path.join(run_dir, "checkpoints")
-        final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
         shutil.rmtree(tmp, ignore_errors=True)  # a temp dir left by a crash
         os.makedirs(tmp)
-        safetensors.torch.save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        policy.lm.config.save_pretrained(tmp)
+    dist.barrier()
+    write_serving_weights(tmp, policy.full_params(model, dtype), main)  # gathered one tensor at a time
+    model_state, optim_state = get_state_dict(model, opt)  # sharded: each rank's own part
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "trainer"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
+    dist.barrier()  # every rank's shards are written
+    if main:
+        config = copy.deepcopy(model.lm.config)
+        config.dtype = dtype or next(model.parameters()).dtype
+        config.save_pretrained(tmp)
+        model.lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save({**state, "step": step, "optimizer": optim, "rng": rngs}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({**state, "step": step}, os.path.join(tmp, "trainer_state.pt"))
         fsync_tree(tmp)  # every byte on disk before the rename makes the checkpoint visible
         shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step (e.g. a resumed run's SIGTERM)
         os.rename(tmp, final)
         fsync_tree(root)  # the rename itself is durable
         prune(root, keep_last)
     dist.barrier()
+
+
+def write_serving_weights(out: str, named_tensors, main: bool):
+    """Rank 0 writes the gathered tensors as safetensors files of about SHARD_BYTES (others only join gathers)."""
+    import safetensors.torch
+    files, part, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        name = os.path.join(out, f"part{len(files)}.safetensors")
+        safetensors.torch.save_file(part, name, metadata={"format": "pt"})
+        files.append((name, list(part)))
+
+    for name, tensor in named_tensors:  # every rank iterates: each item is an all-gather
+        if not main:
+            continue
+        part[name] = tensor.cpu().contiguous()
+        size += tensor.numel() * tensor.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+            part, size = {}, 0
+    if not main:
+        return
+    if part or not files:
+        flush()
+    if len(files) == 1:
+        os.rename(files[0][0], os.path.join(out, "model.safetensors"))
+        return
+    total = 0
+    for k, (path, names) in enumerate(files):
+        final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(path, os.path.join(out, final))
+        weight_map.update({n: final for n in names})
+        total += os.path.getsize(os.path.join(out, final))
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
 
 def prune(root: str, keep_last: int):
@@ -87,25 +135,22 @@ def fsync_tree(path: str):
             os.close(fd)
 
 
-def load_trainer_state(path: str, policy, opt) -> dict:
-    """Restore the optimizer (read by rank 0, broadcast) and this rank's RNG from `path`; return the rest of the
-    saved state (step, config, the trainer's counters). Model weights are not touched: load them from `path` as
-    from any HF model directory. A collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    main = dist.get_rank() == 0
-    state = [torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-             if main else None]
-    optim = state[0].pop("optimizer") if main else {}
-    dist.broadcast_object_list(state, src=0)
-    set_optimizer_state_dict(policy, opt, optim,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    rngs = state[0].pop("rng")
-    if len(rngs) != dist.get_world_size() and main:
-        print(f"checkpoint {path}: saved at world size {len(rngs)}, resuming at {dist.get_world_size()}: rank r "
-              f"takes rank r % {len(rngs)}'s RNG state (train.py's sampling seeds do not depend on it)", flush=True)
-    rng = rngs[dist.get_rank() % len(rngs)]
+def load_trainer_state(path: str, model, opt) -> dict:
+    """Restore the fp32 masters and the optimizer (DCP, resharded to this world size) and this rank's RNG from
+    `path`; return the rest of the saved state (step, config, counters). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(model, opt)
+    saved = {"model": model_state, "optim": optim_state}
+    dcp.load(saved, checkpoint_id=os.path.join(path, "trainer"))
+    set_state_dict(model, opt, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    saved_world = len([f for f in os.listdir(path) if f.startswith("rng_rank")])
+    if saved_world != dist.get_world_size() and dist.get_rank() == 0:
+        print(f"checkpoint {path}: saved at world size {saved_world}, resuming at {dist.get_world_size()}: masters "
+              f"and optimizer resharded; rank r takes rank r % {saved_world}'s RNG state", flush=True)
+    rng = torch.load(os.path.join(path, f"rng_rank{dist.get_rank() % saved_world}.pt"), weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return state[0]
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)

@@ -608,8 +608,8 @@ def finish_step(run, step: int, out: dict, bar) -> bool:
     bar.update(1)
     if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
         state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
-        checkpoint.save_checkpoint(cfg.run_dir, step + 1, policy.full_params(run.student), run.student, run.opt,
-                                   run.tokenizer, state, cfg.keep_last)
+        checkpoint.save_checkpoint(cfg.run_dir, step + 1, run.student, run.opt, run.tokenizer, state, cfg.keep_last,
+                                   dtype=torch.bfloat16 if run.device.type == "cuda" else None)
     if stop:
         print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
     return stop

@@ -1,7 +1,7 @@
-"""Peak host memory per rank while loading a sharded model: policy.load (rank 0 reads, the other ranks build on
+"""Peak host memory per rank while loading a sharded model from a bf16 checkpoint into fp32 masters: policy.load (rank 0 reads, the other ranks build on
 the meta device and receive their shards) against every rank reading the checkpoint before FSDP2 shards it.
 
-    python benchmarks/bench_load.py                 # 2 gloo ranks, a ~135M-parameter Qwen3 (540 MB in fp32)
+    python benchmarks/bench_load.py                 # 2 gloo ranks, a ~125M-parameter Qwen3 (476 MiB in fp32)
     python benchmarks/bench_load.py --ranks 4 --hidden 1024
 
 Each contender runs in fresh torchrun processes; a rank reports its peak RSS (VmHWM) after the load, and the
@@ -51,9 +51,11 @@ def main():
     model = tiny.make_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
                             num_kv_heads=max(args.hidden // 256, 1), head_dim=64, intermediate_size=args.hidden * 8 // 3)
     model.resize_token_embeddings(args.vocab)
-    model.save_pretrained(out)
+    import torch
+    model.to(torch.bfloat16).save_pretrained(out)  # hub checkpoints are bf16: fp32 masters need a private copy
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.0f}M parameters, {params * 4 / 2**20:.0f} MiB in fp32, {args.ranks} gloo ranks")
+    print(f"model: {params / 1e6:.0f}M parameters, a bf16 checkpoint loaded as fp32 masters ({params * 4 / 2**20:.0f} "
+          f"MiB), {args.ranks} gloo ranks")
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_COMPILE_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     for mode in ("floor", "every-rank-reads", "rank0-reads"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks),

@@ -23,8 +23,11 @@ traceback and is recorded, an out-of-memory is recorded as "OOM" with the part's
     python benchmarks/gpu_check.py --dry-run                # tiny sizes on CPU: every code path in seconds
 
 Every number goes into one JSON (--json, default gpu_check.json; also printed at the end), one line per part as
-it finishes. MFU = model FLOPs (6 N per token plus causal attention, 6 L d n per token of an n-token sequence,
-for forward + backward; 2 N and 2 L d n for a forward) over the card's dense bf16 peak (PEAK_BF16).
+it finishes. Budget on an H200 (each part's docstring has its sizes): start-up ~15 s, dist 5, logprobs 10,
+memory_fit 100, padding 20, teacher 20, sync 10, adamw 15: about 3.3 minutes; a part that would start after
+--max-seconds (270) is skipped, and so is a memory_fit preset after --fit-seconds (120) of that part.
+MFU = model FLOPs (6 N per token plus causal attention, 6 L d n per token of an n-token sequence, for forward +
+backward; 2 N and 2 L d n for a forward) over the card's dense bf16 peak (PEAK_BF16).
 """
 import argparse
 import dataclasses
@@ -74,6 +77,7 @@ MODEL_SHAPE = {"Qwen/Qwen3-0.6B": "0.6b", "Qwen/Qwen3-1.7B": "1.7b", "Qwen/Qwen3
                "Qwen/Qwen3-8B": "8b", "Qwen/Qwen3-8B-Base": "8b"}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 DRY = 128  # --dry-run divides the presets' token counts by this
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 PARTS = ("logprobs", "memory_fit", "padding", "teacher", "sync", "adamw")
 
 
@@ -103,9 +107,9 @@ def reset_peak(device) -> int:
 
 
 def peaks(device, base: int = 0) -> dict:
-    """Peak allocated (above `base`) and reserved GiB since the last reset_peak; empty on CPU."""
+    """Peak allocated (above `base`) and reserved GiB since the last reset_peak, and allocated now."""
     if not is_cuda(device):
-        return {}
+        return {"memory": "skipped: no CUDA"}
     torch.cuda.synchronize()
     return {"peak_alloc_gib": gib(torch.cuda.max_memory_allocated() - base),
             "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()),
@@ -178,17 +182,19 @@ def random_ids(n: int, vocab: int, g) -> list:
 
 
 def summary(res: dict, prefix: str = "") -> str:
-    """One line of key=value for a result dict (nested keys joined by '.', long lists left out)."""
+    """One line of key=value for a result dict (nested keys joined by '.'; lists and the per-preset details, printed
+    as they finish, left out)."""
     out = []
     for k, v in res.items():
-        if isinstance(v, dict):
-            inner = summary(v, f"{prefix}{k}.")
-            out.append(inner) if inner else None
+        if k in ("presets", "plan_parts_gib"):
+            out.append(f"{prefix}{k}=({len(v)}, above)")
+        elif isinstance(v, dict):
+            out.append(summary(v, f"{prefix}{k}."))
         elif isinstance(v, float):
             out.append(f"{prefix}{k}={v:.4g}")
-        elif not isinstance(v, list) or len(v) <= 6:
+        elif not isinstance(v, list):
             out.append(f"{prefix}{k}={v}")
-    return " ".join(out)
+    return " ".join(x for x in out if x)
 
 
 # ----------------------------------------------------------------------------- dist
@@ -298,7 +304,7 @@ def part_logprobs(args, state, res):
         res["memory_history"] = "skipped: no CUDA"
     # time: one warm-up, then the median of 3 (forward alone, forward + backward)
     fwd_ms, both_ms = [], []
-    for it in range(4):
+    for _ in range(4):
         logits.grad = None
         s, _ = timed(lambda: rlad.token_logprobs(logits.detach(), targets), device)
         fwd_ms.append(1e3 * s)
@@ -318,11 +324,9 @@ def part_logprobs(args, state, res):
         logits.grad = None
         s, _ = timed(naive_fwd_bwd, device)
         naive["forward_backward_ms"] = round(1e3 * s, 3)
-    except torch.OutOfMemoryError as e:
+    except OOM as e:
         naive.update(error="OOM", message=str(e)[:300])
     logits.grad = None
-    del logits, targets
-    free(device)
     print(f"[logprobs] T={T} V={V}: peak above the logits {res.get('peak_alloc_gib')} GiB, largest single "
           f"allocation {res.get('largest_alloc_bytes')} B (other than the bf16 gradient "
           f"{res.get('largest_alloc_other_than_grad_bytes')} B) vs float32 [T, V] {fp32_tv} B: ratio "
@@ -337,7 +341,7 @@ def fit_rows(cfg, vocab: int, seed: int) -> list:
     training). Rows as train.update takes them after the teacher pass ("teacher" is added by the caller)."""
     g = torch.Generator().manual_seed(seed)
     budget = cfg.micro_batch_tokens
-    prompt = min(cfg.max_prompt_tokens, 512 // (DRY if budget < 1024 else 1))
+    prompt = min(cfg.max_prompt_tokens, 512)
     n = max(1, math.ceil(budget / (prompt + cfg.max_tokens - 1)))
     width = budget // n
     prompt = min(prompt, width // 2)
@@ -351,8 +355,9 @@ def fit_rows(cfg, vocab: int, seed: int) -> list:
 
 
 def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
-    """One preset: the student as train.setup makes it, a teacher pass, two train.update calls (the second has
-    AdamW's state resident, as every step after the first does)."""
+    """One preset: the student as train.setup makes it; the teacher scores the rows; two train.update calls with
+    a measured teacher pass between them (the first update allocates AdamW's state: the second teacher pass and
+    update see what every later step sees). Peaks are absolute, as the plan's phases are."""
     device = state["device"]
     lm = build(key, torch.float32, device, args.dry_run)
     n_params, layers, d_attn = dims(lm)
@@ -364,16 +369,17 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
     out.update(rows=len(rows), prompt=len(rows[0]["prompt"]), response_max=len(rows[0]["response"]),
                slots=len(rows) * max(lens), real=sum(lens))
     teach = teacher_lib.Teacher(teach_lm, device=device, token_budget=cfg.teacher_token_budget)
-    base = reset_peak(device)
-    seconds, lps = timed(lambda: teach.logprobs([(r["prompt"], r["response"]) for r in rows]), device)
-    out["teacher_pass"] = dict(peaks(device), seconds=round(seconds, 3), pad_fraction=teach.last_stats["pad_fraction"],
-                               resident_before_gib=gib(base))
-    for r, lp in zip(rows, lps):
+    seqs = [(r["prompt"], r["response"]) for r in rows]
+    for r, lp in zip(rows, teach.logprobs(seqs)):
         r["teacher"] = lp
-    del lps, teach
     ucfg = dataclasses.replace(cfg, mini_batches=1, ppo_epochs=1, warmup_steps=0)  # one micro-batch, one step
     out["updates"] = []
     for step in range(2):
+        if step == 1:  # the teacher pass as in every step after the first: AdamW's state resident
+            base = reset_peak(device)
+            seconds, _ = timed(lambda: teach.logprobs(seqs), device)
+            out["teacher_pass"] = dict(peaks(device), seconds=round(seconds, 3), resident_before_gib=gib(base),
+                                       pad_fraction=round(teach.last_stats["pad_fraction"], 4))
         m = train.Metrics()
         base = reset_peak(device)
         seconds, skipped = timed(lambda: train.update(student, opt, rows, ucfg, device, 1, step,
@@ -386,23 +392,23 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
     out.update(update_peak_alloc_gib=last.get("peak_alloc_gib"), update_peak_reserved_gib=last.get("peak_reserved_gib"),
                update_tokens_per_s=round(sum(lens) / last["seconds"]),
                update_mfu=mfu(model_flops(n_params, layers, d_attn, lens), last["seconds"], device))
-    del student, opt, lm, rows
 
 
 def part_memory_fit(args, state, res):
     """Every GPU preset, one micro-batch of its micro_batch_tokens through train.update with the 8B teacher
     resident (16.4 GB). H200 estimate ~100 s: the teacher build ~10 s; per measured preset a student build
-    (~5 s), a 32K-token teacher pass (~1.5 s) and two updates (~1-3 s each at 16K-32K tokens); the two presets
-    whose student, micro_batch_tokens and checkpointing repeat an earlier one are skipped; presets starting after
-    --fit-seconds are skipped."""
+    (~5 s), two 32K-token teacher passes (~1.5 s each) and two updates (~1-3 s each at 16K-32K tokens); the two
+    presets whose student, micro_batch_tokens and checkpointing repeat an earlier one are skipped; presets starting
+    after --fit-seconds are skipped (5 measured: ~15 s each)."""
     device = state["device"]
     t0 = time.perf_counter()
     teach_lm = build("8b", torch.bfloat16 if is_cuda(device) else torch.float32, device, args.dry_run)
     teacher_shape = plan_shapes(teach_lm)
     total = torch.cuda.mem_get_info()[1] if is_cuda(device) else 140 * GIB
-    res.update(gpu_bytes=total, teacher_params=teacher_shape["params"], teacher_build_s=round(time.perf_counter() - t0,
-                                                                                                1))
-    measured, presets = {}, res["presets"] = {}
+    res.update(gpu_bytes=total, teacher_params=teacher_shape["params"],
+               teacher_build_s=round(time.perf_counter() - t0, 1))
+    measured, presets = {}, {}
+    res["presets"] = presets
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))):
         name = os.path.basename(path)[:-5]
         cfg = train.parse_config(["--config", path])
@@ -418,11 +424,11 @@ def part_memory_fit(args, state, res):
                 "micro_batch_tokens", "max_tokens", "max_prompt_tokens", "teacher_token_budget", "logit_chunk")})
         out.update(shape=key, micro_batch_tokens=cfg.micro_batch_tokens, grad_checkpointing=cfg.grad_checkpointing,
                    max_tokens=cfg.max_tokens, logit_chunk=cfg.logit_chunk)
-        with torch.device("meta"):
-            meta_lm = build(key, torch.float32, "meta", args.dry_run)
+        meta_lm = build(key, torch.float32, "meta", args.dry_run)  # no memory: the module tree alone
         plan = preflight.memory_plan(cfg, 1, total, plan_shapes(meta_lm), teacher_shape)
         del meta_lm
         out["plan_gib"] = {k: gib(v) for k, v in plan["phases"].items()}
+        out["plan_bytes"] = {k: int(v) for k, v in plan["phases"].items()}
         out["plan_parts_gib"] = {k: gib(v) for k, v in plan["parts"].items()}
         print(f"[memory_fit] {name}: preflight plan, world 1:\n{preflight.format_plan(plan, cfg)}", flush=True)
         sig = (key, cfg.micro_batch_tokens, cfg.grad_checkpointing)
@@ -435,7 +441,8 @@ def part_memory_fit(args, state, res):
         measured[sig] = name
         try:
             fit_one(args, state, cfg, key, teach_lm, out)
-        except torch.OutOfMemoryError as e:
+        except OOM as e:
+            traceback.print_exc()
             out.update(error="OOM", message=str(e)[:300])
         except Exception as e:
             traceback.print_exc()
@@ -447,7 +454,6 @@ def part_memory_fit(args, state, res):
               f"pass peak {out.get('teacher_pass', {}).get('peak_alloc_gib')} vs plan {out['plan_gib']['teacher pass']}"
               f" GiB; {out.get('update_tokens_per_s')} tokens/s, MFU {out.get('update_mfu')}", flush=True)
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    del teach_lm
 
 
 # ----------------------------------------------------------------------------- padding
@@ -457,7 +463,7 @@ def part_padding(args, state, res):
     16384, against 64 equal rows of the same total. H200 estimate ~20 s: build ~5 s, per layout one warm-up
     micro-batch and one timed pass (~8 N FLOPs per token with recompute: ~3 s)."""
     device = state["device"]
-    n, max_response, budget, chunk = (8, 32, 256, 16) if args.dry_run else (64, 2048, 16384, 1024)
+    n, max_response, budget, chunk = (16, 32, 1024, 16) if args.dry_run else (64, 2048, 16384, 1024)
     lm = build("1.7b", torch.float32, device, args.dry_run)
     n_params, layers, d_attn = dims(lm)
     vocab = lm.config.vocab_size
@@ -493,7 +499,6 @@ def part_padding(args, state, res):
                    pad_fraction=round(1 - real / slots, 4), tokens_per_s=round(real / seconds),
                    mfu=mfu(model_flops(n_params, layers, d_attn, lens), seconds, device))
     res["mixed_over_equal_tokens_per_s"] = round(res["mixed"]["tokens_per_s"] / res["equal"]["tokens_per_s"], 3)
-    del model, lm
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -509,8 +514,8 @@ def part_teacher(args, state, res):
     t = teacher_lib.Teacher(lm, device=device, token_budget=budget)
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    seqs = [(random_ids(prompt, vocab, g), random_ids(int(resp * (0.25 + 0.75 * float(torch.rand(1, generator=g)))),
-                                                      vocab, g)) for _ in range(n)]
+    r_lens = [int(resp * (0.25 + 0.75 * float(torch.rand(1, generator=g)))) for _ in range(n)]
+    seqs = [(random_ids(prompt, vocab, g), random_ids(r, vocab, g)) for r in r_lens]
     lens = [len(p) + len(r) - 1 for p, r in seqs]
     res.update(sequences=n, prompt=prompt, max_response=resp, budget=budget, forward_tokens=sum(lens),
                n_params=n_params)
@@ -520,9 +525,8 @@ def part_teacher(args, state, res):
     seconds, out = timed(lambda: t.logprobs(seqs), device)
     finite = all(bool(torch.isfinite(x).all()) for x in out)
     res["teacher_pass"] = dict(peaks(device, base), seconds=round(seconds, 3), tokens_per_s=round(sum(lens) / seconds),
-                               pad_fraction=round(t.last_stats["pad_fraction"], 4),
-                               micro_batches=t.last_stats["micro_batches"], finite=finite, mfu=mfu(flops, seconds,
-                                                                                                    device))
+                               mfu=mfu(flops, seconds, device), pad_fraction=round(t.last_stats["pad_fraction"], 4),
+                               micro_batches=t.last_stats["micro_batches"], finite=finite)
     del out
     mbs = [policy.collate(mb, device) for mb in policy.pack([{"prompt": p, "response": r} for p, r in seqs], budget)]
 
@@ -538,13 +542,13 @@ def part_teacher(args, state, res):
                                 mfu=mfu(flops, seconds, device))
     res["teacher_over_plain_tokens_per_s"] = round(res["teacher_pass"]["tokens_per_s"] /
                                                    res["plain_forward"]["tokens_per_s"], 3)
-    del mbs, t, lm
 
 
 # ----------------------------------------------------------------------------- sync
 def part_sync(args, state, res):
     """policy.full_params of the FSDP2 1.7B student (world 1): fp32 masters against a bf16 cast before the
-    gather, the bytes an engine sync moves. H200 estimate ~10 s: build ~5 s, 4 passes over 8.1 / 4.1 GB."""
+    gather, the bytes an engine sync moves (at world 1 the gather itself moves nothing: this times the iteration
+    and the cast). H200 estimate ~10 s: build ~5 s, 4 passes over 8.1 / 4.1 GB."""
     device = state["device"]
     lm = build("1.7b", torch.float32, device, args.dry_run)
     model = policy.load(lm, device, 1)
@@ -558,10 +562,10 @@ def part_sync(args, state, res):
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         gather(dtype)  # warm-up
         seconds, (n, nbytes) = timed(lambda: gather(dtype), device)
-        res[name] = dict(seconds=round(seconds, 4), tensors=n, gb=round(nbytes / 1e9, 3),
-                         gb_per_s=round(nbytes / 1e9 / seconds, 1))
-    res["bf16_over_fp32_bytes"] = round(res["bf16"]["gb"] / res["fp32"]["gb"], 3)
-    del model, lm
+        res[name] = dict(seconds=round(seconds, 4), tensors=n, bytes=nbytes, gb=round(nbytes / 1e9, 3),
+                         gb_per_s=round(nbytes / 1e9 / seconds, 2))
+    res["bf16_over_fp32_bytes"] = round(res["bf16"]["bytes"] / res["fp32"]["bytes"], 3)
+    res["bf16_over_fp32_seconds"] = round(res["bf16"]["seconds"] / res["fp32"]["seconds"], 3)
 
 
 # ----------------------------------------------------------------------------- adamw
@@ -579,15 +583,18 @@ def part_adamw(args, state, res):
         res["train_default"] = "fused" if fused else "foreach" if foreach else "for-loop"
     except Exception as e:  # a private helper: record, do not fail
         res["train_default"] = f"unknown ({type(e).__name__})"
-    plain = [torch.nn.Parameter(p.detach().to_local() if hasattr(p, "to_local") else p.detach()) for p in params]
+    from torch.distributed.tensor import DTensor
+    torch.manual_seed(0)
+    plain = []
+    with torch.no_grad():
+        for p in params:
+            shard = p.to_local() if isinstance(p, DTensor) else p  # a DTensor's own shard: all of it at world 1
+            grad = 1e-3 * torch.randn(shard.shape, device=device)
+            p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                if isinstance(p, DTensor) else grad
+            plain.append(torch.nn.Parameter(shard.detach()))  # the same storage as a plain tensor
+            plain[-1].grad = grad
     res.update(n_params=sum(p.numel() for p in plain), tensors=len(plain))
-    g = torch.Generator(device=device).manual_seed(0)
-    for ps in (params, plain):
-        for p in ps:
-            p.grad = 1e-3 * torch.randn(p.shape, device=device, generator=g) if ps is plain else None
-    for p, q in zip(params, plain):
-        p.grad = q.grad if not hasattr(p, "to_local") else \
-            torch.distributed.tensor.DTensor.from_local(q.grad, p.device_mesh, p.placements)
     for layout, ps in (("dtensor", params), ("plain", plain)):
         for kind in ("foreach", "fused"):
             out = res[f"{layout}_{kind}"] = {}
@@ -599,7 +606,7 @@ def part_adamw(args, state, res):
                     s, _ = timed(opt.step, device)
                     ms.append(1e3 * s)
                 out.update(ms_per_step=round(statistics.median(ms[3:]), 3), ms_all=[round(x, 2) for x in ms])
-            except torch.OutOfMemoryError as e:
+            except OOM as e:
                 out.update(error="OOM", message=str(e)[:300])
             except Exception as e:
                 traceback.print_exc()
@@ -608,7 +615,6 @@ def part_adamw(args, state, res):
             free(device)
         a, b = res[f"{layout}_foreach"].get("ms_per_step"), res[f"{layout}_fused"].get("ms_per_step")
         res[f"{layout}_fused_over_foreach"] = round(b / a, 3) if a and b else None
-    del params, plain, model, lm
 
 
 # ----------------------------------------------------------------------------- main
@@ -625,18 +631,32 @@ def versions(device) -> dict:
     out.update(device=torch.cuda.get_device_name(device), capability=f"{props.major}.{props.minor}",
                total_memory=props.total_memory, sms=props.multi_processor_count, peak_bf16=peak_flops(device))
     try:
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        v = torch.cuda.nccl.version()
+        out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception:
         pass
-    for get in (lambda: torch._C._cuda_getDriverVersion(), lambda: __import__("pynvml").nvmlSystemGetDriverVersion()):
-        try:
-            if get.__code__.co_names and "pynvml" in str(get.__code__.co_consts):
-                __import__("pynvml").nvmlInit()
-            out["driver"] = get()
-            break
-        except Exception:
-            continue
+    out["driver"] = driver_version()
     return out
+
+
+def driver_version():
+    """The driver's version: torch's CUDA binding where it has one, else NVML, else nvidia-smi; None if none."""
+    try:
+        return torch._C._cuda_getDriverVersion()  # an int, e.g. 12080 (the CUDA version the driver supports)
+    except Exception:
+        pass
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:
+        pass
+    try:
+        import subprocess
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except Exception:
+        return None
 
 
 def mem_info(device):
@@ -660,8 +680,10 @@ def main():
         sys.exit("no GPU visible: run with --dry-run for the CPU check of the code paths")
     state = {"device": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
              else torch.device("cpu"), "world": 1}
-    results = {"argv": sys.argv[1:], "dry_run": args.dry_run, "parts": {}}
-    results["mem_get_info_before"] = mem_info(state["device"])
+    results = {"argv": sys.argv[1:], "dry_run": args.dry_run, "versions": versions(state["device"]),
+               "mem_get_info_before": mem_info(state["device"]), "parts": {}}
+    results["device"] = results["versions"]["device"]
+    print(f"[start] {summary(results['versions'])}; mem_get_info {results['mem_get_info_before']}", flush=True)
     for name, fn in [("dist", part_dist)] + [(p, globals()[f"part_{p}"]) for p in PARTS if p in parts]:
         res = results["parts"][name] = {}
         if time.perf_counter() - t0 > args.max_seconds:
@@ -672,7 +694,8 @@ def main():
             start = time.perf_counter()
             try:
                 fn(args, state, res)
-            except torch.OutOfMemoryError as e:
+            except OOM as e:
+                traceback.print_exc()
                 res.update(error="OOM", message=str(e)[:300])
             except Exception as e:
                 traceback.print_exc()
@@ -680,7 +703,6 @@ def main():
             res["part_seconds"] = round(time.perf_counter() - start, 2)
             free(state["device"])
         print(f"[{name}] {summary(res)}", flush=True)
-    results["versions"] = versions(state["device"])
     results["mem_get_info_after"] = mem_info(state["device"])
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(results, indent=1, default=str)
