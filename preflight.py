@@ -38,7 +38,7 @@ RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
          ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
          ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
-CHOICES = {"method": tuple(rlad.METHODS), "lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"),
+CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"),
            "sft_source": ("teacher", "data"), "loss_agg": rlad.LOSS_AGGS, "kd_kl": rlad.KL_KINDS}
 
 
@@ -53,7 +53,7 @@ def check_config(cfg, world: int):
         for name in names:
             if not rule(getattr(cfg, name)):
                 raise SystemExit(f"--{name} {getattr(cfg, name)!r}: must be {text}")
-    for name, allowed in CHOICES.items():
+    for name, allowed in {"method": tuple(rlad.METHODS), **CHOICES}.items():  # METHODS may have grown since import
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
     for name in ("kk_people", "arith_levels"):
@@ -102,8 +102,10 @@ def shapes(name: str) -> dict:
 
 def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> dict:
     """Bytes per GPU of each part, and of the three phases (rollout, teacher pass, update). Sharded parts divide
-    by the world size; the update's compute copy is FSDP2's bf16 gather of the root plus two layers in flight."""
-    P, shard = student["params"], world
+    by the shard group (the ranks of a node: 8 when planning for --plan_gpus); the update's compute copy is
+    FSDP2's bf16 gather of the root plus two layers in flight."""
+    P = student["params"]
+    shard = cfg.shard_group or (min(world, 8) if cfg.plan_gpus else int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     act_layer = 2 * (6 * student["hidden"] + 4 * student["intermediate"])  # bf16 bytes per token per layer
     tokens = cfg.micro_batch_tokens
     saved = 2 * student["hidden"] * student["layers"] + act_layer if cfg.grad_checkpointing else \

@@ -33,7 +33,7 @@ class Teacher:
     """
 
     def __init__(self, model, *, device=None, world=None, token_budget: int = 16384, shard: bool = False,
-                 offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0):
+                 offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0, mesh=None):
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -44,7 +44,7 @@ class Teacher:
                                "dist.init_process_group first), or use shard=False")
         world = world or (dist.get_world_size() if dist.is_initialized() else 1)
         self.model = policy.load(model, self.device, world, chunk_size, temperature, trainable=False, shard=shard,
-                                 offload=offload)
+                                 offload=offload, mesh=mesh)
         self.vocab_size = self.model.lm.get_output_embeddings().weight.shape[0]
         self.last_stats = {}
 

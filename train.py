@@ -132,6 +132,9 @@ class Config:
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)
     # distributed and preflight
+    shard_group: int = 0                    # FSDP2 shards within groups of this many ranks, replicated across
+                                            # groups (HSDP): 0 = the ranks of one node (flat FSDP on one node);
+                                            # the world size forces flat FSDP across nodes
     dist_timeout_min: float = 120.0         # collective timeout: ranks wait at collectives after uneven phases
                                             # (rollouts, per-rank eval of 30K-token answers, rank 0's checkpoint
                                             # write), which take minutes to an hour at the paper's scale; the
@@ -312,8 +315,9 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
+    shard_group = cfg.shard_group or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
-                          teacher_engine=None,
+                          teacher_engine=None, mesh=policy.device_mesh(device, world, shard_group),
                           score_fn=score_fn or rewards.score_batch)
     # --- data and tokenizers
     train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
@@ -372,15 +376,16 @@ def load_models(run):
         if run.spec["samples"] == "student" or cfg.eval_every else None
     if run.engine is not None:
         run.engine.sleep()
-    run.student = policy.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing)
-    run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature,
-                          trainable=False) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
+    run.student = policy.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing,
+                              mesh=run.mesh)
+    run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature, trainable=False,
+                          mesh=run.mesh) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
     run.teacher = None
     if run.spec["teacher_logp"]:
         import teacher as teacher_lib
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
-                                          chunk_size=cfg.logit_chunk, temperature=cfg.temperature)
+                                          chunk_size=cfg.logit_chunk, temperature=cfg.temperature, mesh=run.mesh)
     run.opt = torch.optim.AdamW(run.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run.start, run.skipped, run.ent_coef, run.resumed = 0, 0, cfg.ent_coef, ckpt is not None
     if ckpt:
@@ -395,7 +400,7 @@ def refresh_engine(run, times):
     wakes only its weights' memory for this), then wake it. Every sleep is level 2, which discards the engine's
     weights (they are overwritten anyway), so every wake starts with a sync."""
     with timed(times, "sync"):
-        run.engine.load_weights(policy.full_params(run.student))
+        run.engine.load_weights(policy.full_params(run.student, torch.bfloat16 if run.device.type == "cuda" else None))
         run.engine.wake()
 
 
@@ -576,10 +581,11 @@ def frozen_logprobs(run, kept: list, m: Metrics, times: dict):
     """Step 5: r["teacher"], r["old"], r["ref"]: log-probs of each kept row's tokens under the frozen models."""
     cfg = run.cfg
     with timed(times, "teacher"):
-        if run.teacher is not None:
-            for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
+        if run.teacher is not None:  # on the device, no host sync: collate reads them there
+            logps, stats = policy.score(run.teacher.model, kept, cfg.teacher_token_budget, run.device)
+            for r, lp in zip(kept, logps):
                 r["teacher"] = lp
-            m.mean("teacher_pad_frac", run.teacher.last_stats["pad_fraction"], 1 / run.world)
+            m.mean("teacher_pad_frac", 1 - stats["real"] / stats["slots"] if stats["slots"] else 0.0, 1 / run.world)
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
     moves = run.spec["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):

@@ -56,6 +56,19 @@ def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir):
     assert max((w1[k] - w2[k]).abs().max().item() for k in w0) < 1e-5
 
 
+def test_hsdp_2x2_gives_the_one_rank_gradient(tmp_path, tiny_model_dir):
+    """4 gloo ranks laid out as 2 replicas x 2 shards (shard_group 2, the layout of 2 nodes of 2 GPUs): the
+    update equals the 1-rank update within 1e-5; ranks hold 1 group each, and rank 3's is filtered (dummies)."""
+    helper = os.path.join(ROOT, "tests", "train_helper.py")
+    one, four = str(tmp_path / "one.pt"), str(tmp_path / "four.pt")
+    launch([sys.executable, helper, "update", one, tiny_model_dir])
+    out = launch(TORCHRUN[:-1] + ["4", helper, "update", four, tiny_model_dir, "2"])
+    assert dict(re.findall(r"rank (\d): kept (\d+) rows", out)) == {"0": "4", "1": "4", "2": "4", "3": "0"}, out
+    assert out.count("mesh (2, 2)") == 4, out  # replicate x shard, not a flat mesh of 4
+    w1, w4 = torch.load(one)["weights"], torch.load(four)["weights"]
+    assert max((w1[k] - w4[k]).abs().max().item() for k in w1) < 1e-5
+
+
 def test_two_rank_tiny_preset_run_samples_like_one_rank(tmp_path):
     """2 ranks and 1 rank draw the same rollouts and eval samples: seeds follow each prompt's global position."""
     flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--max_steps", "2", "--eval_every", "2",

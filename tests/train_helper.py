@@ -1,7 +1,7 @@
 """Runs the project's real training loop (train.main) on a toy task, or one update step on fixed data.
 
     python tests/train_helper.py toy --config configs/tiny_cpu.toml --run_dir DIR [--key value ...]
-    [torchrun --nproc_per_node 2] tests/train_helper.py update OUT.pt MODEL_DIR
+    [torchrun --nproc_per_node 2|4] tests/train_helper.py update OUT.pt MODEL_DIR [SHARD_GROUP]
     torchrun --nproc_per_node 2 tests/train_helper.py timeout MINUTES    # rank 1 arrives 30 s late
 
 toy: prompts whose reward is the fraction of generated characters that are lowercase letters or spaces. A
@@ -42,7 +42,7 @@ def toy_score(examples, texts):
     return out
 
 
-def update_case(out_path, model_dir):
+def update_case(out_path, model_dir, shard_group=0):
     """One train.update on fixed data; rank r of w gets groups [r*4/w, (r+1)*4/w)."""
     rank, world, device = train.setup_distributed()
     cfg = train.Config(model=model_dir, method="rlad", group_size=4, prompts_per_step=4, mini_batches=2, ppo_epochs=2,
@@ -61,7 +61,8 @@ def update_case(out_path, model_dir):
     per = 4 // world
     mine = slice(rank * per * 4, (rank + 1) * per * 4)
     my_rows = [dict(r, group=r["group"] - rank * per) for r in rows[mine]]
-    student = policy.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature)
+    mesh = policy.device_mesh(device, world, shard_group)  # shard_group < world: HSDP (replicate x shard)
+    student = policy.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature, mesh=mesh)
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
     m = train.Metrics()
     kept = train.select_rows(my_rows, rewards[mine], cfg, m)
@@ -71,7 +72,7 @@ def update_case(out_path, model_dir):
     weights = {name: t.clone() for name, t in policy.full_params(student)}
     if train.is_main():
         torch.save({"weights": weights, "kept": len(kept)}, out_path)
-    print(f"rank {rank}: kept {len(kept)} rows", flush=True)
+    print(f"rank {rank}: kept {len(kept)} rows, mesh {tuple(mesh.shape)}", flush=True)
     # Leave together, as train.py does: once (one full-suite run), rank 1 aborted with "terminate called without an
     # active exception" after its last print, tearing gloo down while rank 0 was still saving.
     torch.distributed.barrier()
@@ -98,7 +99,7 @@ if __name__ == "__main__":
         train.main(train.parse_config(sys.argv[2:]), train_examples=toy_examples(), eval_examples=[],
                    score_fn=toy_score)
     elif sys.argv[1] == "update":
-        update_case(sys.argv[2], sys.argv[3])
+        update_case(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)
     elif sys.argv[1] == "timeout":
         late_rank(float(sys.argv[2]))
     else:
