@@ -309,7 +309,11 @@ def arith_examples(levels=ARITH_LEVELS, per_level=100, seed=0, split="train"):
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
 
 def _rows(path):
-    """(where, row) for each row of a .jsonl or .parquet file; `where` names file and line for errors."""
+    """(where, row) for each row of a .jsonl or .parquet file or a hub dataset (hf:..., see _hub_rows); `where`
+    names source and row for errors."""
+    if path.startswith("hf:"):
+        yield from _hub_rows(path)
+        return
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".parquet"):
@@ -333,6 +337,42 @@ def _rows(path):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}, line {lineno}", row
+
+
+def _hub_rows(path):
+    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT: the last part is the split, a middle part (optional) the config, as in
+    hf:openai/gsm8k:main:train or hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as train[:1000] works too).
+    It loads through the `datasets` library (imported only then): from the Hub, or when the Hub is unreachable
+    (HF_HUB_OFFLINE=1) from the hub cache's snapshot of the repo, as `hf download` or an earlier load left it.
+    """
+    head, bracket, tail = path[3:].partition("[")  # a slice such as train[:1000] has colons of its own
+    parts = head.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"{path}: expected hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] + bracket + tail
+    try:
+        import datasets
+        import huggingface_hub
+    except ImportError as e:
+        raise ImportError(f"{path}: hub datasets need the datasets library (pip install datasets)") from e
+    offline = False
+    try:
+        try:
+            table = datasets.load_dataset(name, config, split=split)
+        except ConnectionError:  # offline or no network: the hub cache's snapshot
+            offline = True
+            local = huggingface_hub.snapshot_download(name, repo_type="dataset", local_files_only=True)
+            table = datasets.load_dataset(local, config, split=split)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{path}: no dataset {name!r} on the Hub or in the hub cache {huggingface_hub.constants.HF_HUB_CACHE} "
+            f"({type(e).__name__}); check the name (gated: hf auth login), or to work offline download it "
+            f"first: hf download {name} --repo-type dataset") from None
+    except ValueError as e:  # unknown config or split, or (offline) its files are not in the cache
+        fix = f"; offline, only cached files load: hf download {name} --repo-type dataset" if offline else ""
+        raise ValueError(f"{path}: {' '.join(str(e).split())} (sources are hf:NAME[:CONFIG]:SPLIT{fix})") from None
+    for i, row in enumerate(table.to_list()):
+        yield f"hf:{name}{f' config {config}' if config else ''} split {split}, row {i}", row
 
 
 def _stem(path):
@@ -461,16 +501,20 @@ def load_math(path, question_key=None, answer_key=None, level=None):
 
 
 def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=None):
-    """The Examples of `task`: from files when given (K&K or math loaders; split="eval" keeps at most per_level per
-    level), else the task's generator data.<task>_examples: training problems drawn from `seed`, or the fixed
-    held-out stream (split="eval"), per_level per level (default 100) for each of `levels` (default: all)."""
+    """The Examples of `task`: from files when given (K&K or math loaders; .jsonl, .parquet or hub datasets
+    hf:NAME[:CONFIG]:SPLIT, see _rows; split="eval" keeps at most per_level per level), else the task's generator
+    data.<task>_examples: training problems drawn from `seed`, or the fixed held-out stream (split="eval"),
+    per_level per level (default 100) for each of `levels` (default: all)."""
     if files and task not in ("kk", "math"):
         raise ValueError(f"task {task!r} has no data files: drop them (its problems are generated)")
     for path in files:
-        if not os.path.isfile(path):
+        if not path.startswith("hf:") and not os.path.isfile(path):  # hub sources are checked when loaded
             raise FileNotFoundError(f"{path}: no such file")
     if files:
-        examples = [ex for path in files for ex in (load_kk if task == "kk" else load_math)(path)]
+        examples = []
+        for path in files:  # a hub dataset's level is its name's last part: hf:openai/gsm8k:main:train -> gsm8k
+            level = path[3:].split(":")[0].split("/")[-1] if path.startswith("hf:") else None
+            examples += load_kk(path) if task == "kk" else load_math(path, level=level)
         if split == "eval" and per_level is not None:  # the first per_level problems of each level
             kept, count = [], {}
             for ex in examples:
@@ -479,7 +523,8 @@ def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=
                     kept.append(ex)
             examples = kept
     elif task == "math":
-        raise ValueError("task 'math' needs data files (jsonl or parquet, e.g. aime_2021_2024.jsonl)")
+        raise ValueError("task 'math' needs data files (jsonl or parquet, e.g. aime_2021_2024.jsonl) "
+                         "or hub datasets (e.g. hf:openai/gsm8k:main:train)")
     else:
         generate = globals().get(f"{task}_examples")
         if generate is None:

@@ -67,7 +67,8 @@ class Config:
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill / sft(teacher); must share the tokenizer
     # task and data
     task: str = "kk"                        # kk | math | arith (what data.py and rewards.py know)
-    train_data: str = ""                    # comma-separated jsonl/parquet files; "" = the task's generator
+    train_data: str = ""                    # comma-separated jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT hub
+                                            # datasets; "" = the task's generator
     eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
     kk_people: str = "3,4,5,6,7"            # generated K&K training puzzles: people per puzzle
     arith_levels: str = "2,3,4,5,6,7,8"     # generated arithmetic problems (task arith): operands per problem
@@ -263,7 +264,7 @@ def load_examples(cfg: Config, split: str) -> list:
     try:
         return data.load_examples(cfg.task, files, split, per_level, cfg.seed,
                                   [int(x) for x in levels.split(",") if x] or None)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"{split} data: {e}") from None
 
 
