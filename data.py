@@ -536,6 +536,35 @@ def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=
     return examples
 
 
+def load_task(spec: str):
+    """A task of your own, `module:name` (docs/own_task.md): module.name has examples(split) -> Examples (data.py's
+    dict shape; "question" is the user message) and score(examples, responses) -> [{"reward", "correct",
+    "format_ok"}] (rewards.score_batch's contract). Returns (examples, score), score checked on every call."""
+    import importlib
+    module, _, name = spec.partition(":")
+    try:
+        task = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--task {spec}: cannot import {name} from {module} ({e}); the module must be importable "
+                         "from the working directory or PYTHONPATH") from None
+    if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "score", None))):
+        raise ValueError(f"--task {spec}: needs examples(split) and score(examples, responses) (docs/own_task.md)")
+
+    def score(examples, responses):
+        try:
+            out = task.score(examples, responses)
+        except Exception as e:  # the plugin's bug: stop with its name, not a traceback deep in the loop
+            raise SystemExit(f"--task {spec}: score() raised {type(e).__name__}: {e} (a scorer must never raise; "
+                             "see docs/own_task.md)") from e
+        if not isinstance(out, (list, tuple)) or len(out) != len(responses) or \
+                not all(isinstance(s, dict) and {"reward", "correct", "format_ok"} <= set(s) for s in out):
+            got = f"{len(out)} items" if isinstance(out, (list, tuple)) else type(out).__name__
+            raise SystemExit(f"--task {spec}: score() must return one {{reward, correct, format_ok}} dict per "
+                             f"response ({len(responses)}), got {got}")
+        return list(out)
+    return task.examples, score
+
+
 def step_prompts(n_examples: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list:
     """Indices of this rank's share of the `per_step` prompts of `step`: the data is read in passes, each pass a
     seeded permutation, so the order is a function of the step alone (an exact resume needs nothing else)."""
@@ -566,16 +595,15 @@ PREFILL = {"kk": "<think>", "math": "", "arith": ""}
 
 
 def prompt_text(example):
-    """The user message for an Example."""
+    """The user message for an Example (a task of your own: its "question", as is)."""
     task = example.get("task")
     if task == "kk":
         return KK_INSTRUCTION + example["question"]
     if task == "math":
         return example["question"] + MATH_INSTRUCTION
-    if task == "arith":
-        return example["question"]  # the problem is its own prompt: "3 + 5 - 7 ="
-    raise ValueError(f"prompt_text: unknown task {task!r} in example {example.get('id')!r}; "
-                     "use 'kk', 'math' or 'arith'")
+    if task == "arith" or "question" in example:
+        return example["question"]  # arith: the problem is its own prompt ("3 + 5 - 7 =")
+    raise ValueError(f"prompt_text: example {example.get('id')!r} of task {task!r} has no question")
 
 
 def build_prompt(example, tokenizer, prefill=None):

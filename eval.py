@@ -118,13 +118,14 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
 # ----------------------------------------------------------------------------- sampling + scoring
 
 def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperature: float = 0.6,
-             top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False) -> dict:
+             top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False, score_fn=None) -> dict:
     """Sample `n` responses per example with `engine`, score them, aggregate. Returns
     {"summary": summarize(...), "samples": [one record per sample, problem by problem], "config": {...}}.
 
     `engine` is anything with the rollout.py interface (VLLMEngine, HFEngine): train.py passes its own,
     already-running engine. `batch_size` prompts go to each generate call (None: all in one call, the
     fastest with vLLM); `progress` shows a tqdm bar over those calls (the CLI uses it, train.py does not).
+    score_fn(examples, responses) scores the samples (default rewards.score_batch; a task of your own has its own).
     """
     import data
 
@@ -152,7 +153,7 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
     if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
         raise RuntimeError(f"engine returned {len(outputs)} prompts with sample counts "
                            f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
-    result = score_outputs(tokenizer, examples, prompts, outputs, ks=ks)
+    result = score_outputs(tokenizer, examples, prompts, outputs, ks=ks, score_fn=score_fn)
     result["config"] = {"n": n, "ks": sorted(set(int(k) for k in ks)), "max_tokens": max_tokens,
                         "temperature": temperature, "top_p": top_p, "seed": seed}
     return result
@@ -189,7 +190,7 @@ def _check_ks(n, ks):
         raise ValueError(f"need 1 <= k <= n for every k of Pass@k, got n={n}, ks={tuple(ks)}: raise n or lower k")
 
 
-def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,)) -> dict:
+def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,), score_fn=None) -> dict:
     """Score engine outputs and aggregate them: {"summary", "samples"}.
 
     prompts: data.build_prompt(ex, tokenizer) per example, i.e. (prompt_ids, prefill);
@@ -207,7 +208,7 @@ def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,)) -> dict:
     # text. Special tokens (the EOS that ends a finished sample) are dropped, as verl / Logic-RL do.
     responses = [prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True)
                  for (_, prefill), outs in zip(prompts, outputs) for out in outs]
-    scores = rewards.score_batch([ex for ex in examples for _ in range(n)], responses)
+    scores = (score_fn or rewards.score_batch)([ex for ex in examples for _ in range(n)], responses)
 
     samples = []
     for p, (ex, (prompt_ids, _), outs) in enumerate(zip(examples, prompts, outputs)):

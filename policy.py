@@ -196,7 +196,7 @@ def collate(rows: list, device) -> dict:
            "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
            "wrong": torch.tensor([not r.get("correct", True) for r in rows]),
            "tokens": sum(len(r["response"]) for r in rows if not r.get("dummy")), "slots": len(rows) * width,
-           "real": sum(lens) if not rows[0].get("dummy") else 0}
+           "real": sum(lens) if not rows[0].get("dummy") else 0, "rows": rows}
     for key in ("teacher", "old", "ref", "engine"):  # per-row token vectors -> [B, R]
         if all(key in r for r in rows):
             flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=rows[0][key].device)

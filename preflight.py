@@ -56,6 +56,15 @@ def check_config(cfg, world: int):
     for name, allowed in {"method": tuple(rlad.METHODS), **CHOICES}.items():  # METHODS may have grown since import
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
+    if ":" in cfg.task:  # a task of your own: importable, with examples() and score()
+        import data
+        try:
+            data.load_task(cfg.task)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    elif cfg.task not in ("kk", "math", "arith"):
+        raise SystemExit(f"--task {cfg.task!r}: use kk, math, arith, or module:name for a task of your own "
+                         "(docs/own_task.md)")
     for name in ("kk_people", "arith_levels"):
         parts = getattr(cfg, name).split(",")
         if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):

@@ -79,9 +79,12 @@ def clipped_surrogate(log_ratio, b, o, metrics):
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
     surr = torch.minimum(ratio * b.adv, ratio.clamp(1 - o.eps_low, 1 + o.eps_high) * b.adv)  # [B, T]
     r = ratio.detach()
+    low, high = (b.adv < 0) & (r < 1 - o.eps_low), (b.adv > 0) & (r > 1 + o.eps_high)  # [B, T] gradient clipped
     metrics["ratio_mean"] = masked_mean(r, b.mask)
-    metrics["clip_frac_low"] = masked_mean(((b.adv < 0) & (r < 1 - o.eps_low)).float(), b.mask)
-    metrics["clip_frac_high"] = masked_mean(((b.adv > 0) & (r > 1 + o.eps_high)).float(), b.mask)
+    metrics["clip_frac_low"] = masked_mean(low.float(), b.mask)
+    metrics["clip_frac_high"] = masked_mean(high.float(), b.mask)
+    if o.token_info is not None:  # the caller asked for the per-token view (train.py's sample logs)
+        o.token_info["clipped"] = (low | high) & b.mask
     return surr
 
 
@@ -139,7 +142,7 @@ METHODS = {
 
 def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, alpha=0.5,
                 eps_low=0.2, eps_high=0.28, teacher_clamp=1.0, kd_coef=0.0, kd_kl="k2", kd_clamp=None, kl_coef=0.0,
-                loss_agg="token-mean", num_tokens=None, max_len=None, kd_mask=None, ref_kl="k3"):
+                loss_agg="token-mean", num_tokens=None, max_len=None, kd_mask=None, ref_kl="k3", token_info=None):
     """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
 
     method: a key of METHODS. logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B]
@@ -148,8 +151,9 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     responses). kl_coef > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)). loss_agg, num_tokens, max_len: see
     aggregate(). Metrics (detached 0-d tensors): loss and each term (loss/pg, loss/kd, loss/nll, loss/kl_ref),
     parts of the mini-batch loss like `loss`; means over this batch's unmasked tokens: ratio_mean (r_TRRD for
-    rlad), clip_frac_low / clip_frac_high (tokens whose
-    gradient the clip removed, A < 0 / A > 0), teacher_log_ratio (+ _abs), teacher_clamp_frac (rlad).
+    rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip removed, A < 0 / A > 0),
+    teacher_log_ratio (+ _abs), teacher_clamp_frac (rlad). A dict passed as token_info receives per-token
+    tensors: "clipped" [B, T] bool (methods with a clipped ratio).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")
@@ -181,7 +185,7 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     if kd_mask is not None:
         b.kd_mask = kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask  # [B, 1] or [B, T]
     o = SimpleNamespace(alpha=alpha, eps_low=eps_low, eps_high=eps_high, teacher_clamp=teacher_clamp,
-                        kd_coef=kd_coef, kd_kl=kd_kl, kd_clamp=kd_clamp)
+                        kd_coef=kd_coef, kd_kl=kd_kl, kd_clamp=kd_clamp, token_info=token_info)
     terms = spec["objective"](b, o, metrics)
     if kl_coef:
         terms.append(("kl_ref", kl_coef, kl(logp, zero(ref_logp), ref_kl)))

