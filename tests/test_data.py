@@ -344,8 +344,11 @@ def test_build_prompt_without_chat_template(tiny_tokenizer):
     kk = data.kk_examples(people=[2], per_level=1, split="eval")[0]
     ids, prefill = data.build_prompt(kk, plain)
     assert plain.decode(ids) == "User: " + data.prompt_text(kk) + "\nAssistant: <think>" and prefill == "<think>"
-    with pytest.raises(ValueError, match="unknown task"):
-        data.build_prompt(dict(kk, task="chess"), plain, prefill="")
+    # (interface change: a task of your own, say "chess", is prompted with its question as is)
+    ids, prefill = data.build_prompt({"task": "chess", "question": "e4 or d4?", "id": "c1"}, plain)
+    assert plain.decode(ids) == "User: e4 or d4?\nAssistant: " and prefill == ""
+    with pytest.raises(ValueError, match="has no question"):
+        data.build_prompt({"task": "chess", "id": "c2"}, plain, prefill="")
 
 
 # --- arithmetic (the CPU miniature's task) ----------------------------------------------------------
