@@ -606,6 +606,13 @@ def prompt_text(example):
     raise ValueError(f"prompt_text: example {example.get('id')!r} of task {task!r} has no question")
 
 
+def build_prompts(examples, tokenizer, max_prompt_tokens: int):
+    """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""
+    prompts = [build_prompt(ex, tokenizer) for ex in examples]
+    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= max_prompt_tokens]
+    return [examples[i] for i in keep], [prompts[i] for i in keep]
+
+
 def build_prompt(example, tokenizer, prefill=None):
     """(prompt_ids, prefill): the user message through the tokenizer's chat template (generation prompt added),
     followed by the prefill; without a chat template, "User: ...\\nAssistant: " + prefill as plain text, or

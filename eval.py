@@ -430,6 +430,38 @@ def show(run_dir: str, step=None, out=None) -> str:
     return out
 
 
+def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
+    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl), one line per logged group: its prompt and responses with reward, advantage
+    and per token the student's and the teacher's log-probs, the teacher's relation (prefers / rejects / agrees:
+    logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip removed the gradient
+    (first PPO epoch): what train.py's step computed for the rows it marked "log". `show` draws it."""
+    import rlad
+    tok, clamp = tokenizer, cfg.teacher_clamp or 1.0
+    groups = {}
+    for r in rows:
+        if r.get("log") and "student_logp" in r:
+            groups.setdefault(r["group"], []).append(r)
+    lines = []
+    for g, group in groups.items():
+        samples = []
+        for r in group:
+            student = r["student_logp"]
+            teacher = r["teacher"].clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist() if "teacher" in r else None
+            relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
+                        for s, t in zip(student, teacher)] if teacher else None
+            samples.append({"response": r["text"], "tokens": tok.batch_decode([[t] for t in r["response"]]),
+                            "token_ids": r["response"], "reward": r["reward"], "advantage": r.get("adv", 0.0),
+                            "correct": r["correct"], "student_logp": student, "teacher_logp": teacher,
+                            "teacher": relation, "clipped": r["clipped"]})
+        lines.append({"step": step, "method": cfg.method, "group": g, "epoch": 1,
+                      "prompt": tok.decode(group[0]["prompt"]), "samples": samples,
+                      "options": {"alpha": cfg.alpha, "eps_low": cfg.eps_low, "eps_high": cfg.eps_high,
+                                  "teacher_clamp": clamp}})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):

@@ -198,6 +198,20 @@ def plan_for(cfg, world: int, paths: dict):
     return memory_plan(cfg, world, gpu_bytes, shapes(paths["model"]), teacher)
 
 
+def plan_run(cfg, world: int, say=print) -> bool:
+    """Print the memory plan and refuse a config that cannot fit. False when --plan true asked for the plan alone.
+    Without a GPU nothing is planned, unless --plan_gpus says for what (--plan alone: the paper's 8 x H200 node)."""
+    if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
+        cfg = dataclasses.replace(cfg, plan_gpus="8x140")
+    names = {k: resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in TINY else getattr(cfg, k)
+             for k in ("model", "teacher")}  # hub names stay names: AutoConfig reads their config.json only
+    plan = plan_for(cfg, world, names)
+    if plan is not None:
+        say(format_plan(plan, cfg))
+        check_plan(plan, cfg)
+    return not cfg.plan
+
+
 # ----------------------------------------------------------------------------- 3. model names -> local directories
 TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
                                                           num_kv_heads=2, intermediate_size=256, seed_offset=1)}

@@ -54,6 +54,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import checkpoint  # noqa: E402
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
 import policy  # noqa: E402
 import preflight  # noqa: E402
 import rlad  # noqa: E402
@@ -267,7 +269,6 @@ def make_engine(path: str, cfg: Config, device, rank: int):
 # ----------------------------------------------------------------------------- data
 def load_examples(cfg: Config, split: str) -> list:
     """data.load_examples for the training or evaluation split (files when given, else the task's generator)."""
-    import data
     files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
     levels = {"kk": cfg.kk_people, "arith": cfg.arith_levels}.get(cfg.task, "") if split == "train" else ""
     per_level = cfg.train_per_level if split == "train" else cfg.eval_per_level
@@ -276,18 +277,6 @@ def load_examples(cfg: Config, split: str) -> list:
                                   [int(x) for x in levels.split(",") if x] or None)
     except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"{split} data: {e}") from None
-
-
-def fitting_prompts(examples: list, tokenizer, cfg: Config, what: str):
-    """(examples, [(prompt_ids, prefill)]) without the prompts over max_prompt_tokens (dropped and counted now,
-    not at the first generate hours into a run: the engine's max_model_len is max_prompt_tokens + max_tokens)."""
-    import data
-    prompts = [data.build_prompt(ex, tokenizer) for ex in examples]  # (prompt_ids, prefill)
-    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= cfg.max_prompt_tokens]
-    if len(keep) < len(prompts):
-        print0(f"dropped {len(prompts) - len(keep)} of {len(prompts)} {what} prompts over {cfg.max_prompt_tokens} "
-               "tokens (raise --max_prompt_tokens to keep them)")
-    return [examples[i] for i in keep], [prompts[i] for i in keep]
 
 
 def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
@@ -301,27 +290,13 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
 
 
 # ----------------------------------------------------------------------------- setup: data, models, state
-def memory_plan(cfg: Config, world: int) -> bool:
-    """Print the memory plan (from the model configs: no weights) and refuse a config that cannot fit. False when
-    --plan true asked for the plan alone. Without a GPU nothing is planned, unless --plan_gpus says for what."""
-    if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
-        cfg = dataclasses.replace(cfg, plan_gpus="8x140")  # a laptop asking for the plan: the paper's node, 8 H200
-    names = {k: preflight.resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in preflight.TINY
-             else getattr(cfg, k) for k in ("model", "teacher")}  # hub names: AutoConfig reads config.json only
-    plan = preflight.plan_for(cfg, world, names)
-    if plan is not None:
-        print0(preflight.format_plan(plan, cfg))
-        preflight.check_plan(plan, cfg)
-    return not cfg.plan
-
-
 def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -> SimpleNamespace:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
     import rewards
     from transformers import AutoTokenizer
     preflight.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = setup_distributed(cfg.dist_timeout_min)
-    if not memory_plan(cfg, world):
+    if not preflight.plan_run(cfg, world, print0):  # --plan true: the plan was all that was asked for
         return None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -332,7 +307,6 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
                           score_fn=score_fn or rewards.score_batch)
     # --- data and tokenizers (a task of your own brings both its examples and its scorer)
     if ":" in cfg.task and train_examples is None:
-        import data
         task_examples, run.score_fn = data.load_task(cfg.task)
         train_examples = task_examples("train")
         eval_examples = (task_examples("eval") if cfg.eval_every else []) if eval_examples is None else eval_examples
@@ -348,8 +322,14 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
                                          cfg.teacher)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    run.train_examples, run.prompts = fitting_prompts(train_examples, run.tokenizer, cfg, "training")
-    run.eval_examples = fitting_prompts(eval_examples, run.tokenizer, cfg, "eval")[0]
+    for what, examples in (("training", train_examples), ("eval", eval_examples)):
+        kept, prompts = data.build_prompts(examples, run.tokenizer, cfg.max_prompt_tokens)
+        if len(kept) < len(examples):  # now, not at the first generate: max_model_len is prompt + response
+            print0(f"dropped {len(examples) - len(kept)} of {len(examples)} {what} prompts over "
+                   f"{cfg.max_prompt_tokens} tokens (raise --max_prompt_tokens to keep them)")
+        if what == "training":
+            run.train_examples, run.prompts = kept, prompts
+    run.eval_examples = kept
     if not run.train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, after the prompt "
                          f"length filter max_prompt_tokens={cfg.max_prompt_tokens})")
@@ -427,7 +407,6 @@ def sample_prompts(run, step: int, engine) -> list:
     """engine's group_size samples of each of this rank's prompts at `step`, seeded by the prompt's global position
     (the same samples at any world size, and after a resume). Token ids as int32 tensors: the SFT baseline keeps
     every step's teacher samples in memory."""
-    import data
     cfg = run.cfg
     idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
     idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
@@ -440,7 +419,6 @@ def sample_prompts(run, step: int, engine) -> list:
 
 def rollout(run, step: int, times: dict):
     """Steps 1-2: this rank's prompts at `step` and their samples, as rows (the schema below). -> rows, exs, prefills"""
-    import data
     cfg, tok = run.cfg, run.tokenizer
     idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
     exs = [run.train_examples[i] for i in idx]
@@ -570,7 +548,6 @@ def update(model, opt, rows, cfg, device, world, step, coefs, m: Metrics) -> int
 
 def run_eval(run, times) -> dict:
     """Mean@n per level on the held-out problems, each rank sampling its share (eval.evaluate_ranks)."""
-    import eval as evaluation
     cfg = run.cfg
     refresh_engine(run, times)
     out = evaluation.evaluate_ranks(run.engine, run.tokenizer, run.eval_examples, rank=run.rank, world=run.world,
@@ -579,37 +556,6 @@ def run_eval(run, times) -> dict:
                                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, score_fn=run.score_fn)
     run.engine.sleep()
     return out
-
-
-def write_samples(run, step: int, rows: list):
-    """RUN_DIR/samples/step_NNNNNN.jsonl, one line per logged group: its prompt and responses with reward, advantage
-    and per token the student's and the teacher's log-probs, the teacher's relation (prefers / rejects / agrees:
-    logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip removed the gradient
-    (first PPO epoch). `python eval.py show RUN_DIR` draws it."""
-    cfg, tok, clamp = run.cfg, run.tokenizer, run.cfg.teacher_clamp or 1.0
-    groups = {}
-    for r in rows:
-        if r.get("log") and "student_logp" in r:
-            groups.setdefault(r["group"], []).append(r)
-    lines = []
-    for g, group in groups.items():
-        samples = []
-        for r in group:
-            student = r["student_logp"]
-            teacher = r["teacher"].clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist() if "teacher" in r else None
-            relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
-                        for s, t in zip(student, teacher)] if teacher else None
-            samples.append({"response": r["text"], "tokens": tok.batch_decode([[t] for t in r["response"]]),
-                            "token_ids": r["response"], "reward": r["reward"], "advantage": r.get("adv", 0.0),
-                            "correct": r["correct"], "student_logp": student, "teacher_logp": teacher,
-                            "teacher": relation, "clipped": r["clipped"]})
-        lines.append({"step": step + 1, "method": cfg.method, "group": g, "epoch": 1,
-                      "prompt": tok.decode(group[0]["prompt"]), "samples": samples,
-                      "options": {"alpha": cfg.alpha, "eps_low": cfg.eps_low, "eps_high": cfg.eps_high,
-                                  "teacher_clamp": clamp}})
-    os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "samples", f"step_{step + 1:06d}.jsonl"), "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def step_metrics(run, step, rows, kept, scores, reward, m: Metrics, times: dict, kd_coef: float) -> dict:
@@ -726,8 +672,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
                 torch.cuda.synchronize()
 
         # 8. weight sync: refresh_engine streams the new weights into the engine at its next wake
-        if log_samples:
-            write_samples(run, step, kept)
+        if log_samples:  # the few groups marked at step 4, with what steps 5-6 computed for them
+            evaluation.write_samples(os.path.join(cfg.run_dir, "samples", f"step_{step + 1:06d}.jsonl"), step + 1,
+                                     kept, run.tokenizer, cfg)
 
         # 9. metrics (one collective), eval, checkpoint
         times["step"] = time.perf_counter() - t_step
