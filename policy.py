@@ -15,7 +15,7 @@ The memory rule: the LM head runs on response positions only, one chunk of rows 
 checkpointing, so no [T, V] logits tensor exists in forward or backward (kernels.py keeps only one chunk's
 logits and recomputes in backward). Padding: rows are sorted longest first and right-padded per micro-batch;
 collate reports padded slots and real tokens so train.py can log the waste (`pad_frac`). Sequence packing
-(one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.2-1.8x
+(one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.3-2x
 the padded layout (measured), and no GPU number exists yet to show it pays there.
 
 Sharded models are collectives: every rank calls forward / score the same number of times. score() makes the

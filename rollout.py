@@ -237,6 +237,7 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env_before = dict(os.environ)
         threads_before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+        matmul_precision = torch.get_float32_matmul_precision()  # vLLM's GPU worker sets its own, process-wide
         start = time.perf_counter()
         try:
             self.llm = vllm_build(**kwargs)
@@ -252,6 +253,7 @@ class VLLMEngine:
                         del os.environ[key]
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads_before)
+            torch.set_float32_matmul_precision(matmul_precision)
         self.startup_s = time.perf_counter() - start
         self._alive = True
         self._asleep = False
