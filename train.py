@@ -4,8 +4,9 @@ torchrun + FSDP2. Equations: docs/algorithm.md and rlad.py.
 One step, the headings of the loop in main():
   1. each rank takes its share of `prompts_per_step` prompts (a seeded permutation per pass over the data)
   2. its colocated rollout engine (vLLM, or transformers) samples `group_size` responses per prompt, seeded by
-     the prompt's global position in the data stream (the same samples at any world size); sft samples the
-     teacher (kept if correct) or takes the data's ground-truth `target` / `answer` text
+     the prompt's global position in the data stream (the same samples at any world size); sft trains on the
+     teacher's samples (drawn up front by the teacher's own vLLM engine, kept if correct) or on the data's
+     ground-truth `target` / `answer` text
   3. rewards.score_batch scores them (math in worker processes, with a time limit per answer)
   4. rlad.group_advantages, optionally dropping groups whose rewards are all equal (zero advantage)
   5. the teacher scores every kept token (methods whose rlad.METHODS row says teacher_logp); the student
@@ -16,15 +17,18 @@ One step, the headings of the loop in main():
      token count of its mini-batch, so gradients equal the full-batch gradient for any world size; every rank
      runs the same number of forward/backward passes (empty micro-batches pad the short ones)
   7. clip the grad norm, skip (and count) a non-finite step, AdamW
-  8. the engine's weights are now stale: the new ones stream in (one full_tensor per parameter) at its next wake
-  9. one JSON line per step in RUN_DIR/metrics.jsonl (one collective for all metrics); eval and checkpoints on
-     schedule (checkpoint.py: HF-format student + trainer state, atomic, the last keep_last kept)
+  8. weight sync: at the engine's next wake the new weights stream in, one gathered parameter at a time (bf16 on
+     GPU); the engine sleeps at level 2 between rollouts, so its own copy is discarded, not offloaded
+  9. one JSON line per step in RUN_DIR/metrics.jsonl (one collective for all metrics); sample logs, eval and
+     checkpoints on schedule (checkpoint.py: HF-format student + sharded trainer state, atomic, the last kept)
+Before any weights load, preflight.py checks the config, resolves hub names and prints the memory plan.
 
-    python train.py --config configs/tiny_cpu.toml          # one CPU process, tiny models, about a minute
+    python train.py --config configs/cpu_quickstart.toml    # one CPU process, a tiny model learning in ~30 s
     python train.py                                          # the paper's K&K RLAD: Qwen3-0.6B <- Qwen3-8B
     torchrun --nproc_per_node 8 train.py --config configs/kk_qwen3_1.7b_8k.toml --method grpo
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --config ...
     python train.py --config ... --resume true               # continue from the newest complete checkpoint
+    python train.py --config ... --plan true                 # the memory plan per GPU, then exit
 
 Plain `python train.py` is a process group of one (gloo, or nccl on a GPU; in memory, no port), so FSDP2 and
 the collectives run the same code at every world size. Flags: any Config field as `--key value`, after the

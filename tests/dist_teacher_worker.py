@@ -47,8 +47,8 @@ def main():
     torch.save({"results": results, "local_numel": local, "full_numel": full, "stats": stats,
                 "sharded_after": sharded_after},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # leave together, as train.py does (see tests/train_helper.py)
-    dist.destroy_process_group()
+    from dist_load_worker import leave_together
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -278,3 +278,16 @@ def test_non_finite_gradient_skips_the_step(tiny_model_dir):
     rows[1]["adv"] = -1.0
     assert train.update(student, opt, rows, cfg, device, 1, 1, coefs, train.Metrics()) == 0
     assert any(not torch.equal(t, before[n]) for n, t in policy.full_params(student))
+
+
+def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
+    """The same SFT run (arith, ground-truth targets) with an evaluation every 3 steps (engine built, weights synced
+    into it, sampled, put to sleep) and with none: byte-identical final weights. Evaluation reads the weights only."""
+    flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--task", "arith", "--arith_levels", "2,3",
+             "--method", "sft", "--sft_source", "data", "--max_steps", "9", "--save_every", "0",
+             "--eval_per_level", "2", "--log_samples_every", "0"]
+    for every in ("0", "3"):
+        run([PY, os.path.join(ROOT, "train.py")] + flags + ["--eval_every", every], str(tmp_path / every))
+    assert "eval_accuracy" in read_metrics(str(tmp_path / "3"))[2]
+    a, b = (open(os.path.join(final_checkpoint(str(tmp_path / e)), "model.safetensors"), "rb").read() for e in "03")
+    assert a == b

@@ -73,10 +73,8 @@ def update_case(out_path, model_dir, shard_group=0):
     if train.is_main():
         torch.save({"weights": weights, "kept": len(kept)}, out_path)
     print(f"rank {rank}: kept {len(kept)} rows, mesh {tuple(mesh.shape)}", flush=True)
-    # Leave together, as train.py does: once (one full-suite run), rank 1 aborted with "terminate called without an
-    # active exception" after its last print, tearing gloo down while rank 0 was still saving.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    from dist_load_worker import leave_together
+    leave_together()
 
 
 def late_rank(minutes: float):
