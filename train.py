@@ -372,8 +372,8 @@ def load_models(run):
     if run.spec["samples"] == "teacher" and cfg.sft_source == "teacher":  # the SFT baseline's data, drawn first
         run.teacher_engine = make_engine(run.teacher_path, cfg, device, run.rank)
         first = int(os.path.basename(ckpt)[len("step_"):]) if ckpt else 0
-        run.teacher_samples = {step: sample_prompts(run, step, run.teacher_engine) for step in range(first,
-                                                                                                   cfg.max_steps)}
+        run.teacher_samples = {step: sample_prompts(run, step, run.teacher_engine, compact=True)
+                               for step in range(first, cfg.max_steps)}
         run.teacher_engine.sleep()  # level 2: its GPU memory goes back before the student's engine starts
     run.engine = make_engine(start_from, cfg, device, run.rank) \
         if run.spec["samples"] == "student" or cfg.eval_every else None
@@ -407,17 +407,19 @@ def refresh_engine(run, times):
         run.engine.wake()
 
 
-def sample_prompts(run, step: int, engine) -> list:
+def sample_prompts(run, step: int, engine, compact: bool = False) -> list:
     """engine's group_size samples of each of this rank's prompts at `step`, seeded by the prompt's global position
-    (the same samples at any world size, and after a resume). Token ids as int32 tensors: the SFT baseline keeps
-    every step's teacher samples in memory."""
+    (the same samples at any world size, and after a resume). compact: token ids as int32 tensors (the SFT baseline
+    keeps every step's teacher samples in memory)."""
     cfg = run.cfg
     idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
     idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
     outs = engine.generate([run.prompts[i][0] for i in idx], n=cfg.group_size, max_tokens=cfg.max_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size))
-    return [[dict(o, response_ids=torch.tensor(o["response_ids"], dtype=torch.int32)) for o in group]
+    if not compact:
+        return outs
+    return [[dict(o, response_ids=torch.tensor(o["response_ids"], dtype=torch.int32), logprobs=None) for o in group]
             for group in outs]
 
 
@@ -446,7 +448,8 @@ def rollout(run, step: int, times: dict):
     #   uid               global response id within the step, the same at any world size (deals mini-batches)
     #   truncated         hit max_tokens;  engine: the engine's log-probs [R] (diagnostic; student samples only)
     #   correct (3.), adv (4.), teacher / old / ref (5.): log-probs [R] under the teacher, pi_old, pi_ref
-    rows = [{"prompt": pids[p], "response": torch.as_tensor(o["response_ids"]).tolist(), "group": p,
+    rows = [{"prompt": pids[p], "response": list(o["response_ids"]) if isinstance(o["response_ids"], list) else
+             o["response_ids"].tolist(), "group": p,
              "uid": (idx0 + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
              **({"engine": torch.tensor(o["logprobs"])} if run.spec["samples"] == "student" else {})}
             for p, group in enumerate(outs) for i, o in enumerate(group)]

@@ -8,6 +8,7 @@ LOCAL_WORLD_SIZE 1, so train.py's default layout is HSDP, 2 replicas x 1 shard.
 scripts/slurm.sbatch itself runs with stand-ins for srun, scancel and scontrol: USR1 (its time-limit warning)
 must reach train.py as SIGTERM, which writes a checkpoint and exits, and the script then requeues the job.
 """
+import contextlib
 import json
 import os
 import signal
@@ -48,10 +49,8 @@ def kill_tree(pid):
         found.append(todo.pop())
         todo += children.get(found[-1], [])
     for target, kill in [(pid, os.killpg)] + [(p, os.kill) for p in found]:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             kill(target, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def tail(path, n=3000) -> str:
