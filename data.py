@@ -340,8 +340,9 @@ def _rows(path):
 
 
 def _hub_rows(path):
-    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT: the last part is the split, a middle part (optional) the config, as in
-    hf:openai/gsm8k:main:train or hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as train[:1000] works too).
+    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT: the last part is the split, an optional middle part
+    the config, as in hf:openai/gsm8k:main:train or hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as
+    train[:1000] works too).
     It loads through the `datasets` library (imported only then): from the Hub, or when the Hub is unreachable
     (HF_HUB_OFFLINE=1) from the hub cache's snapshot of the repo, as `hf download` or an earlier load left it.
     """

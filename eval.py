@@ -431,10 +431,10 @@ def show(run_dir: str, step=None, out=None) -> str:
 
 
 def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
-    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl), one line per logged group: its prompt and responses with reward, advantage
-    and per token the student's and the teacher's log-probs, the teacher's relation (prefers / rejects / agrees:
-    logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip removed the gradient
-    (first PPO epoch): what train.py's step computed for the rows it marked "log". `show` draws it."""
+    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl), one line per logged group: its prompt and responses with
+    reward, advantage and per token the student's and the teacher's log-probs, the teacher's relation (prefers /
+    rejects / agrees: logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip
+    removed the gradient (first PPO epoch): what train.py's step computed for the rows it marked "log"."""
     import rlad
     tok, clamp = tokenizer, cfg.teacher_clamp or 1.0
     groups = {}

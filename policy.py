@@ -224,9 +224,9 @@ def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
 def score(model: Policy, rows: list, budget: int, device):
     """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old).
 
-    Returns ([float32 [len(response)] per row, in order], stats: slots / max_slots (padded tokens), real, and
-    micro_batches / dummy_batches). A collective when `model` is sharded: every rank calls it with its own rows
-    (even none); the ranks agree on the number of micro-batches and the short ones run one-token dummies.
+    Returns ([float32 [len(response)] per row, in order], stats: slots / max_slots (padded tokens), real,
+    pad_fraction, and micro_batches / dummy_batches). A collective when `model` is sharded: every rank calls it
+    with its own rows (even none); the ranks agree on the number of micro-batches, the short ones run dummies.
     """
     mbs = pack(rows, budget)
     n_micro = agree([len(mbs)])[0]  # same number of FSDP forwards on every rank
@@ -249,4 +249,5 @@ def score(model: Policy, rows: list, budget: int, device):
             model.to("cpu")
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's gathered weights after a no-grad forward: free them
         model.reshard()
+    stats["pad_fraction"] = 1 - stats["real"] / stats["slots"] if stats["slots"] else 0.0
     return [out[id(r)] for r in rows], stats

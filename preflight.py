@@ -152,7 +152,8 @@ def format_plan(plan: dict, cfg) -> str:
               for name, b in plan["phases"].items()]
     batch = plan["rollout_seqs"] * plan["seq_tokens"]
     at_once = min(int(plan["kv_tokens"] // plan["seq_tokens"]), cfg.max_num_seqs, plan["rollout_seqs"])
-    lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is {plan['rollout_seqs']} "
+    lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is "
+                 f"{plan['rollout_seqs']} "
                  f"sequences x {plan['seq_tokens']} = {batch / 1e6:.2f}M tokens at full length: {at_once} run at once "
                  f"({100 * at_once / plan['rollout_seqs']:.0f}%)")
     lines.append(f"  gpu_memory_utilization {cfg.gpu_memory_utilization} (at most {plan['max_util']:.2f} leaves the "

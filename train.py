@@ -407,13 +407,18 @@ def refresh_engine(run, times):
         run.engine.wake()
 
 
+def my_prompts(run, step: int):
+    """(indices of this rank's prompts at `step`, global position of its first prompt in the step)."""
+    cfg = run.cfg
+    idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
+    return idx, run.rank * (cfg.prompts_per_step // run.world)
+
+
 def sample_prompts(run, step: int, engine, compact: bool = False) -> list:
     """engine's group_size samples of each of this rank's prompts at `step`, seeded by the prompt's global position
     (the same samples at any world size, and after a resume). compact: token ids as int32 tensors (the SFT baseline
     keeps every step's teacher samples in memory)."""
-    cfg = run.cfg
-    idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
-    idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
+    cfg, (idx, idx0) = run.cfg, my_prompts(run, step)
     outs = engine.generate([run.prompts[i][0] for i in idx], n=cfg.group_size, max_tokens=cfg.max_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p,
                            seed=sample_seed(cfg, step * cfg.prompts_per_step + idx0, cfg.group_size))
@@ -425,11 +430,9 @@ def sample_prompts(run, step: int, engine, compact: bool = False) -> list:
 
 def rollout(run, step: int, times: dict):
     """Steps 1-2: this rank's prompts at `step` and their samples, as rows (the schema below). -> rows, exs, prefills"""
-    cfg, tok = run.cfg, run.tokenizer
-    idx = data.step_prompts(len(run.train_examples), step, cfg.prompts_per_step, run.rank, run.world, cfg.seed)
+    cfg, tok, (idx, idx0) = run.cfg, run.tokenizer, my_prompts(run, step)
     exs = [run.train_examples[i] for i in idx]
     pids, prefills = [run.prompts[i][0] for i in idx], [run.prompts[i][1] for i in idx]  # (prompt_ids, prefill)
-    idx0 = run.rank * (cfg.prompts_per_step // run.world)  # global position of this rank's first prompt in the step
     if run.spec["samples"] == "student":
         refresh_engine(run, times)
     with timed(times, "rollout"):
@@ -437,7 +440,8 @@ def rollout(run, step: int, times: dict):
             outs = sample_prompts(run, step, run.engine)
             run.engine.sleep()
         elif cfg.sft_source == "teacher":
-            outs = run.teacher_samples.pop(step)  # drawn up front by the teacher's engine (load_models)
+            outs = [[dict(o, response_ids=o["response_ids"].tolist()) for o in group]  # drawn up front (load_models)
+                    for group in run.teacher_samples.pop(step)]
         else:  # the data's own answer turn, one "sample" per prompt
             outs = [[{"response_ids": tok((ex.get("target") or ex["answer"]).removeprefix(pf),
                                           add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
@@ -448,8 +452,7 @@ def rollout(run, step: int, times: dict):
     #   uid               global response id within the step, the same at any world size (deals mini-batches)
     #   truncated         hit max_tokens;  engine: the engine's log-probs [R] (diagnostic; student samples only)
     #   correct (3.), adv (4.), teacher / old / ref (5.): log-probs [R] under the teacher, pi_old, pi_ref
-    rows = [{"prompt": pids[p], "response": list(o["response_ids"]) if isinstance(o["response_ids"], list) else
-             o["response_ids"].tolist(), "group": p,
+    rows = [{"prompt": pids[p], "response": list(o["response_ids"]), "group": p,
              "uid": (idx0 + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
              **({"engine": torch.tensor(o["logprobs"])} if run.spec["samples"] == "student" else {})}
             for p, group in enumerate(outs) for i, o in enumerate(group)]
@@ -594,7 +597,7 @@ def frozen_logprobs(run, kept: list, m: Metrics, times: dict):
             logps, stats = policy.score(run.teacher.model, kept, cfg.teacher_token_budget, run.device)
             for r, lp in zip(kept, logps):
                 r["teacher"] = lp
-            m.mean("teacher_pad_frac", 1 - stats["real"] / stats["slots"] if stats["slots"] else 0.0, 1 / run.world)
+            m.mean("teacher_pad_frac", stats["pad_fraction"], 1 / run.world)
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
     moves = run.spec["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):
@@ -664,8 +667,9 @@ def main(cfg: Config, train_examples=None, eval_examples=None, score_fn=None):
         # 4. group advantages, optional zero-advantage filter (sft: keep the correct samples)
         kept = select_rows(rows, reward, cfg, m)
         log_samples = cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0 and is_main()
-        for r in kept if log_samples else []:  # the first few groups that are trained on
-            r["log"] = r["group"] in sorted({k["group"] for k in kept})[:cfg.log_samples_groups]
+        logged = set(sorted({r["group"] for r in kept})[:cfg.log_samples_groups]) if log_samples else set()
+        for r in kept:  # the first few groups that are trained on
+            r["log"] = r["group"] in logged
 
         # 5. teacher log-probs of every kept token (a collective when sharded: every rank calls it), pi_old, pi_ref
         frozen_logprobs(run, kept, m, times)
