@@ -65,7 +65,7 @@ def check_config(cfg, world: int):
     elif cfg.task not in ("kk", "math", "arith"):
         raise SystemExit(f"--task {cfg.task!r}: use kk, math, arith, or module:name for a task of your own "
                          "(docs/own_task.md)")
-    for name in ("kk_people", "arith_levels"):
+    for name in ("kk_people", "arith_levels") + (("eval_levels",) if cfg.eval_levels else ()):
         parts = getattr(cfg, name).split(",")
         if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: expected comma-separated integers >= 2, e.g. 3,4,5")

@@ -83,6 +83,8 @@ class Config:
     eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
     kk_people: str = "3,4,5,6,7"            # generated K&K training puzzles: people per puzzle
     arith_levels: str = "2,3,4,5,6,7,8"     # generated arithmetic problems (task arith): operands per problem
+    eval_levels: str = ""                   # generated held-out problems at these levels only (K&K people, arith
+                                            # operands); "" = every level (PPL2..PPL8, L2..L8)
     train_per_level: int = 2000             # generated training problems per level
     max_prompt_tokens: int = 1024           # longer prompts are dropped from the training and eval sets
     # algorithm (docs/algorithm.md)
@@ -274,7 +276,7 @@ def make_engine(path: str, cfg: Config, device, rank: int):
 def load_examples(cfg: Config, split: str) -> list:
     """data.load_examples for the training or evaluation split (files when given, else the task's generator)."""
     files = [f for f in (cfg.train_data if split == "train" else cfg.eval_data).split(",") if f]
-    levels = {"kk": cfg.kk_people, "arith": cfg.arith_levels}.get(cfg.task, "") if split == "train" else ""
+    levels = {"kk": cfg.kk_people, "arith": cfg.arith_levels}.get(cfg.task, "") if split == "train" else cfg.eval_levels
     per_level = cfg.train_per_level if split == "train" else cfg.eval_per_level
     try:
         return data.load_examples(cfg.task, files, split, per_level, cfg.seed,

@@ -1,9 +1,9 @@
-"""The miniature reproduction end to end, shrunk to a few steps (experiments/mini_repro/mini_repro.py --quick,
-run from the repository root the way its README says): real train.py
-subprocesses (SFT from ground truth, grpo / kdrl / rlad / rlad_self / distill with vLLM CPU rollouts), real
-eval through train.py's eval.evaluate, the results files, the curves; then a rerun that must skip every run.
-The student's SFT and the RL runs take their lengths from --student_steps and --rl_steps.
-Also the word-level arithmetic tokenizer (tiny.make_arith_tokenizer) and the aggregation arithmetic."""
+"""The miniature study end to end, shrunk to a few steps (experiments/mini_repro/mini_repro.py --quick, run from
+the repository root the way its README says): real train.py subprocesses (SFT from ground truth for a teacher and a
+smaller student, grpo / kdrl / rlad / rlad_self / distill with vLLM CPU rollouts, one run on the transformers
+engine), students chosen by their accuracy profile, diagnose.py and eval.py subprocesses, the results files, the
+curves; then a rerun that must skip every job. Also diagnose.py's gradient cosine on real tiny models, the
+word-level arithmetic tokenizer and the aggregation arithmetic."""
 import json
 import os
 import subprocess
@@ -12,9 +12,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDY_DIR = os.path.join(ROOT, "experiments", "mini_repro")  # mini_repro.py and its configs/
+STUDY_DIR = os.path.join(ROOT, "experiments", "mini_repro")  # mini_repro.py, diagnose.py and configs/
 SCRIPT = os.path.join("experiments", "mini_repro", "mini_repro.py")  # relative to ROOT, as a user types it
 METHODS = ["grpo", "kdrl", "rlad", "rlad_self", "distill"]
+PROFILES = ["first", "last"]  # the [quick] profiles
+LEVELS = ["L2", "L3", "L4"]  # report_levels: the trained levels
+
+
+def study_module(name):
+    if STUDY_DIR not in sys.path:
+        sys.path.insert(0, STUDY_DIR)
+    return __import__(name)
 
 
 def test_arith_tokenizer_round_trip_and_reward():
@@ -36,28 +44,66 @@ def test_arith_tokenizer_round_trip_and_reward():
     assert plain("x") == ["<|unk|>"]
 
 
-def test_aggregate_paired_differences():
-    if STUDY_DIR not in sys.path:
-        sys.path.insert(0, STUDY_DIR)
-    import mini_repro
+def test_aggregate_paired_differences_and_prediction():
+    mini_repro = study_module("mini_repro")
     acc = lambda a, b: {"L2": a, "L3": b, "average": (a + b) / 2}  # noqa: E731
     per_run = {("grpo", 1): acc(0.5, 0.1), ("grpo", 2): acc(0.6, 0.2),
+               ("kdrl", 1): acc(0.5, 0.3), ("kdrl", 2): acc(0.6, 0.5),
                ("rlad", 1): acc(0.6, 0.4), ("rlad", 2): acc(0.5, 0.4)}
-    out = mini_repro.aggregate(per_run, ["grpo", "rlad"], [1, 2])
+    out = mini_repro.aggregate(per_run, ["grpo", "kdrl", "rlad"], [1, 2])
     assert out["grpo"]["mean"]["L2"] == pytest.approx(0.55)
     assert out["grpo"]["std"]["L2"] == pytest.approx(0.0707107, rel=1e-5)  # sample std (ddof 1)
     d = out["rlad"]["diff_vs_grpo"]
     assert d["L2"]["per_seed"] == pytest.approx([0.1, -0.1]) and d["L2"]["wins"] == 1
     assert d["L3"]["mean"] == pytest.approx(0.25) and d["L3"]["wins"] == 2
     assert d["average"]["mean"] == pytest.approx(0.125)  # (0.5 - 0.3 + 0.45 - 0.4) / 2
-    assert "diff_vs_grpo" not in out["grpo"]
+    assert out["rlad"]["diff_vs_kdrl"]["L3"]["per_seed"] == pytest.approx([0.1, -0.1])
+    assert "diff_vs_grpo" not in out["grpo"] and "diff_vs_kdrl" not in out["kdrl"]
+    rule = {"min_accuracy": 0.2, "max_accuracy": 0.9, "min_disagree": 0.3}
+    diag = {"L2": {"disagree": 0.5}, "L3": {"disagree": 0.5}, "L4": {"disagree": 0.1}, "L5": {"disagree": 0.9}}
+    start = {"L2": 0.1, "L3": 0.4, "L4": 0.4, "L5": 0.95}  # chance / partial+disagree / agree / solved
+    assert mini_repro.predict(diag, start, rule) == {"L2": "none", "L3": "gain", "L4": "none", "L5": "none"}
+
+
+def test_diagnose_cosine_is_one_against_itself_and_not_against_another_teacher(tmp_path):
+    """diagnose.py's batch statistics on real tiny models and a batch with right and wrong answers: with the student
+    as its own teacher TRRD's ratio is GRPO's, so the two gradients are equal (cosine 1, nothing masked, no
+    disagreement); a sharper, different teacher disagrees and turns the gradients apart."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    import data
+    import tiny
+    diagnose = study_module("diagnose")
+    tok = tiny.make_arith_tokenizer()
+    sizes = dict(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=32, intermediate_size=64,
+                 max_position_embeddings=64)
+    student = AutoModelForCausalLM.from_pretrained(tiny.save_tiny(str(tmp_path / "s"), tok, seed=0, **sizes))
+    other = AutoModelForCausalLM.from_pretrained(tiny.save_tiny(str(tmp_path / "t"), tok, seed=1, **sizes))
+    with torch.no_grad():
+        other.lm_head.weight.mul_(30)  # a confident teacher: its log-probs are far from the near-uniform student's
+    a = diagnose.parse_args(["--student", "-", "--teacher", "-", "--group", "4"])
+    prompts, responses, reward = [], [], []
+    for ex in data.arith_examples([3], per_level=3, seed=0):  # per problem: the right answer and three wrong ones
+        right = tok(ex["answer"], add_special_tokens=False)["input_ids"]
+        for k in range(4):
+            prompts.append(data.build_prompt(ex, tok)[0])
+            responses.append((right if k == 0 else [right[0], tok.convert_tokens_to_ids(str(k))]) +
+                             [tok.eos_token_id])
+            reward.append(1.0 if k == 0 or str(k) == ex["answer"].split()[-1] else 0.0)
+    reward = torch.tensor(reward)
+    same = diagnose.batch_diagnostics(student, student, prompts, responses, reward, a)
+    diff = diagnose.batch_diagnostics(student, other.requires_grad_(False), prompts, responses, reward, a)
+    assert same["informative"] == 1.0 and same["accuracy"] == diff["accuracy"] == pytest.approx(reward.mean().item())
+    assert same["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert same["disagree"] == same["masked_pos"] == same["masked_neg"] == 0.0
+    assert diff["disagree"] > 0.5 and diff["cosine"] < 0.99
+    assert diff["masked_pos"] + diff["masked_neg"] > 0  # where it disagrees, TRRD's clip removes some gradients
 
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("mini"))
-    # --student_steps 3 / --rl_steps 3: 3 steps instead of the quick preset's 2 (the flags' path)
-    cmd = [sys.executable, SCRIPT, "--out", out, "--quick", "--student_steps", "3", "--rl_steps", "3"]
+    cmd = [sys.executable, SCRIPT, "--out", out, "--quick"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return out, cmd
@@ -67,57 +113,95 @@ def test_quick_study_results(quick_study):
     out, _ = quick_study
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
-    levels = [f"L{n}" for n in range(2, 6)]  # report_levels: the trained levels
-    assert res["seeds"] == [1] and res["quick"] is True
-    assert list(res["methods"]) == METHODS
-    for name, acc in list(res["reference"].items()) + [(m, e["seeds"]["1"]) for m, e in res["methods"].items()]:
-        assert list(acc) == levels + ["average"], name
-        assert all(0.0 <= v <= 1.0 for v in acc.values()), (name, acc)
-        assert acc["average"] == pytest.approx(sum(acc[lv] for lv in levels) / len(levels)), name
-    for m in METHODS:
-        entry = res["methods"][m]
-        assert entry["mean"] == entry["seeds"]["1"] and all(v == 0.0 for v in entry["std"].values())
-        if m != "grpo":
-            diff = entry["diff_vs_grpo"]["average"]["mean"]
-            assert diff == pytest.approx(entry["mean"]["average"] - res["methods"]["grpo"]["mean"]["average"])
+    assert res["seeds"] == [1] and res["quick"] is True and res["levels"] == LEVELS
+    assert list(res["profiles"]) == PROFILES and list(res["teacher"]) == LEVELS
+    for name, prof in res["profiles"].items():
+        assert list(prof["methods"]) == METHODS
+        for m, entry in prof["methods"].items():
+            acc = entry["seeds"]["1"]
+            assert list(acc) == LEVELS + ["average"] and all(0.0 <= v <= 1.0 for v in acc.values()), (name, m)
+            assert acc["average"] == pytest.approx(sum(acc[lv] for lv in LEVELS) / len(LEVELS))
+            assert entry["mean"] == acc and all(v == 0.0 for v in entry["std"].values())
+        assert prof["methods"]["rlad"]["diff_vs_kdrl"]["average"]["mean"] == pytest.approx(
+            prof["methods"]["rlad"]["mean"]["average"] - prof["methods"]["kdrl"]["mean"]["average"])
+        assert set(prof["diagnostics"]) == {"start", "grpo", "rlad"}
+        for per_level in prof["diagnostics"].values():
+            assert list(per_level) == LEVELS
+            assert all(0.0 <= per_level[lv][k] <= 1.0 for lv in LEVELS
+                       for k in ("accuracy", "informative", "disagree", "masked_pos", "masked_neg"))
+        assert set(prof["prediction"].values()) <= {"gain", "none"}
+        assert list(prof["noise"]) == LEVELS and all(v["std"] >= 0 for v in prof["noise"].values())
+    ec = res["engine_control"]
+    assert ec["profile"] == "last" and set(ec) >= {"vllm", "hf"}
+    for engine in ("vllm", "hf"):  # both engines' log-probs agree with the trainer's (fp32 here)
+        assert 0 <= ec[engine]["logprob_mismatch"] < 1e-3 and list(ec[engine]["final"]) == LEVELS + ["average"]
     table = open(os.path.join(out, "results.md")).read()
-    rows = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    names = [r.split("|")[1].strip() for r in rows]
+    for name in PROFILES:
+        assert f"### Profile `{name}`" in table
+    names = [r.split("|")[1].strip() for r in table.splitlines() if r.startswith("| ")]
     for m in METHODS:
-        assert m in names, m
-        assert f"{m} - grpo" in names or m == "grpo"
-    assert "teacher" in names and "student (start)" in names
-    assert all(len(r.split("|")) == len(levels) + 4 for r in rows)  # model + 4 levels + Avg, both ends
+        assert m in names and (m == "grpo" or f"{m} - grpo" in names), m
+    assert "rlad - kdrl" in names and "### Engine control" in table
     for path in res["curves"]:
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 
 
+def test_quick_study_chooses_students_by_profile(quick_study):
+    """Each profile's student is the kept SFT checkpoint whose evaluation is nearest to the target."""
+    out, _ = quick_study
+    mini_repro = study_module("mini_repro")
+    profiles = json.load(open(os.path.join(out, "profiles.json")))
+    evals = mini_repro.evaluations(os.path.join(out, "student_sft"))
+    assert sorted(evals) == [1, 2, 3]  # eval_every 1 = save_every 1 in [quick.student_sft]
+    targets = {"first": 0.0, "last": 1.0}  # [quick.profiles.*]: L2 only
+    for name, target in targets.items():
+        best = min(abs(evals[s]["L2"] - target) for s in evals)
+        chosen = profiles[name]
+        assert abs(evals[chosen["step"]]["L2"] - target) == best and chosen["distance"] == pytest.approx(best)
+        assert chosen["checkpoint"] == os.path.join(out, "student_sft", "checkpoints", f"step_{chosen['step']:06d}")
+        for m in METHODS:
+            cfg = json.load(open(os.path.join(out, "runs", name, f"{m}_seed1", "config.json")))
+            assert cfg["model"] == chosen["checkpoint"] and cfg["seed"] == 1
+            assert cfg["method"] == ("rlad" if m == "rlad_self" else m)
+            teacher = os.path.join(out, "teacher_sft", "checkpoints", "step_000004")
+            assert cfg["teacher"] == (chosen["checkpoint"] if m == "rlad_self" else teacher)
+
+
 def test_quick_study_runs_logged_and_checkpointed(quick_study):
     out, _ = quick_study
-    for m in METHODS:
-        run = os.path.join(out, "runs", f"{m}_seed1")
-        lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl")) if ln.strip()]
-        assert [r["step"] for r in lines] == [1, 2, 3]
-        assert all(0.0 <= r["accuracy"] <= 1.0 for r in lines)
-        assert "eval_accuracy" in lines[-1] and "eval/L8" in lines[-1]
-        cfg = json.load(open(os.path.join(run, "config.json")))
-        assert cfg["method"] == ("rlad" if m == "rlad_self" else m) and cfg["seed"] == 1
-        student = os.path.join(out, "student_sft", "checkpoints", "step_000003")
-        assert cfg["model"] == student
-        assert cfg["teacher"] == (student if m == "rlad_self" else os.path.join(out, "teacher_sft", "checkpoints",
-                                                                              "step_000004"))
-        assert os.path.isfile(os.path.join(run, "checkpoints", "step_000003", "model.safetensors"))
+    for name in PROFILES:
+        for m in METHODS:
+            run = os.path.join(out, "runs", name, f"{m}_seed1")
+            lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl")) if ln.strip()]
+            assert [r["step"] for r in lines] == [1, 2]
+            assert all(0.0 <= r["accuracy"] <= 1.0 for r in lines)
+            # eval_levels "2,3,4" (mini_rl.toml): the held-out problems of the trained levels only
+            assert "eval_accuracy" in lines[-1] and "eval/L4" in lines[-1] and "eval/L5" not in lines[-1]
+            assert os.path.isfile(os.path.join(run, "checkpoints", "step_000002", "model.safetensors"))
+    hf = json.load(open(os.path.join(out, "runs", "last", "rlad_seed1_hf", "config.json")))
+    assert hf["engine"] == "hf" and hf["method"] == "rlad"
 
 
-def test_quick_study_rerun_skips_finished_runs(quick_study):
+def test_quick_study_rerun_skips_finished_jobs(quick_study):
     out, cmd = quick_study
-    before = {m: os.path.getmtime(os.path.join(out, "runs", f"{m}_seed1", "metrics.jsonl")) for m in METHODS}
+    runs = [os.path.join(out, "runs", p, f"{m}_seed1", "metrics.jsonl") for p in PROFILES for m in METHODS]
+    before = {path: os.path.getmtime(path) for path in runs}
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "] start " not in again.stdout and "runs to do" not in again.stdout  # no train.py launched
-    after = {m: os.path.getmtime(os.path.join(out, "runs", f"{m}_seed1", "metrics.jsonl")) for m in METHODS}
-    assert after == before
-    seconds = json.load(open(os.path.join(out, "results.json")))["seconds"]["runs"]
-    names = ["teacher_sft", "student_sft"] + [f"{m}_seed1" for m in METHODS]
-    assert sorted(seconds) == sorted(names)
-    assert all(0 < seconds[n] < 900 for n in names)  # the first invocation's wall times, read back
+    assert "] start " not in again.stdout and "jobs to do" not in again.stdout  # nothing launched
+    assert {path: os.path.getmtime(path) for path in runs} == before
+    seconds = json.load(open(os.path.join(out, "results.json")))["seconds"]["jobs"]
+    assert {"teacher_sft", "student_sft", "engine_control_hf", "last/diagnose_start", "teacher/noise_seed101"} \
+        <= set(seconds)
+    assert all(0 < s < 900 for s in seconds.values())  # the first invocation's wall times, read back
+
+
+def test_study_config_errors_are_one_line(tmp_path):
+    mini_repro = study_module("mini_repro")
+    study = mini_repro.load_study(mini_repro.STUDY, quick=False)
+    with pytest.raises(SystemExit, match="teacher = 'nobody': use 'teacher' or 'student'"):
+        mini_repro.rl_job(study, str(tmp_path), "mid", "rlad", 1, {"method": "rlad", "teacher": "nobody"})
+    partial = tmp_path / "study.toml"
+    partial.write_text("seeds = [1]\n")
+    with pytest.raises(SystemExit, match="missing .*'profiles'"):
+        mini_repro.load_study(str(partial), quick=False)

@@ -219,6 +219,7 @@ def test_config_parsing_and_errors(tmp_path):
     (["--alpha", "2"], "--alpha 2.0: must be in [0, 1]"),
     (["--gpu_memory_utilization", "1.5"], "must be in (0, 1]"),
     (["--kk_people", "3,x"], "comma-separated integers"),
+    (["--eval_levels", "1,2"], "--eval_levels '1,2': expected comma-separated integers >= 2"),
     (["--loss_agg", "mean"], "use one of token-mean"),
     (["--plan_gpus", "eight"], "--plan_gpus 'eight': expected GPUSxGIB"),
 ])

@@ -1,46 +1,39 @@
-"""mini_repro.py: the miniature reproduction on CPU: GRPO vs KDRL vs RLAD, plus two controls.
+"""mini_repro.py: the miniature study on CPU: where does RLAD beat GRPO and KDRL, where not, and why.
 
-The paper's claim (RLAD learns faster and ends higher than GRPO and KDRL, most on the hardest problems) at a
-size a laptop runs in under an hour, with the project's own train.py and eval.py, run as subprocesses exactly
-the way a user runs them. The task is data.py's "arith" (running sums mod 10, levels L2..L8 = operands per
-problem, a stand-in for K&K's PPL2..PPL8; trained and reported on L2..L5, see configs/mini_study.toml for why),
-the tokenizer tiny.make_arith_tokenizer (a BOS, one token per digit or signed operand).
+Hypothesis, stated before the runs (configs/mini_study.toml, [predict]): RLAD beats GRPO and KDRL on a level
+where the student has partial skill (clearly above chance, not solved) and a stronger, different teacher
+disagrees with it on many of its sampled tokens; it does not where the student is at chance or solves the level.
 
-    1. models    a random tiny Qwen3 (~0.37M params, head_dim 32 for vLLM's CPU attention)
-    2. teacher   SFT on ground-truth solutions of L2..L5 (train.py --method sft --sft_source data), 6,500 steps:
-                 L2..L4 0.86-1.00, L5 0.29
-    3. student   the same SFT run stopped early (3,500 steps: L2 solved, L3 partly, L4 and L5 at chance), so the
-                 teacher knows what the student has yet to learn (--student_steps picks another stopping point)
-    4. RL        from that same student, for every seed: grpo, kdrl, rlad, and two controls that say *why*
-                   rlad_self  RLAD with the student's own initial weights as the "teacher": the clipping
-                              mechanism without the teacher's knowledge
-                   distill    on-policy distillation: the KD term alone on the student's samples, no reward
-    5. eval      train.py evaluates every run's final weights through eval.evaluate (held-out problems,
-                 eval_n samples each, Mean@n per level; the same sampling seeds for every method of a seed)
-    6. report    OUT/results.json, OUT/results.md (per level and average, mean +- std over seeds, paired
-                 differences against GRPO), OUT/curves_seedS.png through `python eval.py plot`
+The task is data.py's "arith" (running sums mod 10; level Ln = n operands; "3 + 5 - 7 =" -> "8 1"; the reward
+checks the length and the last value), the tokenizer tiny.make_arith_tokenizer. Everything runs through the
+project's own train.py, eval.py and rlad.py, as subprocesses, the way a user runs them:
+
+    1. models      a random teacher (~0.37M params) and a smaller random student (~0.22M), other seeds
+    2. SFT         each trained separately on ground-truth solutions (train.py --method sft --sft_source data);
+                   the student's run keeps a checkpoint and an evaluation every few hundred steps
+    3. profiles    starting students chosen by their accuracy profile, not by a step number: for each target
+                   profile ([profiles.*]) the student checkpoint whose evaluation is nearest to it (OUT/profiles.json)
+    4. diagnose    per profile and level, on one batch sampled like an RL step (diagnose.py): rollout accuracy,
+                   informative groups, share of tokens with |logp_S - logp_T| >= 1, TRRD's masked shares, and the
+                   cosine between the GRPO and RLAD gradients; again after RL, on the seed-1 GRPO and RLAD weights
+    5. noise       each starting student evaluated by eval.py under several sampling seeds: the noise of one
+                   evaluation, per level
+    6. RL          from each profile's student, per seed: grpo, kdrl, rlad and two controls
+                     rlad_self  RLAD with the student's own starting weights as the "teacher" (clipping, no knowledge)
+                     distill    on-policy distillation, the KD term alone, no reward
+                   plus one run with `--engine hf` next to its vLLM twin (engine mismatch ruled out by a number)
+    7. report      OUT/results.json, OUT/results.md (per profile: accuracy, paired differences, diagnostics, the
+                   prediction against the outcome; the noise; the engine control), OUT/curves_PROFILE.png
 
 From the repository root (this script lives in experiments/mini_repro/, its presets in configs/ next to it):
 
-    python experiments/mini_repro/mini_repro.py --out runs/mini            # the study: configs/mini_study.toml
-    python experiments/mini_repro/mini_repro.py --out runs/mini --seeds 5  # more seeds (1..5)
-    python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick    # a smoke version (the test suite's)
-    python experiments/mini_repro/mini_repro.py --out runs/mini --tune     # lr / beta / alpha sweeps (OUT/tune/)
-    # a stronger student (L3 solved, L4 partly):
-    python experiments/mini_repro/mini_repro.py --out runs/mini_l4 --student_steps 5000
-    # 5x longer RL runs:
-    python experiments/mini_repro/mini_repro.py --out runs/mini_long --rl_steps 1000 --methods kdrl,rlad
+    python experiments/mini_repro/mini_repro.py --out runs/mini          # the study (about 50 min on 2 cores)
+    python experiments/mini_repro/mini_repro.py --out runs/mini --tune   # the per-method sweeps, tuning seed only
+    python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick  # a smoke version (the test suite's)
 
-Every setting lives in configs/ next to this script: mini_sft.toml and mini_rl.toml are plain train.py presets
-(run one stage by hand from the repository root with
-`python train.py --config experiments/mini_repro/configs/mini_rl.toml --model ... --teacher ...`); mini_study.toml
-holds the model sizes and the per-stage and per-method train.py overrides, the seeds, and the tuning grids.
---tune sweeps lr / beta / alpha per method on `tune_seed`, which is never one of the reported seeds.
-
-Resumable: a finished run (its final checkpoint exists) is skipped; an unfinished one is restarted with
-`--resume true` and continues from its newest checkpoint. Each subprocess gets one torch thread
-(OMP_NUM_THREADS=1): on a loaded 2-core machine two threads per process spin against each other and made a
-step 20-80x slower (measured); `--jobs` runs that many train.py processes side by side instead.
+Resumable: a finished run (its final checkpoint or output exists) is skipped; an unfinished train.py run continues
+from its newest checkpoint (--resume true). Each subprocess gets one torch thread (OMP_NUM_THREADS=1); `--jobs`
+(default 2, one per core) run side by side.
 """
 import argparse
 import json
@@ -58,27 +51,35 @@ if ROOT not in sys.path:
 STUDY = os.path.join(HERE, "configs", "mini_study.toml")
 SFT_PRESET = os.path.join(HERE, "configs", "mini_sft.toml")
 RL_PRESET = os.path.join(HERE, "configs", "mini_rl.toml")
-BASELINE = "grpo"  # the paired differences are taken against this method
+DIAGNOSE = os.path.join(HERE, "diagnose.py")
+BASELINE = "grpo"  # the paired differences are taken against this method (and rlad against kdrl)
+SECTIONS = ("teacher_model", "student_model", "teacher_sft", "student_sft", "profiles", "rl", "methods", "seeds",
+            "report_levels", "predict", "noise_seeds", "engine_control")
 
 
 # ----------------------------------------------------------------------------- settings
 def load_study(path: str, quick: bool) -> dict:
-    """The study config (configs/mini_study.toml next to this script), with its [quick] overrides merged in when
-    asked for."""
+    """The study config (configs/mini_study.toml), with its [quick] overrides merged in when asked for."""
     with open(path, "rb") as f:
         study = tomllib.load(f)
-    for key in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "methods", "seeds",
-                "report_levels"):
-        if key not in study:
-            raise SystemExit(f"{path}: missing [{key}]; see the comments in {STUDY}")
+    missing = [key for key in SECTIONS if key not in study]
+    if missing:
+        raise SystemExit(f"{path}: missing {missing}; see the comments in {STUDY}")
     if BASELINE not in study["methods"]:
         raise SystemExit(f"{path}: [methods.{BASELINE}] is the baseline of the paired differences; keep it")
     if quick:
         q = study.get("quick", {})
-        for section in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl"):
+        for section in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "engine_control"):
             study[section] = {**study[section], **q.get(section, {})}
-        study["seeds"] = q.get("seeds", study["seeds"])
+        for key in ("seeds", "noise_seeds", "profiles", "diagnose"):
+            study[key] = q.get(key, study.get(key))
     return study
+
+
+def rl_settings(study: dict) -> dict:
+    """What every RL run uses: the RL preset (mini_rl.toml) with the study's [rl] overrides on top."""
+    with open(RL_PRESET, "rb") as f:
+        return {**tomllib.load(f), **study["rl"]}
 
 
 def train_args(overrides: dict) -> list:
@@ -89,7 +90,7 @@ def train_args(overrides: dict) -> list:
     return out
 
 
-# ----------------------------------------------------------------------------- runs
+# ----------------------------------------------------------------------------- jobs
 def final_checkpoint(run_dir: str, max_steps: int) -> str:
     """Where train.py writes the last step's checkpoint: RUN_DIR/checkpoints/step_NNNNNN/ (six digits)."""
     return os.path.join(run_dir, "checkpoints", f"step_{max_steps:06d}")
@@ -100,48 +101,56 @@ def is_finished(run_dir: str, max_steps: int) -> bool:
     return os.path.isfile(os.path.join(final_checkpoint(run_dir, max_steps), "trainer_state.pt"))
 
 
-def wall_seconds(run_dir: str):
-    """Wall-clock seconds of the invocation that finished the run (None if unknown, e.g. it was copied in)."""
-    path = os.path.join(run_dir, "wall_seconds.json")
-    return json.load(open(path))["seconds"] if os.path.isfile(path) else None
+def train_job(name: str, run_dir: str, steps: int, args, after=(), **extra) -> dict:
+    """A train.py run; `args` (flags, or a function returning them when the job starts) get --resume true."""
+    return {"name": name, "run_dir": run_dir, "steps": steps, "after": tuple(after), "args": args,
+            "done": lambda: is_finished(run_dir, steps), "script": os.path.join(ROOT, "train.py"),
+            "resume": True, **extra}
+
+
+def output_job(name: str, script: str, output: str, args, after=(), **extra) -> dict:
+    """A script that writes one JSON file (`--out`): it writes OUTPUT.tmp, renamed into place once it succeeds."""
+    return {"name": name, "run_dir": os.path.dirname(output), "output": output, "after": tuple(after),
+            "args": args, "done": lambda: os.path.isfile(output), "script": script, "resume": False, **extra}
 
 
 def run_jobs(jobs: list, parallel: int, log) -> dict:
-    """Run train.py jobs, at most `parallel` at a time, each after the jobs it needs. Returns {name: seconds}.
+    """Run the jobs, at most `parallel` at a time, each after the jobs it needs. Returns {name: seconds}.
 
-    A job is {"name", "run_dir", "args" (train.py flags), "steps", "after" (names)}. Finished runs are skipped
-    (their seconds read back from RUN_DIR/wall_seconds.json); unfinished ones continue from their newest
-    checkpoint (--resume true). A failed run stops the study with its log's tail: everything after it would
-    measure nothing.
+    Finished jobs are skipped (a train.py run's seconds read back from RUN_DIR/wall_seconds.json); unfinished
+    train.py runs continue from their newest checkpoint. A failed job stops the study with its log's tail:
+    everything after it would measure nothing.
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TOKENIZERS_PARALLELISM="false")
-    pending, running, done, seconds = list(jobs), {}, set(), {}
+    done, seconds = set(), {}
     for job in jobs:
-        if is_finished(job["run_dir"], job["steps"]):
+        if job["done"]():
             done.add(job["name"])
-            seconds[job["name"]] = wall_seconds(job["run_dir"])
-    pending = [j for j in pending if j["name"] not in done]
+            seconds[job["name"]] = wall_seconds(job)
+    pending, running = [j for j in jobs if j["name"] not in done], {}
     if pending:
-        log(f"{len(pending)} runs to do ({len(done)} already finished), {parallel} at a time")
+        log(f"{len(pending)} jobs to do ({len(done)} already finished), {parallel} at a time")
     while pending or running:
-        ready = [j for j in pending if all(a in done for a in j.get("after", ()))]
+        ready = [j for j in pending if all(a in done for a in j["after"])]
         while ready and len(running) < parallel:
             job = ready.pop(0)
             pending.remove(job)
             os.makedirs(job["run_dir"], exist_ok=True)
-            out = open(os.path.join(job["run_dir"], "train.log"), "a")
-            cmd = [sys.executable, os.path.join(ROOT, "train.py")] + job["args"] + ["--resume", "true"]
+            args = job["args"]() if callable(job["args"]) else job["args"]  # may read what earlier jobs wrote
+            cmd = [sys.executable, job["script"]] + args
+            cmd += ["--resume", "true"] if job["resume"] else ["--out", job["output"] + ".tmp"]
+            log_path = job_log(job)
+            out = open(log_path, "a")
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
             running[job["name"]] = (proc, job, out, time.time())
             log(f"start {job['name']}")
         if not running:
-            missing = sorted({a for j in pending for a in j.get("after", ())} - done)
-            raise SystemExit(f"runs {[j['name'] for j in pending]} wait for {missing}, which no job makes")
-        # Wait for any one of the running processes to end (os.wait reaps exactly one child).
-        pid, status = os.wait()
+            missing = sorted({a for j in pending for a in j["after"]} - done)
+            raise SystemExit(f"jobs {[j['name'] for j in pending]} wait for {missing}, which no job makes")
+        pid, status = os.wait()  # any one child: os.wait reaps exactly one
         for name, (proc, job, out, t0) in list(running.items()):
             if proc.pid != pid:
                 continue
@@ -149,53 +158,166 @@ def run_jobs(jobs: list, parallel: int, log) -> dict:
             out.close()
             del running[name]
             seconds[name] = time.time() - t0
-            if proc.returncode != 0 or not is_finished(job["run_dir"], job["steps"]):
+            if proc.returncode == 0 and "output" in job:
+                os.replace(job["output"] + ".tmp", job["output"])
+            if proc.returncode != 0 or not job["done"]():
                 for p, _, o, _ in running.values():  # stop the others cleanly: they resume next time
                     p.terminate()
                     p.wait()
                     o.close()
-                tail = open(os.path.join(job["run_dir"], "train.log")).read()[-3000:]
-                raise SystemExit(f"{name} failed (exit {proc.returncode}); log {job['run_dir']}/train.log:\n{tail}")
+                tail = open(job_log(job)).read()[-3000:]
+                raise SystemExit(f"{name} failed (exit {proc.returncode}); log {job_log(job)}:\n{tail}")
             done.add(name)
-            with open(os.path.join(job["run_dir"], "wall_seconds.json"), "w") as f:
+            with open(seconds_path(job), "w") as f:
                 json.dump({"seconds": seconds[name], "parallel": parallel}, f)
             log(f"done  {name} in {seconds[name]:.0f} s")
     return seconds
 
 
-def study_jobs(study: dict, out: str, seeds: list, methods: list) -> tuple:
-    """(jobs, paths): the two SFT runs, then every (method, seed) RL run from the SFT student."""
-    models = os.path.join(out, "models")
+def job_log(job: dict) -> str:
+    return os.path.join(job["run_dir"], "train.log") if job["resume"] else job["output"][:-5] + ".log"
+
+
+def seconds_path(job: dict) -> str:
+    return os.path.join(job["run_dir"], "wall_seconds.json") if job["resume"] else job["output"][:-5] + ".seconds"
+
+
+def wall_seconds(job: dict):
+    """Wall-clock seconds of the invocation that finished the job (None if unknown)."""
+    path = seconds_path(job)
+    return json.load(open(path))["seconds"] if os.path.isfile(path) else None
+
+
+# ----------------------------------------------------------------------------- the study's jobs
+def paths_of(study: dict, out: str) -> dict:
+    t_steps, s_steps = study["teacher_sft"]["max_steps"], study["student_sft"]["max_steps"]
     teacher_run, student_run = os.path.join(out, "teacher_sft"), os.path.join(out, "student_sft")
-    t_steps, s_steps, rl_steps = (study["teacher_sft"]["max_steps"], study["student_sft"]["max_steps"],
-                                  study["rl"]["max_steps"])
-    teacher = final_checkpoint(teacher_run, t_steps)
-    student = final_checkpoint(student_run, s_steps)
-    jobs = [
-        {"name": "teacher_sft", "run_dir": teacher_run, "steps": t_steps, "after": (),
-         "args": ["--config", SFT_PRESET, "--run_dir", teacher_run, "--model", os.path.join(models, "teacher_init")]
-         + train_args(study["teacher_sft"])},
-        {"name": "student_sft", "run_dir": student_run, "steps": s_steps, "after": (),
-         "args": ["--config", SFT_PRESET, "--run_dir", student_run, "--model", os.path.join(models, "student_init")]
-         + train_args(study["student_sft"])},
-    ]
-    for seed in seeds:
-        for method in methods:
-            settings = dict(study["methods"][method])
-            # "student" as the teacher: the control that keeps RLAD's clipping and drops the teacher's knowledge
-            who = settings.pop("teacher", "teacher")
-            if who not in ("teacher", "student"):
-                raise SystemExit(f"[methods.{method}] teacher = {who!r}: use 'teacher' or 'student'")
-            run_dir = os.path.join(out, "runs", f"{method}_seed{seed}")
-            args = ["--config", RL_PRESET, "--run_dir", run_dir, "--model", student,
-                    "--teacher", teacher if who == "teacher" else student, "--seed", str(seed)]
-            # A run waits only for the models it uses: grpo and rlad_self start while the teacher still trains.
-            uses_teacher = who == "teacher" and settings.get("method", study["rl"].get("method")) != "grpo"
-            jobs.append({"name": f"{method}_seed{seed}", "run_dir": run_dir, "steps": rl_steps,
-                         "after": ("teacher_sft", "student_sft") if uses_teacher else ("student_sft",),
-                         "method": method, "seed": seed,
-                         "args": args + train_args({**study["rl"], **settings})})
-    return jobs, {"teacher": teacher, "student": student, "teacher_run": teacher_run, "student_run": student_run}
+    return {"teacher_run": teacher_run, "student_run": student_run, "models": os.path.join(out, "models"),
+            "teacher": final_checkpoint(teacher_run, t_steps), "profiles": os.path.join(out, "profiles.json")}
+
+
+def sft_jobs(study: dict, out: str) -> list:
+    """The two SFT runs: the teacher, and the student whose kept checkpoints the profiles choose from."""
+    p = paths_of(study, out)
+    return [train_job(who + "_sft", p[who + "_run"], study[who + "_sft"]["max_steps"],
+                      ["--config", SFT_PRESET, "--run_dir", p[who + "_run"], "--model",
+                       os.path.join(p["models"], who + "_init")] + train_args(study[who + "_sft"]))
+            for who in ("teacher", "student")]
+
+
+def evaluations(run_dir: str) -> dict:
+    """{step: {level: Mean@n}} of every evaluation in RUN_DIR/metrics.jsonl."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line) if line.strip() else {}
+            if "eval_accuracy" in rec:
+                out[rec["step"]] = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("eval/")}
+    return out
+
+
+def select_profiles(study: dict, out: str) -> dict:
+    """For each [profiles.NAME] target, the kept student checkpoint whose evaluation is nearest to it (sum of
+    absolute differences over the target's levels; the earliest on a tie). Chosen once, kept in
+    OUT/profiles.json, so every later job and rerun starts from the same students."""
+    p = paths_of(study, out)
+    if os.path.isfile(p["profiles"]):
+        return json.load(open(p["profiles"]))
+    ckpt_dir = os.path.join(p["student_run"], "checkpoints")
+    kept = {int(d.split("_")[1]) for d in os.listdir(ckpt_dir)
+            if os.path.isfile(os.path.join(ckpt_dir, d, "trainer_state.pt"))}
+    evals = {s: acc for s, acc in evaluations(p["student_run"]).items() if s in kept}
+    if not evals:
+        raise SystemExit(f"{p['student_run']}: no kept checkpoint has an evaluation; set [student_sft] eval_every "
+                         "equal to save_every and keep_last high enough to keep them all")
+    chosen = {}
+    for name, target in study["profiles"].items():
+        dist = lambda s: sum(abs(evals[s][lv] - v) for lv, v in target.items())  # noqa: E731
+        step = min(sorted(evals), key=dist)
+        chosen[name] = {"step": step, "checkpoint": os.path.join(ckpt_dir, f"step_{step:06d}"), "target": target,
+                        "sft_eval": {lv: evals[step][lv] for lv in study["report_levels"]},
+                        "distance": dist(step)}
+    with open(p["profiles"] + ".tmp", "w") as f:
+        json.dump(chosen, f, indent=1)
+    os.replace(p["profiles"] + ".tmp", p["profiles"])
+    return chosen
+
+
+def rl_run_dir(out: str, profile: str, method: str, seed: int, suffix: str = "") -> str:
+    return os.path.join(out, "runs", profile, f"{method}_seed{seed}{suffix}")
+
+
+def rl_job(study: dict, out: str, profile: str, method: str, seed: int, settings: dict, name=None, run_dir=None):
+    """One RL run from a profile's student; its flags are made when it starts (after the profiles are chosen)."""
+    p = paths_of(study, out)
+    settings = dict(settings)
+    who = settings.pop("teacher", "teacher")  # "student": the control with the student's own weights as teacher
+    if who not in ("teacher", "student"):
+        raise SystemExit(f"[methods.{method}] teacher = {who!r}: use 'teacher' or 'student'")
+    run_dir = run_dir or rl_run_dir(out, profile, method, seed)
+
+    def args():
+        student = select_profiles(study, out)[profile]["checkpoint"]
+        return (["--config", RL_PRESET, "--run_dir", run_dir, "--model", student,
+                 "--teacher", p["teacher"] if who == "teacher" else student, "--seed", str(seed)]
+                + train_args({**study["rl"], **settings}))
+    uses_teacher = who == "teacher" and settings.get("method", study["rl"].get("method")) != "grpo"
+    return train_job(name or f"{profile}/{method}_seed{seed}", run_dir, study["rl"]["max_steps"], args,
+                     after=("teacher_sft", "student_sft") if uses_teacher else ("student_sft",),
+                     profile=profile, method=method, seed=seed)
+
+
+def diagnose_job(study: dict, out: str, profile: str, which: str, after=()) -> dict:
+    """diagnose.py on a profile's starting student ("start") or on a seed-1 run's final weights ("grpo", ...)."""
+    p, rl = paths_of(study, out), rl_settings(study)
+    rlad_settings = {**rl, **study["methods"].get("rlad", {})}
+    output = os.path.join(out, "diagnostics", f"{profile}_{which}.json")
+
+    def args():
+        student = (select_profiles(study, out)[profile]["checkpoint"] if which == "start" else
+                   final_checkpoint(rl_run_dir(out, profile, which, study["seeds"][0]), rl["max_steps"]))
+        d = study.get("diagnose", {})
+        return ["--student", student, "--teacher", p["teacher"], "--levels",
+                ",".join(lv[1:] for lv in study["report_levels"]), "--prompts", str(d.get("prompts", 64)),
+                "--group", str(rl.get("group_size", 8)), "--max_tokens", str(rl.get("max_tokens", 10)),
+                "--seed", str(study.get("tune_seed", 0))] + train_args(
+            {k: rlad_settings[k] for k in ("alpha", "eps_low", "eps_high", "teacher_clamp") if k in rlad_settings})
+    return output_job(f"{profile}/diagnose_{which}", DIAGNOSE, output, args,
+                      after=("teacher_sft", "student_sft") + tuple(after))
+
+
+def noise_job(study: dict, out: str, who: str, seed: int) -> dict:
+    """eval.py on a profile's starting student (or on the teacher, who = "teacher") with the RL runs' evaluation
+    settings, under one sampling seed: the same weights under several seeds give the noise of one evaluation."""
+    rl = rl_settings(study)
+    output = os.path.join(out, "noise", f"{who}_seed{seed}.json")
+
+    def args():
+        model = paths_of(study, out)["teacher"] if who == "teacher" else select_profiles(study, out)[who]["checkpoint"]
+        return ["--model", model, "--task", "arith", "--n", str(rl["eval_n"]), "--limit", str(rl["eval_per_level"]),
+                "--temperature", str(rl["eval_temperature"]), "--top_p", str(rl["eval_top_p"]), "--max_tokens",
+                str(rl.get("max_tokens", 10)), "--kv_cache_memory_bytes", str(16 << 20), "--seed", str(seed)]
+    return output_job(f"{who}/noise_seed{seed}", os.path.join(ROOT, "eval.py"), output, args,
+                      after=("teacher_sft",) if who == "teacher" else ("student_sft",))
+
+
+def study_jobs(study: dict, out: str, seeds: list, methods: list) -> list:
+    """SFT, then per profile: the RL runs of every (method, seed), diagnostics, noise, and the engine control."""
+    jobs = sft_jobs(study, out) + [noise_job(study, out, "teacher", s) for s in study["noise_seeds"]]
+    for profile in study["profiles"]:
+        jobs += [noise_job(study, out, profile, s) for s in study["noise_seeds"]]
+        jobs.append(diagnose_job(study, out, profile, "start"))
+        for seed in seeds:
+            jobs += [rl_job(study, out, profile, m, seed, study["methods"][m]) for m in methods]
+        jobs += [diagnose_job(study, out, profile, m, after=(f"{profile}/{m}_seed{seeds[0]}",))
+                 for m in ("grpo", "rlad") if m in methods]
+    control = study["engine_control"]
+    if control["profile"] in study["profiles"] and control["method"] in methods and control["seed"] in seeds:
+        jobs.append(rl_job(study, out, control["profile"], control["method"], control["seed"],
+                           {**study["methods"][control["method"]], "engine": "hf"},
+                           name="engine_control_hf",
+                           run_dir=rl_run_dir(out, control["profile"], control["method"], control["seed"], "_hf")))
+    return jobs
 
 
 def make_models(study: dict, out: str):
@@ -210,32 +332,26 @@ def make_models(study: dict, out: str):
 
 # ----------------------------------------------------------------------------- results
 def final_eval(run_dir: str, max_steps: int, levels: list) -> dict:
-    """{level: Mean@n} of the run's last step (train.py evaluates at the last step) for `levels`, plus their
-    "average". train.py evaluates L2..L8; the study reports the levels it trains on (report_levels)."""
-    final = None
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("step") == max_steps and "eval_accuracy" in rec:
-                    final = rec
+    """{level: Mean@n} of the run's last step for `levels`, plus their "average" (each level counts the same)."""
+    final = evaluations(run_dir).get(max_steps)
     if final is None:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no evaluation at step {max_steps}: was eval_every 0? "
                          "delete the run directory and rerun")
-    out = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("eval/")}
-    missing = [lv for lv in levels if lv not in out]
+    missing = [lv for lv in levels if lv not in final]
     if missing:
-        raise SystemExit(f"{run_dir}: no evaluation of {missing} (evaluated: {sorted(out)}); fix report_levels")
-    out = {lv: out[lv] for lv in levels}
-    out["average"] = statistics.fmean(out.values())  # every level counts the same, as in the paper's tables
+        raise SystemExit(f"{run_dir}: no evaluation of {missing} (evaluated: {sorted(final)}); fix report_levels")
+    out = {lv: final[lv] for lv in levels}
+    out["average"] = statistics.fmean(out.values())
     return out
 
 
-def run_eval_settings(run_dir: str) -> dict:
-    """The evaluation settings a run used, from the config.json train.py writes into its run directory."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    return {k: cfg[k] for k in ("eval_n", "eval_per_level", "eval_temperature", "eval_top_p")}
+def run_means(run_dir: str, keys: list) -> dict:
+    """Mean over a run's steps of each metric in `keys` (and the max of logprob_mismatch_max)."""
+    recs = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl")) if ln.strip()]
+    out = {k: statistics.fmean(r[k] for r in recs if k in r) for k in keys if any(k in r for r in recs)}
+    if any("logprob_mismatch_max" in r for r in recs):
+        out["logprob_mismatch_max"] = max(r["logprob_mismatch_max"] for r in recs if "logprob_mismatch_max" in r)
+    return out
 
 
 def mean_std(values: list) -> tuple:
@@ -243,59 +359,144 @@ def mean_std(values: list) -> tuple:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired(runs: dict, other: dict, seeds: list, levels: list) -> dict:
+    """Per level: mean / std over seeds of runs[s] - other[s], the per-seed values and how many are > 0."""
+    diffs = {lv: [runs[s][lv] - other[s][lv] for s in seeds] for lv in levels}
+    return {lv: {"mean": mean_std(d)[0], "std": mean_std(d)[1], "wins": sum(x > 0 for x in d), "per_seed": d}
+            for lv, d in diffs.items()}
+
+
 def aggregate(per_run: dict, methods: list, seeds: list) -> dict:
-    """Per method: per-seed accuracies, mean/std per level, and paired differences against the baseline."""
+    """Per method: per-seed accuracies, mean/std per level, and paired differences against the baseline (and,
+    for rlad, against kdrl)."""
     levels = list(next(iter(per_run.values())))
     out = {}
     for method in methods:
         runs = {seed: per_run[(method, seed)] for seed in seeds}
-        entry = {"seeds": {str(s): r for s, r in runs.items()},
-                 "mean": {}, "std": {}}
+        entry = {"seeds": {str(s): r for s, r in runs.items()}, "mean": {}, "std": {}}
         for lv in levels:
             entry["mean"][lv], entry["std"][lv] = mean_std([r[lv] for r in runs.values()])
-        if method != BASELINE:
-            diffs = {lv: [runs[s][lv] - per_run[(BASELINE, s)][lv] for s in seeds] for lv in levels}
-            entry["diff_vs_" + BASELINE] = {lv: {"mean": mean_std(d)[0], "std": mean_std(d)[1],
-                                                 "wins": sum(x > 0 for x in d), "per_seed": d}
-                                            for lv, d in diffs.items()}
+        for other in ([BASELINE] if method != BASELINE else []) + (["kdrl"] if method == "rlad" else []):
+            if all((other, s) in per_run for s in seeds):
+                entry["diff_vs_" + other] = paired(runs, {s: per_run[(other, s)] for s in seeds}, seeds, levels)
         out[method] = entry
     return out
 
 
-def format_tables(results: dict) -> str:
-    """Markdown: accuracy per level (mean +- std over seeds), then the paired differences against GRPO."""
-    methods, refs = results["methods"], results["reference"]
-    levels = [lv for lv in next(iter(methods.values()))["mean"] if lv != "average"]
-    n = len(results["seeds"])
+def noise_summary(outputs: list, levels: list) -> dict:
+    """Per level: mean and std over the noise evaluations (the same weights, other sampling seeds)."""
+    accs = []
+    for path in outputs:
+        summary = json.load(open(path))["summary"]
+        accs.append({lv: summary[lv]["mean_at_n"] for lv in levels})
+    return {lv: {"mean": mean_std([a[lv] for a in accs])[0], "std": mean_std([a[lv] for a in accs])[1]}
+            for lv in levels}
+
+
+def predict(diag_start: dict, start_acc: dict, rule: dict) -> dict:
+    """The hypothesis per level, from what is known before RL: 'gain' where the student is partial (start
+    accuracy in [min_accuracy, max_accuracy]) and the teacher disagrees (share >= min_disagree), else 'none'."""
+    out = {}
+    for lv, d in diag_start.items():
+        partial = rule["min_accuracy"] <= start_acc[lv] <= rule["max_accuracy"]
+        out[lv] = "gain" if partial and d["disagree"] >= rule["min_disagree"] else "none"
+    return out
+
+
+def collect(study: dict, out: str, seeds: list, methods: list, jobs: list) -> dict:
+    """Everything the report needs, from what the jobs wrote."""
+    levels, steps = study["report_levels"], study["rl"]["max_steps"]
+    p, profiles = paths_of(study, out), select_profiles(study, out)
+    noise_of = lambda who: noise_summary([os.path.join(out, "noise", f"{who}_seed{s}.json")  # noqa: E731
+                                          for s in study["noise_seeds"]], levels)
+    result = {"task": "arith", "seeds": seeds, "levels": levels, "profiles": {}, "teacher": noise_of("teacher")}
+    for name, prof in profiles.items():
+        per_run = {(j["method"], j["seed"]): final_eval(j["run_dir"], steps, levels) for j in jobs
+                   if j.get("profile") == name and j["name"] != "engine_control_hf"}
+        noise = noise_of(name)
+        start = {lv: noise[lv]["mean"] for lv in levels}
+        diag = {which: json.load(open(os.path.join(out, "diagnostics", f"{name}_{which}.json")))
+                for which in ("start", "grpo", "rlad") if os.path.isfile(os.path.join(out, "diagnostics",
+                                                                                     f"{name}_{which}.json"))}
+        result["profiles"][name] = {
+            "student_step": prof["step"], "target": prof["target"], "start": start, "noise": noise,
+            "methods": aggregate(per_run, methods, seeds), "diagnostics": diag,
+            "prediction": predict(diag["start"], start, study["predict"])}
+    control = study["engine_control"]
+    hf_dir = rl_run_dir(out, control["profile"], control["method"], control["seed"], "_hf")
+    if os.path.isdir(hf_dir):
+        vllm_dir = rl_run_dir(out, control["profile"], control["method"], control["seed"])
+        keys = ["logprob_mismatch", "grad_norm", "reward", "time/step"]
+        result["engine_control"] = {
+            **control, **{engine: {**run_means(d, keys), "final": final_eval(d, steps, levels)}
+                          for engine, d in (("vllm", vllm_dir), ("hf", hf_dir))}}
+    return result
+
+
+def fmt_diff(d: dict, n: int) -> str:
+    return f"{d['mean']:+.3f} +- {d['std']:.3f} ({d['wins']}/{n})"
+
+
+def format_tables(results: dict, study: dict) -> str:
+    """Markdown: per profile the accuracy table, the paired differences, the diagnostics and the prediction;
+    then the engine control."""
+    levels, n = results["levels"], len(results["seeds"])
     row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
     header = ["model"] + levels + ["Avg"]
-    ev, ref = results["eval"], results["eval_reference"]
-    lines = [f"Accuracy (Mean@{ev['eval_n']} over {ev['eval_per_level']} held-out problems per level, temperature "
-             f"{ev['eval_temperature']}, top-p {ev['eval_top_p']}; mean +- std over {n} seed{'s' * (n > 1)}; the "
-             f"teacher and start rows: Mean@{ref['eval_n']} over {ref['eval_per_level']} problems, one run):", "",
-             row(header), row(["---"] * len(header))]
-    for name, acc in refs.items():
-        lines.append(row([name] + [f"{acc[lv]:.3f}" for lv in levels + ["average"]]))
-    for method, entry in methods.items():
-        lines.append(row([method] + [f"{entry['mean'][lv]:.3f} +- {entry['std'][lv]:.3f}"
-                                     for lv in levels + ["average"]]))
-    lines += ["", f"Paired difference against {BASELINE} (same seed: same student, data order and eval samples; "
-                  f"mean +- std over seeds, and on how many seeds the method was ahead):", "",
-              row(header), row(["---"] * len(header))]
-    for method, entry in methods.items():
-        d = entry.get("diff_vs_" + BASELINE)
-        if d:
-            lines.append(row([f"{method} - {BASELINE}"] + [
-                f"{d[lv]['mean']:+.3f} +- {d[lv]['std']:.3f} ({d[lv]['wins']}/{n})" for lv in levels + ["average"]]))
+    rl = rl_settings(study)
+    lines = [f"Accuracy: Mean@{rl['eval_n']} over {rl['eval_per_level']} held-out problems per level (temperature "
+             f"{rl['eval_temperature']}, top-p {rl['eval_top_p']}), the final step; mean +- std over {n} seed"
+             f"{'s' * (n > 1)}. Paired differences: same seed = same student, data order and evaluation samples; "
+             "(k/n) = on how many seeds the first method was ahead.", ""]
+    for name, prof in results["profiles"].items():
+        noise = prof["noise"]
+        lines += [f"### Profile `{name}` (student SFT step {prof['student_step']})", "", row(header),
+                  row(["---"] * len(header)),
+                  row([f"teacher ({len(study['noise_seeds'])} evals)"] + [
+                      f"{results['teacher'][lv]['mean']:.3f} +- {results['teacher'][lv]['std']:.3f}" for lv in levels]
+                      + [f"{statistics.fmean(results['teacher'][lv]['mean'] for lv in levels):.3f}"]),
+                  row([f"student (start, {len(study['noise_seeds'])} evals)"] +
+                      [f"{prof['start'][lv]:.3f} +- {noise[lv]['std']:.3f}" for lv in levels] +
+                      [f"{statistics.fmean(prof['start'].values()):.3f}"])]
+        for method, entry in prof["methods"].items():
+            lines.append(row([method] + [f"{entry['mean'][lv]:.3f} +- {entry['std'][lv]:.3f}"
+                                         for lv in levels + ["average"]]))
+        lines += ["", row(["paired"] + levels + ["Avg"]), row(["---"] * len(header))]
+        for method, entry in prof["methods"].items():
+            for other in (BASELINE, "kdrl"):
+                d = entry.get("diff_vs_" + other)
+                if d:
+                    lines.append(row([f"{method} - {other}"] + [fmt_diff(d[lv], n) for lv in levels + ["average"]]))
+        diag = prof["diagnostics"]
+        cols = ["accuracy", "informative", "disagree", "masked_pos", "masked_neg", "cosine"]
+        lines += ["", row(["diagnostics", "level"] + cols + ["predicted"]), row(["---"] * (len(cols) + 3))]
+        for which, per_level in diag.items():
+            for lv in levels:
+                label = "start" if which == "start" else f"after {which} (seed {results['seeds'][0]})"
+                lines.append(row([label, lv] + [f"{per_level[lv][c]:.3f}" for c in cols] +
+                                 [prof["prediction"][lv] if which == "start" else ""]))
+        lines.append("")
+    ec = results.get("engine_control")
+    if ec:
+        lines += [f"### Engine control: `{ec['method']}`, profile `{ec['profile']}`, seed {ec['seed']}", "",
+                  row(["engine", "logprob_mismatch (mean)", "logprob_mismatch (max)", "grad_norm (mean)",
+                       "reward (mean)", "s/step"] + [f"final {lv}" for lv in levels] + ["final Avg"]),
+                  row(["---"] * (7 + len(levels)))]
+        for engine in ("vllm", "hf"):
+            e = ec[engine]
+            lines.append(row([engine, f"{e.get('logprob_mismatch', float('nan')):.2e}",
+                              f"{e.get('logprob_mismatch_max', float('nan')):.2e}", f"{e['grad_norm']:.3f}",
+                              f"{e['reward']:.3f}", f"{e['time/step']:.2f}"] +
+                             [f"{e['final'][lv]:.3f}" for lv in levels + ["average"]]))
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(out: str, seeds: list, methods: list):
-    """One figure per seed, every method on it, through `python eval.py plot` (reward, accuracy, eval accuracy)."""
+def plot_curves(out: str, study: dict, seed: int, methods: list) -> list:
+    """One figure per profile (seed `seed`, every method) through `python eval.py plot`."""
     paths = []
-    for seed in seeds:
-        png = os.path.join(out, f"curves_seed{seed}.png")
-        dirs = [os.path.join(out, "runs", f"{m}_seed{seed}") for m in methods]
+    for profile in study["profiles"]:
+        png = os.path.join(out, f"curves_{profile}.png")
+        dirs = [rl_run_dir(out, profile, m, seed) for m in methods]
         subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", *dirs, "--out", png], cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
         paths.append(png)
@@ -306,31 +507,16 @@ def plot_curves(out: str, seeds: list, methods: list):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mini_repro.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="study directory: models/, runs/, results.json, results.md")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 1..N (default: configs/mini_study.toml's)")
     p.add_argument("--quick", action="store_true", help="smoke version: the [quick] overrides of the study config")
     p.add_argument("--tune", action="store_true", help="the [tune] sweeps on the tuning seed; prints their table")
     p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
-    p.add_argument("--jobs", type=int, default=2, help="train.py processes side by side (one core each)")
-    p.add_argument("--config", default=STUDY,
-                   help="the study config (default: configs/mini_study.toml next to this script)")
-    p.add_argument("--student_steps", type=int, default=None,
-                   help="stop the student's SFT at this step instead of [student_sft] max_steps (a stronger or "
-                        "weaker starting student; use a fresh --out)")
-    p.add_argument("--rl_steps", type=int, default=None,
-                   help="RL steps per run instead of [rl] max_steps (longer runs; use a fresh --out)")
+    p.add_argument("--jobs", type=int, default=2, help="processes side by side (one core each)")
+    p.add_argument("--config", default=STUDY, help="the study config (default: configs/mini_study.toml)")
     a = p.parse_args(argv)
     t_start = time.time()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
     study = load_study(a.config, a.quick)
-    if a.student_steps is not None:
-        if a.student_steps < 1:
-            raise SystemExit(f"--student_steps {a.student_steps}: use a positive number of SFT steps")
-        study["student_sft"] = {**study["student_sft"], "max_steps": a.student_steps}
-    if a.rl_steps is not None:
-        if a.rl_steps < 1:
-            raise SystemExit(f"--rl_steps {a.rl_steps}: use a positive number of RL steps")
-        study["rl"] = {**study["rl"], "max_steps": a.rl_steps}
     log_path = os.path.join(out, "study.log")
 
     def log(msg):
@@ -343,38 +529,23 @@ def main(argv=None):
     unknown = [m for m in methods if m not in study["methods"]]
     if unknown:
         raise SystemExit(f"--methods: {unknown} not in {a.config} (there: {list(study['methods'])})")
-    if a.tune:
-        return tune(study, out, a, log)
-    seeds = list(range(1, a.seeds + 1)) if a.seeds else list(study["seeds"])
-    if study.get("tune_seed") in seeds:
-        raise SystemExit(f"seed {study['tune_seed']} is the tuning seed: report other seeds")
     if BASELINE not in methods:
         methods = [BASELINE] + methods
     make_models(study, out)
-    jobs, paths = study_jobs(study, out, seeds, methods)
+    if a.tune:
+        return tune(study, out, a, log)
+    seeds = list(study["seeds"])
+    if study.get("tune_seed") in seeds:
+        raise SystemExit(f"seed {study['tune_seed']} is the tuning seed: report other seeds")
+    jobs = study_jobs(study, out, seeds, methods)
     seconds = run_jobs(jobs, a.jobs, log)
-
-    rl_steps = study["rl"]["max_steps"]
-    levels = study["report_levels"]
-    per_run = {(j["method"], j["seed"]): final_eval(j["run_dir"], rl_steps, levels) for j in jobs if "method" in j}
-    results = {
-        "task": "arith", "seeds": seeds, "methods": aggregate(per_run, methods, seeds),
-        "reference": {"teacher": final_eval(paths["teacher_run"], study["teacher_sft"]["max_steps"], levels),
-                      "student (start)": final_eval(paths["student_run"], study["student_sft"]["max_steps"], levels)},
-        # What train.py actually ran with (its config.json: preset + overrides), for the table's caption.
-        "eval": run_eval_settings(next(j["run_dir"] for j in jobs if "method" in j)),
-        "eval_reference": run_eval_settings(paths["teacher_run"]),
-        "settings": {k: study[k] for k in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl",
-                                           "methods")},
-        "quick": a.quick,
-        # Wall seconds per run (the invocation that ran it, `--jobs` side by side), and of this invocation.
-        "seconds": {"runs": seconds, "this_invocation": time.time() - t_start},
-    }
-    results["curves"] = plot_curves(out, seeds, methods)
-    results["seconds"]["this_invocation"] = time.time() - t_start
+    results = collect(study, out, seeds, methods, jobs)
+    results["curves"] = plot_curves(out, study, seeds[0], methods)
+    results.update(quick=a.quick, settings={k: study[k] for k in SECTIONS if k not in ("seeds", "report_levels")},
+                   seconds={"jobs": seconds, "this_invocation": time.time() - t_start})
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    table = format_tables(results)
+    table = format_tables(results, study)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     print(table)
@@ -384,39 +555,31 @@ def main(argv=None):
 
 
 def tune(study: dict, out: str, a, log):
-    """The sweeps of [tune]: every listed value of one train.py key per method, on the tuning seed only.
-
-    Prints and writes OUT/tune.md (final Mean@n average and per level per setting); the chosen values go into
-    [methods.*] of configs/mini_study.toml by hand, so the reported seeds never see the selection.
-    """
-    seed = study.get("tune_seed", 0)
-    grids = study.get("tune", {})
-    make_models(study, out)
-    base_jobs, _ = study_jobs(study, out, [], [])
-    jobs = list(base_jobs)
+    """The sweeps of [tune]: every listed value of one train.py key per method, from the [tune] profile's
+    student, on the tuning seed only. Writes OUT/tune.md; the chosen values go into [methods.*] by hand, so
+    the reported seeds never see the selection."""
+    seed, grids = study.get("tune_seed", 0), study.get("tune", {})
+    profile = grids.get("profile", next(iter(study["profiles"])))
+    jobs = sft_jobs(study, out)
     for method, grid in grids.items():
+        if method == "profile":
+            continue
         if method not in study["methods"]:
             raise SystemExit(f"[tune.{method}]: no [methods.{method}] to tune")
         for key, values in grid.items():
             for value in values:
-                variant = dict(study["methods"])
-                variant[method] = {**study["methods"][method], key: value}
                 name = f"{method}_{key}{value}"
-                sub, _ = study_jobs({**study, "methods": variant}, out, [seed], [method])
-                job = sub[-1]
-                job["run_dir"] = os.path.join(out, "tune", name)
-                i = job["args"].index("--run_dir")
-                job["args"][i + 1] = job["run_dir"]
-                job.update(name=name, setting=f"{key}={value}")
-                jobs.append(job)
+                job = rl_job(study, out, profile, method, seed, {**study["methods"][method], key: value},
+                             name=name, run_dir=os.path.join(out, "tune", name))
+                jobs.append({**job, "setting": f"{key}={value}"})
     run_jobs(jobs, a.jobs, log)
-    rl_steps = study["rl"]["max_steps"]
-    lines = [f"Tuning on seed {seed} (not a reported seed): final Mean@n", ""]
+    steps = study["rl"]["max_steps"]
+    lines = [f"Tuning on seed {seed} (not a reported seed), profile {profile}: final Mean@n", ""]
     for job in jobs:
         if "setting" in job:
-            acc = final_eval(job["run_dir"], rl_steps, study["report_levels"])
+            acc = final_eval(job["run_dir"], steps, study["report_levels"])
             lines.append(f"{job['method']:10s} {job['setting']:20s} avg {acc['average']:.3f}  " +
-                         " ".join(f"{lv} {v:.2f}" for lv, v in acc.items() if lv != "average"))
+                         " ".join(f"{lv} {v:.3f}" for lv, v in acc.items() if lv != "average"))
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "tune.md"), "w") as f:
         f.write(text)
