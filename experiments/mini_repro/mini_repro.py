@@ -24,11 +24,12 @@ project's own train.py, eval.py and rlad.py, as subprocesses, the way a user run
                    plus one run with `--engine hf` next to its vLLM twin (engine mismatch ruled out by a number)
     7. report      OUT/results.json, OUT/results.md (per profile: accuracy, paired differences, diagnostics, the
                    prediction against the outcome; the noise; the engine control), OUT/curves_PROFILE.png
+                   (accuracy per level vs RL step)
 
 From the repository root (this script lives in experiments/mini_repro/, its presets in configs/ next to it):
 
-    python experiments/mini_repro/mini_repro.py --out runs/mini          # the study (about 50 min on 2 cores)
-    python experiments/mini_repro/mini_repro.py --out runs/mini --tune   # the per-method sweeps, tuning seed only
+    python experiments/mini_repro/mini_repro.py --out runs/mini          # the study (46 min on 2 cores)
+    python experiments/mini_repro/mini_repro.py --out runs/mini_tune --tune  # per-method sweeps, tuning seed only
     python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick  # a smoke version (the test suite's)
 
 Resumable: a finished run (its final checkpoint or output exists) is skipped; an unfinished train.py run continues
@@ -491,14 +492,31 @@ def format_tables(results: dict, study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(out: str, study: dict, seed: int, methods: list) -> list:
-    """One figure per profile (seed `seed`, every method) through `python eval.py plot`."""
-    paths = []
-    for profile in study["profiles"]:
+def plot_curves(out: str, study: dict, seeds: list, methods: list, results: dict) -> list:
+    """One figure per profile: held-out accuracy per level vs RL step, each method's mean over the seeds, from
+    the starting student's accuracy, with the teacher's as a dotted line (OUT/curves_PROFILE.png)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    levels, paths = study["report_levels"], []
+    for profile, prof in results["profiles"].items():
+        fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
+        for ax, lv in zip(axes[0], levels):
+            for method in methods:
+                per_seed = [evaluations(rl_run_dir(out, profile, method, s)) for s in seeds]
+                steps = sorted(set.intersection(*(set(e) for e in per_seed)))
+                ax.plot([0] + steps, [prof["start"][lv]] + [statistics.fmean(e[t][lv] for e in per_seed)
+                                                            for t in steps], label=method, marker="o", markersize=3)
+            ax.axhline(results["teacher"][lv]["mean"], color="k", linestyle=":", linewidth=1, label="teacher")
+            ax.set_title(f"{profile}: {lv}")
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"Mean@n, mean of {len(seeds)} seeds")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
         png = os.path.join(out, f"curves_{profile}.png")
-        dirs = [rl_run_dir(out, profile, m, seed) for m in methods]
-        subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", *dirs, "--out", png], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
         paths.append(png)
     return paths
 
@@ -540,7 +558,7 @@ def main(argv=None):
     jobs = study_jobs(study, out, seeds, methods)
     seconds = run_jobs(jobs, a.jobs, log)
     results = collect(study, out, seeds, methods, jobs)
-    results["curves"] = plot_curves(out, study, seeds[0], methods)
+    results["curves"] = plot_curves(out, study, seeds, methods, results)
     results.update(quick=a.quick, settings={k: study[k] for k in SECTIONS if k not in ("seeds", "report_levels")},
                    seconds={"jobs": seconds, "this_invocation": time.time() - t_start})
     with open(os.path.join(out, "results.json"), "w") as f:
