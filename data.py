@@ -1,10 +1,8 @@
-"""Where prompts come from: the Knights-and-Knaves generator and solver, K&K and math loaders, prompts.
+"""Where examples come from: the Knights-and-Knaves generator and solver, the arithmetic generator, and loaders
+for K&K and math files (jsonl, parquet, hub datasets). tasks.py turns these into tasks (prompt, examples, scorer).
 
-Every task ends up as a plain dict, the *Example* that rewards.py, eval.py and train.py consume:
-
-    {"task": "kk" | "math" | "arith", "question": str, "answer": str, "solution": list[bool] (kk),
-     "names": list[str] (kk), "level": "PPL2".."PPL8" (kk), a benchmark name such as "aime" (math) or
-     "L2".."L8" (arith), "id": str}
+An *Example* is a plain dict: {"task", "question", "answer", "level" ("PPL2".."PPL8", "L2".."L8", or a math
+benchmark's name), "id"}, plus "solution" and "names" for K&K.
 
 Knights and Knaves (Xie et al. 2024; docs/algorithm.md, "Tasks and rewards"). Each of n islanders makes one statement,
 in the public data's literal format (the K&K dataset's `statements` field):
@@ -91,6 +89,13 @@ def _truth(stmt, n, full, knights):
     raise ValueError(f"bad K&K statement {stmt!r}: unknown operator {op!r} or wrong number of operands")
 
 
+def _consistent(i, stmt, n):
+    """The assignments in which person i's statement fits their role: a knight says a true thing, a knave a false
+    one (the solver's AND over i of these is the puzzle's solution set; the generator builds it person by person)."""
+    full, knights = _masks(n)
+    return full ^ (knights[i] ^ _truth(stmt, n, full, knights))
+
+
 def kk_solve(statements, n):
     """Every assignment (tuple of bools, True = knight, person order) under which each knight's statement is
     true and each knave's false. `statements` is the public literal (a string) or the parsed tuple.
@@ -101,10 +106,9 @@ def kk_solve(statements, n):
         statements = ast.literal_eval(statements)
     if len(statements) != n:
         raise ValueError(f"kk_solve: {len(statements)} statements for {n} people; need one statement per person")
-    full, knights = _masks(n)
-    consistent = full
+    consistent = _masks(n)[0]
     for i, stmt in enumerate(statements):
-        consistent &= full ^ (knights[i] ^ _truth(stmt, n, full, knights))
+        consistent &= _consistent(i, stmt, n)
     out = []
     while consistent:
         low = consistent & -consistent  # lowest set bit = smallest assignment left
@@ -160,13 +164,13 @@ def _sample_statement(rng, speaker, n):
 
 def _sample_statements(n, rng):
     """Statements with exactly one consistent assignment, and that assignment (rejection sampling)."""
-    full, knights = _masks(n)
+    full = _masks(n)[0]
     while True:
         statements, consistent = [], full
         for i in range(n):
             stmt = _sample_statement(rng, i, n)
             statements.append(stmt)
-            consistent &= full ^ (knights[i] ^ _truth(stmt, n, full, knights))
+            consistent &= _consistent(i, stmt, n)
             if not consistent:  # already no solution: restart (same distribution as sample-all-then-reject)
                 break
         if consistent and not consistent & (consistent - 1):  # exactly one bit set
@@ -474,6 +478,8 @@ def load_math(path, question_key=None, answer_key=None, level=None):
     else reward_model.ground_truth (verl-style files). Dotted keys reach into nested fields.
     level: the table column; default the file name up to its first "_" or "-" ("aime_2021_2024" -> "aime").
     """
+    if level is None and path.startswith("hf:"):  # a hub dataset's level is its name: hf:openai/gsm8k:main -> gsm8k
+        level = path[3:].split(":")[0].split("/")[-1]
     if level is None:
         level = _stem(path).split("_")[0].split("-")[0]
         if level.lower() in ("train", "test", "validation", "val", "dev"):  # HF layout: name/test-0000.parquet
@@ -499,147 +505,6 @@ def load_math(path, question_key=None, answer_key=None, level=None):
         out.append({"task": "math", "question": question.strip(), "answer": answer, "level": level,
                     "id": f"{level}-{rid}"})
     return out
-
-
-def load_examples(task, files=(), split="train", per_level=None, seed=0, levels=None):
-    """The Examples of `task`: from files when given (K&K or math loaders; .jsonl, .parquet or hub datasets
-    hf:NAME[:CONFIG]:SPLIT, see _rows; split="eval" keeps at most per_level per level), else the task's generator
-    data.<task>_examples: training problems drawn from `seed`, or the fixed held-out stream (split="eval"),
-    per_level per level (default 100) for each of `levels` (default: all)."""
-    if files and task not in ("kk", "math"):
-        raise ValueError(f"task {task!r} has no data files: drop them (its problems are generated)")
-    for path in files:
-        if not path.startswith("hf:") and not os.path.isfile(path):  # hub sources are checked when loaded
-            raise FileNotFoundError(f"{path}: no such file")
-    if files:
-        examples = []
-        for path in files:  # a hub dataset's level is its name's last part: hf:openai/gsm8k:main:train -> gsm8k
-            level = path[3:].split(":")[0].split("/")[-1] if path.startswith("hf:") else None
-            examples += load_kk(path) if task == "kk" else load_math(path, level=level)
-        if split == "eval" and per_level is not None:  # the first per_level problems of each level
-            kept, count = [], {}
-            for ex in examples:
-                count[ex["level"]] = count.get(ex["level"], 0) + 1
-                if count[ex["level"]] <= per_level:
-                    kept.append(ex)
-            examples = kept
-    elif task == "math":
-        raise ValueError("task 'math' needs data files (jsonl or parquet, e.g. aime_2021_2024.jsonl) "
-                         "or hub datasets (e.g. hf:openai/gsm8k:main:train)")
-    else:
-        generate = globals().get(f"{task}_examples")
-        if generate is None:
-            raise ValueError(f"task {task!r}: no data files and no data.{task}_examples generator")
-        kw = {"people" if task == "kk" else "levels": levels} if levels else {}
-        examples = generate(**kw, per_level=100 if per_level is None else per_level, seed=seed, split=split)
-    if not examples:
-        raise ValueError(f"no {task} examples loaded from {list(files) or 'the generator'}")
-    return examples
-
-
-def load_task(spec: str):
-    """A task of your own, `module:name` (docs/own_task.md): module.name has examples(split) -> Examples (data.py's
-    dict shape; "question" is the user message) and score(examples, responses) -> [{"reward", "correct",
-    "format_ok"}] (rewards.score_batch's contract). Returns (examples, score), score checked on every call."""
-    import importlib
-    module, _, name = spec.partition(":")
-    try:
-        task = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--task {spec}: cannot import {name} from {module} ({e}); the module must be importable "
-                         "from the working directory or PYTHONPATH") from None
-    if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "score", None))):
-        raise ValueError(f"--task {spec}: needs examples(split) and score(examples, responses) (docs/own_task.md)")
-
-    def score(examples, responses):
-        try:
-            out = task.score(examples, responses)
-        except Exception as e:  # the plugin's bug: stop with its name, not a traceback deep in the loop
-            raise SystemExit(f"--task {spec}: score() raised {type(e).__name__}: {e} (a scorer must never raise; "
-                             "see docs/own_task.md)") from e
-        if not isinstance(out, (list, tuple)) or len(out) != len(responses) or \
-                not all(isinstance(s, dict) and {"reward", "correct", "format_ok"} <= set(s) for s in out):
-            got = f"{len(out)} items" if isinstance(out, (list, tuple)) else type(out).__name__
-            raise SystemExit(f"--task {spec}: score() must return one {{reward, correct, format_ok}} dict per "
-                             f"response ({len(responses)}), got {got}")
-        return list(out)
-    return task.examples, score
-
-
-def step_prompts(n_examples: int, step: int, per_step: int, rank: int, world: int, seed: int) -> list:
-    """Indices of this rank's share of the `per_step` prompts of `step`: the data is read in passes, each pass a
-    seeded permutation, so the order is a function of the step alone (an exact resume needs nothing else)."""
-    import torch
-    first = step * per_step + rank * (per_step // world)  # global position of this rank's first prompt
-    perms, out = {}, []
-    for epoch, pos in (divmod(k, n_examples) for k in range(first, first + per_step // world)):
-        if epoch not in perms:  # one seeded permutation per pass over the data
-            g = torch.Generator().manual_seed(seed * 100003 + epoch)
-            perms[epoch] = torch.randperm(n_examples, generator=g).tolist()
-        out.append(perms[epoch][pos])
-    return out
-
-
-# -------------------------------------------------------------------------------------------------------------- prompts
-
-KK_INSTRUCTION = (
-    "Solve the logic puzzle below. First think it through step by step inside <think> </think> tags. Then give "
-    "the final answer inside <answer> </answer> tags, stating the identity of every character, one per line:\n"
-    "<answer>\n(1) Name is a knight\n(2) Name is a knave\n...\n</answer>\n\n"
-)
-MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-# What the assistant turn starts with. K&K: "<think>", so the model is inside its reasoning from the first
-# token and the format reward (one <think> ... </think> <answer> ... </answer>) counts this tag: the text to
-# score is PREFILL + generated text. Math: nothing; its reward reads only the last \boxed{} (thinking models
-# open <think> by themselves, base models need not).
-PREFILL = {"kk": "<think>", "math": "", "arith": ""}
-
-
-def prompt_text(example):
-    """The user message for an Example (a task of your own: its "question", as is)."""
-    task = example.get("task")
-    if task == "kk":
-        return KK_INSTRUCTION + example["question"]
-    if task == "math":
-        return example["question"] + MATH_INSTRUCTION
-    if task == "arith" or "question" in example:
-        return example["question"]  # arith: the problem is its own prompt ("3 + 5 - 7 =")
-    raise ValueError(f"prompt_text: example {example.get('id')!r} of task {task!r} has no question")
-
-
-def build_prompts(examples, tokenizer, max_prompt_tokens: int):
-    """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""
-    prompts = [build_prompt(ex, tokenizer) for ex in examples]
-    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= max_prompt_tokens]
-    return [examples[i] for i in keep], [prompts[i] for i in keep]
-
-
-def build_prompt(example, tokenizer, prefill=None):
-    """(prompt_ids, prefill): the user message through the tokenizer's chat template (generation prompt added),
-    followed by the prefill; without a chat template, "User: ...\\nAssistant: " + prefill as plain text, or
-    for arith the bare problem ("3 + 5 - 7 =", the tiny task tokenizers have no chat template).
-
-    The caller scores prefill + generated text. prefill=None uses PREFILL[task]. When the chat template itself
-    ends with the prefill, it is not added again and the returned prefill is the template's own ("<think>\\n").
-    """
-    if prefill is None:
-        prefill = PREFILL.get(example.get("task"), "")  # an unknown task fails just below, by name
-    message = prompt_text(example)
-    if getattr(tokenizer, "chat_template", None):
-        # tokenize=False: in transformers 5 tokenize=True returns a BatchEncoding, not ids.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                             add_generation_prompt=True)
-        opened = text.rstrip()
-        if prefill.strip() and opened.endswith(prefill.strip()):
-            # The template opens the block itself (DeepSeek-R1-Distill's ends "<｜Assistant｜><think>\n"): the
-            # turn already starts with it, and writing it twice would fail the format reward on every sample.
-            prefill = text[opened.rfind(prefill.strip()):]
-            return tokenizer(text, add_special_tokens=False)["input_ids"], prefill
-        # The template already wrote any BOS it wants; no second one.
-        return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill
-    if example["task"] == "arith":
-        return tokenizer(message + prefill)["input_ids"], prefill
-    return tokenizer(f"User: {message}\nAssistant: {prefill}")["input_ids"], prefill
 
 
 if __name__ == "__main__":

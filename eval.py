@@ -1,42 +1,32 @@
-"""Evaluation: Mean@n, unbiased Pass@k and K&K accuracy per PPL, for any checkpoint; training curves.
+"""Evaluation: Mean@n, unbiased Pass@k and accuracy per level (K&K's PPL2..PPL8, a math benchmark), for any
+checkpoint and any task (tasks.py's, or module:name); the SFT baseline's teacher samples.
 
-For every problem we draw `n` samples (temperature 0.6, top-p 0.95, as in the paper's Evaluation
-section), score each with rewards.py, and report per level (a K&K column PPL2..PPL8, or a math benchmark):
+For every problem we draw `n` samples (temperature 0.6, top-p 0.95, the paper's evaluation), score each with
+the task's scorer, and report per level
 
     Mean@n   = 1/(P n) sum_p c_p                 mean correctness over all samples (= average Pass@1)
     Pass@k   = 1/P sum_p [1 - C(n - c_p, k) / C(n, k)]   unbiased estimator (Chen et al. 2021), c_p of n correct
 
-and, as the paper reports, the average over levels (each level weighs the same, however many problems it
-has; the sample-weighted mean is kept beside it). K&K "accuracy" in the paper's tables is Mean@n.
-
-The same `evaluate` serves train.py's periodic evaluation in-process (it takes the engine that is already
-running, nothing is reloaded) and the command line:
+and, as the paper reports, the average over levels (each level weighs the same; the sample-weighted mean is kept
+beside it). train.py's periodic evaluation calls evaluate_ranks with its running engine; the command line:
 
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
     python eval.py --model PATH --task kk --data people3_test.jsonl   # the public K&K test files
     python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
-    python eval.py --model PATH --task arith --n 1 --temperature 0  # the miniature study's task, greedy
-    python eval.py plot runs/grpo runs/kdrl runs/rlad --out curves.png   # reward / accuracy vs step
-    python eval.py show runs/rlad --step 12      # logged responses token by token: what the teacher did (HTML)
+    python eval.py --model PATH --task examples.lowercase:task --n 4  # a task of your own
+    python eval.py --model TEACHER --task kk --split train --levels 3,4,5,6,7 --limit 2000 --n 4 \
+        --sft_out teacher_kk.jsonl    # the SFT baseline's data: the teacher's correct samples, then
+    python train.py --method sft --sft_data teacher_kk.jsonl ...
 
-It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every
-sample (prompt, response, reward, correct) for inspection.
+It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every sample.
+Curves: tools/plot.py; a step's logged samples token by token: tools/show.py.
 """
 import argparse
-import html
 import json
 import operator
 import os
 import re
 import sys
-
-TASKS = ("kk", "math", "arith")  # arith: data.py's running sums mod 10, the CPU-sized stand-in for K&K
-# The default evaluation sets without --data: data.kk_examples / data.arith_examples(split="eval"), fixed
-# held-out streams (no seed) that the training split never overlaps.
-# --max_tokens when not given (then capped to what fits the model's context): the paper's K&K runs allow 2K-8K
-# response tokens, math 8K-30K; an arith answer is at most 7 digits (+ spaces, EOS).
-DEFAULT_MAX_TOKENS = {"kk": 4096, "math": 8192, "arith": 32}
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -117,22 +107,22 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
 
 # ----------------------------------------------------------------------------- sampling + scoring
 
-def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperature: float = 0.6,
-             top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False, score_fn=None) -> dict:
+def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temperature: float = 0.6,
+             top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False) -> dict:
     """Sample `n` responses per example with `engine`, score them, aggregate. Returns
     {"summary": summarize(...), "samples": [one record per sample, problem by problem], "config": {...}}.
 
     `engine` is anything with the rollout.py interface (VLLMEngine, HFEngine): train.py passes its own,
     already-running engine. `batch_size` prompts go to each generate call (None: all in one call, the
     fastest with vLLM); `progress` shows a tqdm bar over those calls (the CLI uses it, train.py does not).
-    score_fn(examples, responses) scores the samples (default rewards.score_batch; a task of your own has its own).
+    `task` (tasks.load's) gives the prompts and scores the samples.
     """
-    import data
+    import tasks
 
     if not examples:
         raise ValueError("evaluate: no examples (empty evaluation set): check --data / --limit")
     _check_ks(n, ks)
-    prompts = [data.build_prompt(ex, tokenizer) for ex in examples]  # (prompt_ids, prefill) per example
+    prompts = [tasks.prompt_ids(task, ex, tokenizer) for ex in examples]  # (prompt_ids, prefill) per example
     batch_size = batch_size or len(examples)
     bar = None
     if progress:
@@ -153,13 +143,13 @@ def evaluate(engine, tokenizer, examples, *, n: int, max_tokens: int, temperatur
     if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
         raise RuntimeError(f"engine returned {len(outputs)} prompts with sample counts "
                            f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
-    result = score_outputs(tokenizer, examples, prompts, outputs, ks=ks, score_fn=score_fn)
+    result = score_outputs(tokenizer, examples, prompts, outputs, task, ks=ks)
     result["config"] = {"n": n, "ks": sorted(set(int(k) for k in ks)), "max_tokens": max_tokens,
                         "temperature": temperature, "top_p": top_p, "seed": seed}
     return result
 
 
-def evaluate_ranks(engine, tokenizer, examples, *, rank: int, world: int, device, seed: int, order_seed: int,
+def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, device, seed: int, order_seed: int,
                    n: int, **sampling) -> dict:
     """evaluate() on this rank's share of `examples`, merged across ranks: {"eval/LEVEL": Mean@n, ...,
     "eval_accuracy": the average over levels}. A collective (one all_reduce): every rank calls it.
@@ -172,7 +162,7 @@ def evaluate_ranks(engine, tokenizer, examples, *, rank: int, world: int, device
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(order_seed)).tolist()
     per_rank = -(-len(examples) // world)  # ceil: the last rank may get fewer (or none)
     mine = [examples[k] for k in order[rank * per_rank:(rank + 1) * per_rank]]
-    summary = evaluate(engine, tokenizer, mine, n=n, seed=(seed + rank * per_rank * n) % (2**31 - 1),
+    summary = evaluate(engine, tokenizer, mine, task, n=n, seed=(seed + rank * per_rank * n) % (2**31 - 1),
                        **sampling)["summary"] if mine else {}
     levels = list(dict.fromkeys(ex["level"] for ex in examples))  # every rank reduces every level
     sums = torch.tensor([x for lv in levels for x in ((summary[lv]["count"] * summary[lv]["mean_at_n"],
@@ -190,14 +180,12 @@ def _check_ks(n, ks):
         raise ValueError(f"need 1 <= k <= n for every k of Pass@k, got n={n}, ks={tuple(ks)}: raise n or lower k")
 
 
-def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,), score_fn=None) -> dict:
+def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> dict:
     """Score engine outputs and aggregate them: {"summary", "samples"}.
 
-    prompts: data.build_prompt(ex, tokenizer) per example, i.e. (prompt_ids, prefill);
+    prompts: tasks.prompt_ids(task, ex, tokenizer) per example, i.e. (prompt_ids, prefill);
     outputs: engine.generate's return value for those prompts (n samples each, the same n for all).
     """
-    import rewards
-
     n = len(outputs[0]) if outputs else 0
     if len(outputs) != len(examples) or len(prompts) != len(examples) or any(len(o) != n for o in outputs):
         raise ValueError(f"score_outputs: {len(examples)} examples, {len(prompts)} prompts, {len(outputs)} "
@@ -208,7 +196,7 @@ def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,), score_fn=No
     # text. Special tokens (the EOS that ends a finished sample) are dropped, as verl / Logic-RL do.
     responses = [prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True)
                  for (_, prefill), outs in zip(prompts, outputs) for out in outs]
-    scores = (score_fn or rewards.score_batch)([ex for ex in examples for _ in range(n)], responses)
+    scores = task.score([ex for ex in examples for _ in range(n)], responses)
 
     samples = []
     for p, (ex, (prompt_ids, _), outs) in enumerate(zip(examples, prompts, outputs)):
@@ -228,206 +216,25 @@ def score_outputs(tokenizer, examples, prompts, outputs, *, ks=(1,), score_fn=No
 
 # ----------------------------------------------------------------------------- the paper's tables
 
-def format_table(summary: dict, task: str, name: str = "model") -> str:
-    """The paper's table for one model as Markdown (one row named `name`).
-
-    K&K (and arith, its miniature): accuracy (Mean@n, as a fraction) per level column and the average.
-    math: Mean@n and Pass@k (k > 1) per benchmark and their average over benchmarks, in percent.
-    Accepts a summary straight from `evaluate` or re-read from the JSON file (string keys).
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+def format_table(summary: dict, name: str = "model") -> str:
+    """The paper's table for one model as Markdown (one row named `name`): Mean@n per level and the average, as
+    a fraction (the K&K tables); when Pass@k with k > 1 was measured, Mean@n and Pass@k in percent (the math ones).
+    Accepts a summary straight from `evaluate` or re-read from the JSON file (string keys)."""
     levels = [lv for lv in summary if lv != "average"]
     if not levels or "average" not in summary:
         raise ValueError("format_table: summary has no levels or no 'average' (expected evaluate()['summary'])")
     cells = lambda row: "| " + " | ".join(row) + " |"  # noqa: E731
-    name = name.replace("|", "\\|")  # a '|' in a run name would split the row
-    if task in ("kk", "arith"):
-        header = ["model"] + levels + ["Avg"]
-        values = [name] + [f"{summary[lv]['mean_at_n']:.2f}" for lv in levels + ["average"]]
-    else:
-        n = summary["average"]["n"]
-        ks = sorted(int(k) for k in summary["average"]["pass_at_k"] if int(k) > 1)
-        header, values = ["model"], [name]
-        for lv in levels + ["average"]:
-            label = "Avg" if lv == "average" else lv
-            pk = {int(k): v for k, v in summary[lv]["pass_at_k"].items()}
-            header += [f"{label} Mean@{n}"] + [f"{label} Pass@{k}" for k in ks]
-            values += [f"{100 * summary[lv]['mean_at_n']:.1f}"] + [f"{100 * pk[k]:.1f}" for k in ks]
+    n, name = summary["average"]["n"], name.replace("|", "\\|")  # a '|' in a run name would split the row
+    ks = sorted(int(k) for k in summary["average"]["pass_at_k"] if int(k) > 1)
+    header, values = ["model"], [name]
+    for lv in levels + ["average"]:
+        label, pk = "Avg" if lv == "average" else lv, {int(k): v for k, v in summary[lv]["pass_at_k"].items()}
+        if not ks:
+            header, values = header + [label], values + [f"{summary[lv]['mean_at_n']:.2f}"]
+            continue
+        header += [f"{label} Mean@{n}"] + [f"{label} Pass@{k}" for k in ks]
+        values += [f"{100 * summary[lv]['mean_at_n']:.1f}"] + [f"{100 * pk[k]:.1f}" for k in ks]
     return "\n".join([cells(header), cells(["---"] * len(header)), cells(values)])
-
-
-# ----------------------------------------------------------------------------- training curves
-
-def read_metrics(run_dir: str) -> list:
-    """RUN_DIR/metrics.jsonl as a list of dicts sorted by step; after a resume the last line of a step wins."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass run directories written by train.py")
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    by_step = {}
-    for i, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a line still being written by a live run
-                continue
-            raise ValueError(f"{path}, line {i + 1}: not JSON: {line[:80]!r}")
-        if "step" not in rec:
-            raise ValueError(f"{path}, line {i + 1}: no 'step' field")
-        by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def plot(run_dirs, out: str = "curves.png") -> str:
-    """Reward, accuracy (and eval accuracy when logged) vs step, one line per run, on one figure."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    runs = {}
-    for d in run_dirs:
-        label = os.path.basename(os.path.normpath(d))
-        runs[label if label not in runs else d] = read_metrics(d)
-    keys = ["reward", "accuracy"]
-    if any("eval_accuracy" in r for recs in runs.values() for r in recs):
-        keys.append("eval_accuracy")
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, recs in runs.items():
-            pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if key == "eval_accuracy" else None, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
-
-# ----------------------------------------------------------------------------- sampled responses, token by token
-
-# RLAD's selective imitation (rlad.py's table: TRRD, alpha 0.5, first PPO epoch): (sign of A, teacher) -> effect
-IMITATION = {(1, "prefers"): "pushed up", (-1, "prefers"): "clipped: not pushed down",
-             (1, "rejects"): "clipped: no credit", (-1, "rejects"): "pushed down"}
-SHOW_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
-h1{font-size:20px;margin:0 0 .2em} h2{font-size:16px;margin:1.2em 0 .3em} table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
-.legend{background:#fafafa;border:1px solid #ddd;padding:.2em 1em .6em;font-size:13px}
-.scale{display:inline-block;width:240px;height:12px;vertical-align:middle;
-background:linear-gradient(90deg,#6494c5,#fff,#c66b76)}
-.prompt{white-space:pre-wrap;overflow-wrap:anywhere;max-height:9em;overflow:auto;background:#f3f3f3;
-padding:.4em .6em;font:12px/1.4 ui-monospace,monospace} .resp{display:flex;gap:1em;border-top:1px solid #ddd}
-.meta{flex:0 0 21em;font-size:12px;padding:.4em 0} .meta b{font-size:13px}
-.body{flex:1;min-width:0;font:13px/2.1 ui-monospace,monospace;padding:.2em 0}
-.t{white-space:pre-wrap;overflow-wrap:anywhere;border-bottom:1px solid #999} .pos{border-bottom-color:#1a9850}
-.neg{border-bottom-color:#8e44ad} .prefers{border-bottom-width:3px}
-.rejects{border-bottom-style:double;border-bottom-width:4px}
-.t.nil{border-bottom:1px dotted #999} .clip{text-decoration:line-through;outline:1px dashed #333}"""
-SHOW_LEGEND = """<div class=legend><h2>Legend</h2><p>Background: <b>gap = logp_S - logp_T</b> per token, clamped to
-[-3, 3]: <span class=scale></span> blue = the teacher prefers the token (gives it more probability), white = near 0,
-red = the teacher rejects it. Relation with the TRRD clamp c: prefers when gap &le; -c, rejects when gap &ge; c,
-agrees otherwise. Hover a token for logp_S, logp_T, gap, regime and clip.</p><p>Underline: colour = the response's
-advantage (<span class="t pos">green</span> A &gt; 0 rewarded, <span class="t neg">purple</span> A &lt; 0
-penalised, <span class="t nil">dotted grey</span> A = 0 no signal); width = the teacher's relation
-(<span class="t pos prefers">thick: prefers</span>, <span class="t pos rejects">double: rejects</span>,
-<span class="t pos">thin: agrees</span>). <span class="t clip">struck through, dashed box</span> = clipped: the
-PPO/TRRD clip removed this token's gradient.</p><table><tr><th>RLAD (TRRD, alpha 0.5, first PPO epoch)</th>
-<th>A &gt; 0 (rewarded)</th><th>A &lt; 0 (penalised)</th></tr><tr><td>teacher prefers it</td><td><span
-class="t pos prefers">pushed up</span></td><td><span class="t neg prefers clip">clipped: not pushed down</span></td>
-</tr><tr><td>teacher rejects it</td><td><span class="t pos rejects clip">clipped: no credit</span></td><td><span
-class="t neg rejects">pushed down</span></td></tr><tr><td>teacher agrees</td><td colspan=2>ordinary PPO step</td>
-</tr><tr><td>A = 0</td><td colspan=2>no gradient: the teacher acts only through the advantage</td></tr></table>
-<p>Methods without a teacher (teacher_logp null, e.g. grpo): no colour, the regime is rewarded / penalised only.
-For other methods with a teacher (kdrl, distill) the colour shows where the KD term pulls; the table is RLAD's.</p>
-</div>"""
-
-
-def _gap_colour(gap):
-    """Diverging background for gap = logp_S - logp_T clamped to [-3, 3]: blue < 0 < red, at most 70% strong."""
-    t = max(-3.0, min(3.0, gap)) / 3 * 0.7
-    hue = (33, 102, 172) if t < 0 else (178, 24, 43)
-    return "#" + "".join(f"{round(255 - abs(t) * (255 - h)):02x}" for h in hue)
-
-
-def _effect(method, sign, rel):
-    """What the update does to a token: rlad.py's selective-imitation table for rlad, else just A's sign."""
-    if method != "rlad":
-        return "PPO step" if sign else "no policy gradient"
-    return IMITATION.get((sign, rel), "ordinary PPO step") if sign else "no gradient"
-
-
-def _response_html(s, method, c):
-    """One response: its tokens coloured, marked and with tooltips; reward, advantage, counts beside them."""
-    toks, lps, lts, n = s["tokens"], s["student_logp"], s.get("teacher_logp"), len(s["tokens"])
-    rel = s.get("teacher") or (lts and ["prefers" if a - b <= -c else "rejects" if a - b >= c else "agrees"
-                                        for a, b in zip(lps, lts)])
-    clipped, ids = s.get("clipped") or [False] * n, s.get("token_ids") or [None] * n
-    for name, v in (("student_logp", lps), ("teacher_logp", lts), ("teacher", rel), ("clipped", clipped)):
-        if v is not None and len(v) != n:
-            raise ValueError(f"a response has {n} tokens but {len(v)} {name} values")
-    sign = (s["advantage"] > 0) - (s["advantage"] < 0)
-    where, cls = {1: ("rewarded", "pos"), -1: ("penalised", "neg"), 0: ("no signal", "nil")}[sign]
-    spans, counts = [], {r: 0 for r in ("prefers", "rejects", "agrees")} if rel else {}
-    for i, tok in enumerate(toks):
-        r = rel[i] if rel else None
-        tip = f"{json.dumps(tok)} id {ids[i]}\nlogp_S {lps[i]:.3f}" + (
-            f"  logp_T {lts[i]:.3f}  gap {lps[i] - lts[i]:+.3f}" if lts else "  (no teacher)")
-        tip += f"\nregime: {where}" + (f" x teacher {r}" if r else "") + f" ({_effect(method, sign, r)})"
-        tip += f"\nclipped: {'yes' if clipped[i] else 'no'}"
-        text = html.escape(tok or "\u2205").replace("\n", "\u21b5\n").replace("\t", "\u21e5").replace("\r", "\u240d")
-        style = f' style="background:{_gap_colour(lps[i] - lts[i])}"' if lts else ""
-        spans.append(f'<span class="t {cls} {r or ""}{" clip" if clipped[i] else ""}" title="{html.escape(tip)}"'
-                     f'{style}>{text}</span>')
-        if r:
-            counts[r] += 1
-    tally = "".join(f"<br>{where} x {r}: {k} ({_effect(method, sign, r)})" for r, k in counts.items())
-    meta = (f"<b>{'&#10003; correct' if s['correct'] else '&#10007; wrong'}</b><br>reward {s['reward']:g}, "
-            f"advantage {s['advantage']:+.3f} ({where})<br>{n} tokens{tally}<br>clipped: {sum(map(bool, clipped))}"
-            f" ({sum(map(bool, clipped)) / max(n, 1):.0%})")
-    return f"<div class=resp><div class=meta>{meta}</div><div class=body>{''.join(spans)}</div></div>"
-
-
-def samples_html(groups) -> str:
-    """The page for one step's logged groups (RUN_DIR/samples/step_N.jsonl's lines): header, legend, groups."""
-    opts = dict.fromkeys(json.dumps(g.get("options") or {}) for g in groups)
-    methods = ", ".join(dict.fromkeys(html.escape(g["method"]) for g in groups))
-    head = (f"<h1>step {groups[0]['step']} &middot; {methods} &middot; {len(groups)} groups</h1>"
-            + "".join(f"<div>options: {html.escape(', '.join(f'{k} {v}' for k, v in json.loads(o).items()))}</div>"
-                      for o in opts if o != "{}"))
-    body = []
-    for g in groups:
-        c = (g.get("options") or {}).get("teacher_clamp") or 1.0
-        body.append(f"<h2>group {g['group']} &middot; {html.escape(g['method'])} &middot; {len(g['samples'])} "
-                    f"responses</h2><div class=prompt>{html.escape(g['prompt'])}</div>"
-                    + "".join(_response_html(s, g["method"], c) for s in g["samples"]))
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>samples, step {groups[0]['step']}</title>"
-            f"<style>{SHOW_CSS}</style></head><body>{head}{SHOW_LEGEND}{''.join(body)}</body></html>")
-
-
-def show(run_dir: str, step=None, out=None) -> str:
-    """Write the HTML view of RUN_DIR/samples/step_NNNNNN.jsonl (default: the newest step); returns its path."""
-    folder = os.path.join(run_dir, "samples")
-    files = {int(m.group(1)): f for f in (os.listdir(folder) if os.path.isdir(folder) else ())
-             if (m := re.fullmatch(r"step_(\d+)\.jsonl", f))}
-    if not files or (step is not None and step not in files):
-        raise FileNotFoundError(f"{folder}: no samples for step {step} (logged steps: {sorted(files)})" if files else
-                                f"{folder}: no step_NNNNNN.jsonl files (the responses train.py logs)")
-    path = os.path.join(folder, files[max(files) if step is None else step])
-    with open(path) as f:
-        groups = [json.loads(line) for line in f if line.strip()]
-    if not groups:
-        raise ValueError(f"{path}: no groups")
-    out = out or path[:-len(".jsonl")] + ".html"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(samples_html(groups))
-    return out
 
 
 def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
@@ -463,108 +270,86 @@ def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
 
 
 # ----------------------------------------------------------------------------- command line
-
 def parse_args(argv):
     """The command line (see the module docstring); every check that needs no model comes here."""
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
-                                epilog="curves: python eval.py plot RUN_DIR... --out curves.png")
+    import tasks
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model directory in Hugging Face format (a checkpoint)")
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", nargs="*", default=None, help="K&K or math files (jsonl/parquet)")
+    p.add_argument("--task", required=True, help="kk | math | arith | module:name (a task of your own)")
+    p.add_argument("--data", nargs="*", default=(), help="data files (jsonl/parquet) or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--split", choices=["eval", "train"], default="eval", help="the task's held-out or training set")
+    p.add_argument("--levels", default="", help="generated levels, e.g. 3,4,5 (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many problems per level")
     p.add_argument("--n", type=int, default=32, help="samples per problem")
     p.add_argument("--k", default=None, help="comma-separated k for Pass@k, each <= n (default: 1,n)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_tokens", type=int, default=None,
-                   help=f"response length cap (default per task {DEFAULT_MAX_TOKENS}, at most what fits the context)")
+    p.add_argument("--max_tokens", type=int, default=4096, help="response length cap (at most what fits the context)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    p.add_argument("--dtype", default=None, help="model dtype (default: the engine's, bfloat16 for vLLM)")
-    p.add_argument("--max_model_len", type=int, default=None, help="default: longest prompt + max_tokens")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.9)
     p.add_argument("--kv_cache_memory_bytes", type=int, default=None, help="vLLM KV cache size (CPU runs)")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (progress bar steps)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many problems per level")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and, with --split train, the data's)")
     p.add_argument("--out", default="results.json")
+    p.add_argument("--sft_out", default=None, help="also write each correct sample as an example with its "
+                   "\"target\" text, one JSON line each: the SFT baseline's data (train.py --sft_data)")
     a = p.parse_args(argv)
     try:
         a.ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
+        levels = tuple(int(x) for x in a.levels.split(",") if x)
     except ValueError:
-        p.error(f"--k {a.k!r}: expected comma-separated integers, e.g. 1,8,32")
+        p.error(f"--k {a.k!r} / --levels {a.levels!r}: expected comma-separated integers, e.g. 1,8,32")
     if a.n < 1 or not a.ks or min(a.ks) < 1 or max(a.ks) > a.n:
         p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
-    if a.limit is not None and a.limit < 1:
-        p.error("--limit must be >= 1")
+    if (a.limit is not None and a.limit < 1) or a.max_tokens < 1:
+        p.error("--limit and --max_tokens must be >= 1")
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
                 "(RUN_DIR/checkpoints/step_...) or a downloaded model (huggingface-cli download NAME --local-dir DIR)")
-    if a.task == "math" and not a.data:
-        p.error("--task math needs --data FILE... (jsonl or parquet, e.g. aime_2021_2024.jsonl)")
-    import data
-    try:  # default sets: 100 held-out generated problems per level (K&K PPL2..PPL8, arith L2..L8)
-        a.examples = data.load_examples(a.task, a.data or (), "eval", a.limit, levels=None)
-    except (FileNotFoundError, ValueError) as e:
+    try:
+        a.task_obj = tasks.load(a.task)
+        a.examples = a.task_obj.examples(a.split, tasks.Source(tuple(a.data), levels, a.limit, a.seed))
+    except (OSError, ValueError, ImportError) as e:
         p.error(str(e))
+    if not a.examples:
+        p.error(f"no {a.task} examples (--data {list(a.data)}, --split {a.split})")
     return p, a
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["show"]:
-        p = argparse.ArgumentParser(prog="eval.py show", description="a step's sampled responses, token by token")
-        p.add_argument("run_dir", help="run directory holding samples/step_NNNNNN.jsonl")
-        p.add_argument("--step", type=int, default=None, help="default: the newest logged step")
-        p.add_argument("--out", default=None, help="default: RUN_DIR/samples/step_NNNNNN.html")
-        a = p.parse_args(argv[1:])
-        try:
-            print(show(a.run_dir, a.step, a.out))
-        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-            p.error(f"{type(e).__name__}: {e}")
-        return
-    if argv[:1] == ["plot"]:
-        p = argparse.ArgumentParser(prog="eval.py plot", description="reward / accuracy vs step for runs")
-        p.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
-        p.add_argument("--out", default="curves.png")
-        a = p.parse_args(argv[1:])
-        try:
-            print(plot(a.run_dirs, a.out))
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
-        return
-    p, a = parse_args(argv)
+    p, a = parse_args(sys.argv[1:] if argv is None else argv)
     from transformers import AutoConfig, AutoTokenizer
-    import data
     import rollout
+    import tasks
     try:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         context = getattr(AutoConfig.from_pretrained(a.model), "max_position_embeddings", None)
     except (OSError, ValueError) as e:
         p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
-    longest = max(len(data.build_prompt(ex, tokenizer)[0]) for ex in a.examples)
-    max_tokens = a.max_tokens or DEFAULT_MAX_TOKENS[a.task]
-    if context:  # prompt + response must fit the model's positions
-        room = context - longest
-        if room < 1 or (a.max_tokens and a.max_tokens > room):
-            p.error(f"the longest prompt ({longest} tokens) + --max_tokens {max_tokens} exceeds the model's context "
-                    f"({context}): lower --max_tokens to at most {room}, or --limit / --data to shorter problems")
-        max_tokens = min(max_tokens, room)
-    if a.engine == "vllm":
-        kw = {"dtype": a.dtype} if a.dtype else {}
-        engine = rollout.VLLMEngine(a.model, max_model_len=a.max_model_len or longest + max_tokens, seed=a.seed,
-                                    gpu_memory_utilization=a.gpu_memory_utilization,
-                                    kv_cache_memory_bytes=a.kv_cache_memory_bytes, **kw)
-    else:
-        engine = rollout.HFEngine(a.model, dtype=a.dtype)
+    longest = max(len(tasks.prompt_ids(a.task_obj, ex, tokenizer)[0]) for ex in a.examples)
+    max_tokens = min(a.max_tokens, context - longest) if context else a.max_tokens  # prompt + response must fit
+    if max_tokens < 1:
+        p.error(f"the longest prompt ({longest} tokens) fills the model's context ({context}): use --limit / --data "
+                "with shorter problems")
+    engine = rollout.make_engine(a.model, a.engine, seed=a.seed, max_model_len=longest + max_tokens,
+                                 gpu_memory_utilization=a.gpu_memory_utilization,
+                                 kv_cache_memory_bytes=a.kv_cache_memory_bytes)
     print(f"eval: {len(a.examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
-    result = evaluate(engine, tokenizer, a.examples, n=a.n, max_tokens=max_tokens, temperature=a.temperature,
-                      top_p=a.top_p, seed=a.seed, ks=a.ks, batch_size=a.batch_size, progress=True)
+    result = evaluate(engine, tokenizer, a.examples, a.task_obj, n=a.n, max_tokens=max_tokens,
+                      temperature=a.temperature, top_p=a.top_p, seed=a.seed, ks=a.ks, batch_size=a.batch_size,
+                      progress=True)
     engine.shutdown()
-    result["config"].update(model=a.model, task=a.task, data=a.data, engine=a.engine, limit=a.limit)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(format_table(result["summary"], a.task, name=os.path.basename(os.path.normpath(a.model))))
-    print(f"wrote {a.out}", file=sys.stderr)
+    result["config"].update(model=a.model, task=a.task, data=list(a.data), split=a.split, engine=a.engine,
+                            limit=a.limit)
+    for path, lines in ((a.out, [json.dumps(result, indent=1)]), (a.sft_out, [
+            json.dumps(dict(ex, target=s["response"])) for ex, s in
+            zip((ex for ex in a.examples for _ in range(a.n)), result["samples"]) if s["correct"]])):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(line + "\n" for line in lines)
+            print(f"wrote {path} ({len(lines)} lines)" if path == a.sft_out else f"wrote {path}", file=sys.stderr)
+    print(format_table(result["summary"], name=os.path.basename(os.path.normpath(a.model))))
 
 
 if __name__ == "__main__":

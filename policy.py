@@ -62,7 +62,7 @@ class Policy(torch.nn.Module):
 def device_mesh(device, world: int, shard_group: int = 0):
     """FSDP2's mesh over `world` ranks: flat when shard_group is 0 or the world size, else 2-D (replicate x shard),
     i.e. HSDP: every layer's all-gather and reduce-scatter stay inside a group of shard_group ranks (a node) and
-    only the gradient all-reduce crosses groups. A collective: build it once and pass it to every load()."""
+    only the gradient all-reduce crosses groups (train.py's shard_group: preflight.shard_group). A collective."""
     from torch.distributed.device_mesh import init_device_mesh
     shard = shard_group or world
     if world % shard:
@@ -204,9 +204,9 @@ def collate(rows: list, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
-def forward(model: Policy, b: dict, entropy_grad=False):
-    """Log-probs and entropies laid out [B, R] like b["mask"]."""
-    lp, ent = model(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad)  # [n], [n]
+def forward(model: Policy, b: dict, entropy_grad=False, with_entropy=True):
+    """Log-probs and entropies laid out [B, R] like b["mask"] (entropies 0 when with_entropy is False)."""
+    lp, ent = model(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad, with_entropy)  # [n], [n]
     B, R = b["mask"].shape
     return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
 

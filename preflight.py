@@ -38,8 +38,8 @@ RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
          ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
          ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
-CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"),
-           "sft_source": ("teacher", "data"), "loss_agg": rlad.LOSS_AGGS, "kd_kl": rlad.KL_KINDS}
+CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"), "loss_agg": rlad.LOSS_AGGS,
+           "kd_kl": rlad.KL_KINDS}
 
 
 def check_config(cfg, world: int):
@@ -56,36 +56,28 @@ def check_config(cfg, world: int):
     for name, allowed in {"method": tuple(rlad.METHODS), **CHOICES}.items():  # METHODS may have grown since import
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
-    if ":" in cfg.task:  # a task of your own: importable, with examples() and score()
-        import data
-        try:
-            data.load_task(cfg.task)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    elif cfg.task not in ("kk", "math", "arith"):
-        raise SystemExit(f"--task {cfg.task!r}: use kk, math, arith, or module:name for a task of your own "
-                         "(docs/own_task.md)")
-    for name in ("kk_people", "arith_levels") + (("eval_levels",) if cfg.eval_levels else ()):
-        parts = getattr(cfg, name).split(",")
+    import tasks
+    try:
+        tasks.load(cfg.task)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for name in ("train_levels", "eval_levels"):
+        parts = [p for p in getattr(cfg, name).split(",") if p.strip()]
         if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: expected comma-separated integers >= 2, e.g. 3,4,5")
+    if cfg.sft_data and not os.path.isfile(cfg.sft_data):
+        raise SystemExit(f"--sft_data {cfg.sft_data}: no such file (eval.py --sft_out writes one)")
     spec = rlad.METHODS[cfg.method]
     if cfg.group_size < 2 and spec["advantages"]:
         raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
-    if needs_teacher(cfg) and not cfg.teacher:
+    if rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher:
         raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
-    for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
+    for name in ("model", "teacher") if rlad.METHODS[cfg.method]["teacher_logp"] else ("model",):
         path = getattr(cfg, name)
         if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
-
-
-def needs_teacher(cfg) -> bool:
-    """The teacher scores tokens (the method's row says so) or generates the SFT baseline's samples."""
-    spec = rlad.METHODS[cfg.method]
-    return spec["teacher_logp"] or (spec["samples"] == "teacher" and cfg.sft_source == "teacher")
 
 
 def looks_local(name: str) -> bool:
@@ -102,19 +94,23 @@ def shapes(name: str) -> dict:
         lm = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
     layers = [sum(p.numel() for p in layer.parameters()) for layer in lm.get_decoder().layers]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    import rollout
     return {"params": total, "layer": max(layers), "root": total - sum(layers), "hidden": config.hidden_size,
             "intermediate": config.intermediate_size, "layers": len(layers), "vocab": config.vocab_size,
-            "kv_bytes_per_token": 2 * len(layers) * kv_heads * head_dim * 2}  # K and V, bf16, every layer
+            "kv_bytes_per_token": rollout.kv_bytes_per_token(config)}  # bf16
+
+
+def shard_group(cfg, world: int) -> int:
+    """Ranks that shard one model copy (HSDP replicates across groups): --shard_group, else the ranks of a node
+    (torchrun's LOCAL_WORLD_SIZE; 8 per node when planning for --plan_gpus)."""
+    return cfg.shard_group or (min(world, 8) if cfg.plan_gpus else int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> dict:
     """Bytes per GPU of each part, and of the three phases (rollout, teacher pass, update). Sharded parts divide
     by the shard group (the ranks of a node: 8 when planning for --plan_gpus); the update's compute copy is
     FSDP2's bf16 gather of the root plus two layers in flight."""
-    P = student["params"]
-    shard = cfg.shard_group or (min(world, 8) if cfg.plan_gpus else int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    P, shard = student["params"], shard_group(cfg, world)
     act_layer = 2 * (6 * student["hidden"] + 4 * student["intermediate"])  # bf16 bytes per token per layer
     tokens = cfg.micro_batch_tokens
     saved = 2 * student["hidden"] * student["layers"] + act_layer if cfg.grad_checkpointing else \
@@ -146,7 +142,7 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
 def format_plan(plan: dict, cfg) -> str:
     g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
     lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.2f} GiB; student {cfg.model}, teacher "
-             f"{cfg.teacher if needs_teacher(cfg) else '-'}; estimates from the model configs):"]
+             f"{cfg.teacher if rlad.METHODS[cfg.method]['teacher_logp'] else '-'}; estimates from the model configs):"]
     lines += [f"  {name:34s} {g(b)}" for name, b in plan["parts"].items() if b]
     lines += [f"  phase {name:28s} {g(b)}  {'ok' if b <= plan['gpu'] else 'DOES NOT FIT'}"
               for name, b in plan["phases"].items()]
@@ -195,7 +191,7 @@ def plan_for(cfg, world: int, paths: dict):
         gpu_bytes = torch.cuda.mem_get_info()[1]
     else:
         return None
-    teacher = shapes(paths["teacher"]) if needs_teacher(cfg) else None
+    teacher = shapes(paths["teacher"]) if rlad.METHODS[cfg.method]["teacher_logp"] else None
     return memory_plan(cfg, world, gpu_bytes, shapes(paths["model"]), teacher)
 
 

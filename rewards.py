@@ -1,6 +1,6 @@
-"""How a response is scored: K&K (Logic-RL's reward), math (math-verify), arithmetic, batch scoring.
+"""How a response is scored: K&K (Logic-RL's reward), math (math-verify), arithmetic. tasks.py calls these.
 
-`response` is always the assistant's whole turn: data.build_prompt's prefill (e.g. "<think>") followed by
+`response` is always the assistant's whole turn: the task's prefill (e.g. "<think>") followed by
 the generated text. No reward ever raises on any string: a response the policy can write is a
 response the trainer must survive, and any hole here is a hole the policy will find.
 
@@ -79,7 +79,9 @@ def kk_parse(answer_text, names):
     return [roles[name] for name in folded]
 
 
-def _kk_score(response, solution, names):
+def kk_score(response, solution, names):
+    """{"reward", "correct", "format_ok"} of a whole assistant turn (Logic-RL's values)."""
+    response = _text(response)
     if len(solution) != len(names):
         raise ValueError(f"kk reward: {len(solution)} roles for {len(names)} names; they must match one to one")
     if not kk_format_ok(response):
@@ -95,7 +97,7 @@ def _kk_score(response, solution, names):
 
 def kk_reward(response, solution, names):
     """Logic-RL's K&K reward of a whole assistant turn: 3, -0.5, -1 or -3."""
-    return _kk_score(_text(response), solution, names)["reward"]
+    return kk_score(response, solution, names)["reward"]
 
 
 # --------------------------------------------------------- math: math-verify, in worker processes (verifier.py)
@@ -120,6 +122,8 @@ def _boxed_answer(response):
 
 def _math_equivalent(pairs, timeout_s=None):
     """[(pred, gold)] -> [bool]. Identical strings are equivalent without a worker round trip."""
+    if not pairs:
+        return []
     results = [pred.strip() == gold.strip() for pred, gold in pairs]
     rest = [i for i, ok in enumerate(results) if not ok]
     if rest:
@@ -132,10 +136,16 @@ def _math_equivalent(pairs, timeout_s=None):
 
 def math_reward(response, answer, timeout_s=None):
     """1.0 when the last \\boxed{} of the response is equivalent to the reference answer, else 0.0."""
-    pred = _boxed_answer(_text(response))
-    if pred is None:
-        return 0.0
-    return 1.0 if _math_equivalent([(pred, str(answer))], timeout_s)[0] else 0.0
+    return math_scores([response], [answer], timeout_s)[0]["reward"]
+
+
+def math_scores(responses, answers, timeout_s=None):
+    """{"reward", "correct", "format_ok"} per (response, reference answer); answers checked in parallel."""
+    preds = [_boxed_answer(_text(r)) for r in responses]
+    todo = [i for i, p in enumerate(preds) if p is not None]
+    verdicts = dict(zip(todo, _math_equivalent([(preds[i], str(answers[i])) for i in todo], timeout_s)))
+    return [{"reward": 1.0 if verdicts.get(i) else 0.0, "correct": bool(verdicts.get(i)), "format_ok": p is not None}
+            for i, p in enumerate(preds)]
 
 
 # --------------------------------------------------------------------------- arithmetic (data.py's running sums mod 10)
@@ -143,51 +153,12 @@ def math_reward(response, answer, timeout_s=None):
 _END_TOKENS = re.compile(r"(?:\s*(?:<\|[^<>|]{1,40}\|>|</s>|<eos>))+\s*$")  # a decoded end token, if kept
 
 
-def _arith_score(response, answer):
-    """Format: the scratchpad's n - 1 digits separated by whitespace, nothing else (a trailing end token, when
-    the caller decoded it, is allowed). Reward 1 when the format is right and the last digit is right."""
+def arith_score(response, answer):
+    """{"reward", "correct", "format_ok"}. Format: the scratchpad's n - 1 digits separated by whitespace, nothing
+    else (a trailing end token, when the caller decoded it, is allowed). Reward 1: format right, last digit right."""
     reference = answer.split()
-    values = _END_TOKENS.sub("", response).split()
+    values = _END_TOKENS.sub("", _text(response)).split()
     digits = all(len(v) == 1 and v in "0123456789" for v in values)
     format_ok = bool(reference) and len(values) == len(reference) and digits
     correct = format_ok and values[-1] == reference[-1]
     return {"reward": 1.0 if correct else 0.0, "correct": correct, "format_ok": format_ok}
-
-
-def arith_reward(response, answer):
-    """1.0 when the response is the right-length scratchpad ending in the right value ("8 1" for "8 1"), else 0."""
-    return _arith_score(_text(response), answer)["reward"]
-
-
-# ----------------------------------------------------------------------------------- scoring examples (data.py's dicts)
-
-def score(example, response):
-    """{"reward", "correct", "format_ok"} for one Example and its response (prefill + generated text)."""
-    return score_batch([example], [response])[0]
-
-
-def score_batch(examples, responses, timeout_s=None):
-    """score() for many pairs, same order; math answers checked in parallel in the worker pool."""
-    if len(examples) != len(responses):
-        raise ValueError(f"score_batch: {len(examples)} examples but {len(responses)} responses; pair them one to one")
-    out, math_items = [], []
-    for i, (example, response) in enumerate(zip(examples, responses)):
-        response, task = _text(response), example.get("task")
-        if task == "kk":
-            out.append(_kk_score(response, example["solution"], example["names"]))
-        elif task == "arith":
-            out.append(_arith_score(response, example["answer"]))
-        elif task == "math":
-            pred = _boxed_answer(response)
-            out.append({"reward": 0.0, "correct": False, "format_ok": pred is not None})
-            if pred is not None:
-                math_items.append((i, pred, str(example["answer"])))
-        else:
-            raise ValueError(f"score_batch: unknown task {task!r} in example {example.get('id')!r}; "
-                             "use 'kk', 'math' or 'arith'")
-    if math_items:
-        verdicts = _math_equivalent([(pred, gold) for _, pred, gold in math_items], timeout_s)
-        for (i, _, _), ok in zip(math_items, verdicts):
-            out[i] = {"reward": 1.0 if ok else 0.0, "correct": ok, "format_ok": True}
-    return out
-

@@ -22,10 +22,11 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
 alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is pure on-policy
 distillation (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy.
 
-Add your own objective in two edits: a function below with the objectives' signature, and a row in METHODS
-(what it needs: teacher log-probs, old log-probs, advantages, whose samples). train.py reads only the table
-(docs/algorithm.md has a worked example). The per-token log-prob and entropy kernels, which never build a
-float32 [T, V] tensor, live in kernels.py and are importable from here (rlad.token_logprobs, rlad.entropy).
+Add your own objective: a function below with the objectives' signature, a row in METHODS (what it needs: teacher
+log-probs, old log-probs, advantages, whose samples), and a Config field in train.py for each new knob, which the
+function reads as o.<name>. train.py reads only the table (docs/algorithm.md has a worked example). The per-token
+log-prob and entropy kernels, which never build a float32 [T, V] tensor, live in kernels.py and are importable
+from here (rlad.token_logprobs, rlad.entropy).
 
 Run the tests: `.venv/bin/python -m pytest -q tests/test_rlad.py`; benchmark: `python benchmarks/bench_rlad.py`.
 """
@@ -111,7 +112,7 @@ def rlad(b, o, metrics):
     teacher_term = _clamp(b.teacher_log_ratio, o.teacher_clamp)  # [B, T] Appendix B
     # eq (3); alpha = 1 multiplies the teacher term by exactly 0: GRPO bit for bit
     log_ratio = o.alpha * (b.logp - b.old_logp) + (1 - o.alpha) * teacher_term  # [B, T]
-    if o.teacher_clamp is not None:
+    if o.teacher_clamp:
         lo, hi = _range(o.teacher_clamp)
         outside = (b.teacher_log_ratio < lo) | (b.teacher_log_ratio > hi)  # [B, T]
         metrics["teacher_clamp_frac"] = masked_mean(outside.float(), b.mask)
@@ -130,39 +131,58 @@ def sft(b, o, metrics):
 
 # One table of methods. train.py reads what each needs from it: the teacher's log-probs of every sampled token,
 # pi_old's log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples
-# are trained on ("student": the engine's rollouts; "teacher": the SFT baseline's rejection-sampled set).
+# are trained on ("student": the engine's rollouts; "data": each example's target text, e.g. the teacher's
+# correct samples that `eval.py --sft_out` wrote: the SFT baseline).
 METHODS = {
     "grpo": dict(objective=grpo, teacher_logp=False, old_logp=True, advantages=True, samples="student"),
     "kdrl": dict(objective=kdrl, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
     "rlad": dict(objective=rlad, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
     "distill": dict(objective=distill, teacher_logp=True, old_logp=False, advantages=False, samples="student"),
-    "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="teacher"),
+    "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="data"),
 }
 
 
-def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, alpha=0.5,
-                eps_low=0.2, eps_high=0.28, teacher_clamp=1.0, kd_coef=0.0, kd_kl="k2", kd_clamp=None, kl_coef=0.0,
-                loss_agg="token-mean", num_tokens=None, max_len=None, kd_mask=None, ref_kl="k3", token_info=None):
+# The hyperparameters the objectives read (as o.<name>), with their defaults. train.py passes its Config as
+# `config`, whose fields of the same names override these: a new knob is a Config field your objective reads.
+DEFAULTS = dict(
+    alpha=0.5,              # TRRD: weight of the old policy in the mixture anchor, eq (3); 1 = GRPO exactly
+    eps_low=0.2,            # clip range [1 - eps_low, 1 + eps_high] of the ratio, eqs (1) / (4)
+    eps_high=0.28,          # clip-higher (DAPO): rewarded tokens may rise further
+    teacher_clamp=1.0,      # Appendix B: clamp logp_S - logp_T to [-c, c] in TRRD (None / 0: no clamp; or (lo, hi))
+    kd_coef=0.0,            # KDRL beta, eq (2) (train.py anneals it per step)
+    kd_kl="k2",             # KD estimator k1 | k2 | k3 (KDRL found k2 best)
+    kd_clamp=None,          # optional clamp of KDRL's log-ratio (None / 0: none, KDRL's own formulation)
+    kl_coef=0.0,            # > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)), the KL to the frozen reference
+    ref_kl="k3",            # its estimator (DeepSeekMath's low-variance k3)
+    loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm, see aggregate()
+    max_len=None,           # Dr. GRPO's normaliser (the generation budget; default: the mask's width)
+)
+
+
+def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, num_tokens=None,
+                kd_mask=None, token_info=None, config=None, **options):
     """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
 
     method: a key of METHODS. logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B]
-    or [B, T] (old_logp / advantages may be None for methods that do not use them). teacher_clamp / kd_clamp:
-    None, c for [-c, c], or (lo, hi). kd_mask: optional [B] / [B, T] bool restricting the KD term (e.g. to wrong
-    responses). kl_coef > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)). loss_agg, num_tokens, max_len: see
-    aggregate(). Metrics (detached 0-d tensors): loss and each term (loss/pg, loss/kd, loss/nll, loss/kl_ref),
-    parts of the mini-batch loss like `loss`; means over this batch's unmasked tokens: ratio_mean (r_TRRD for
-    rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip removed, A < 0 / A > 0),
+    or [B, T] (old_logp / advantages may be None for methods that do not use them). Hyperparameters: DEFAULTS,
+    overridden by the attributes of `config` (an object such as train.Config), overridden by keywords
+    (alpha=0.3, ...). kd_mask: optional [B] / [B, T] bool restricting the KD term (e.g. to wrong responses).
+    num_tokens: see aggregate(). Metrics (detached 0-d tensors): loss and each term (loss/pg, loss/kd, loss/nll,
+    loss/kl_ref), parts of the mini-batch loss like `loss`; means over this batch's unmasked tokens: ratio_mean
+    (r_TRRD for rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip removed, A < 0 / A > 0),
     teacher_log_ratio (+ _abs), teacher_clamp_frac (rlad). A dict passed as token_info receives per-token
     tensors: "clipped" [B, T] bool (methods with a clipped ratio).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")
+    o = SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
+                        token_info=token_info)
     spec, mask = METHODS[method], mask.bool()  # [B, T]
     given = {"teacher_logp": teacher_logp, "old_logp": old_logp, "advantages": advantages}
     for name in ("teacher_logp", "old_logp", "advantages"):
         if spec[name] and given[name] is None:
             raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
-    if kl_coef and ref_logp is None:
+    if o.kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
     shapes = {"mask": mask, "old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
     bad = [n for n, t in shapes.items() if t is not None and t.shape != logp.shape]
@@ -184,14 +204,12 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
         metrics["teacher_log_ratio_abs"] = masked_mean(b.teacher_log_ratio.detach().abs(), mask)
     if kd_mask is not None:
         b.kd_mask = kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask  # [B, 1] or [B, T]
-    o = SimpleNamespace(alpha=alpha, eps_low=eps_low, eps_high=eps_high, teacher_clamp=teacher_clamp,
-                        kd_coef=kd_coef, kd_kl=kd_kl, kd_clamp=kd_clamp, token_info=token_info)
     terms = spec["objective"](b, o, metrics)
-    if kl_coef:
-        terms.append(("kl_ref", kl_coef, kl(logp, zero(ref_logp), ref_kl)))
+    if o.kl_coef:
+        terms.append(("kl_ref", o.kl_coef, kl(logp, zero(ref_logp), o.ref_kl)))
     loss = 0.0
     for name, coef, per_token in terms:
-        value = aggregate(per_token, mask, loss_agg, num_tokens, max_len)
+        value = aggregate(per_token, mask, o.loss_agg, num_tokens, o.max_len)
         loss = loss + (value if coef == 1.0 else coef * value)
         metrics[f"loss/{name}"] = value.detach()
     metrics["loss"] = loss.detach()
@@ -246,9 +264,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _range(rng):
-    """None: no clamp; c: (-c, c); (lo, hi) as is."""
+    """None or 0: no clamp; c: (-c, c); (lo, hi) as is."""
     return (-rng, rng) if isinstance(rng, (int, float)) else rng
 
 
 def _clamp(x: torch.Tensor, rng) -> torch.Tensor:
-    return x if rng is None else x.clamp(*_range(rng))
+    return x if not rng else x.clamp(*_range(rng))

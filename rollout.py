@@ -5,7 +5,7 @@ Two engines with one interface:
     engine.generate(prompt_token_ids, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
         -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float],
                                 "finish_reason": "stop" | "length"}
-    engine.load_weights(named_tensors)    # push the trainer's new weights in place (train.py, step 8)
+    engine.load_weights(named_tensors)    # push the trainer's new weights in place (train.py, step 2)
     engine.sleep() / engine.wake()         # free / restore accelerator memory between rollouts
     engine.shutdown()                      # explicit, idempotent
 
@@ -22,7 +22,7 @@ Weight sync (VLLMEngine.load_weights) goes through vLLM's supported in-place pat
 `reload_weights(weights_iterator=...)`: Hugging Face names, streamed from the caller's iterator (no second full
 copy), vLLM's own post-processing re-run, then the prefix cache is reset so no KV computed with old weights is
 reused. A tied model's lm_head is fed the embedding too (vLLM on CPU keeps its own repacked copy, which goes
-stale otherwise). sleep(level=2) discards the weights: load_weights(...) must come before wake().
+stale otherwise). sleep() discards the weights: load_weights(...) must come before wake().
 
 Using VLLMEngine inside a trainer: init torch.distributed *before* building it, on every rank at the same time;
 each rank's engine then uses distributed_executor_backend="external_launcher". Its shutdown() destroys the
@@ -33,7 +33,6 @@ setting, what was measured).
 import contextlib
 import json
 import os
-import time
 
 import torch
 
@@ -176,18 +175,29 @@ def vllm_shutdown(llm):
 
 # ---------------------------------------------------------------------------------------------------------- vLLM engine
 
+def kv_bytes_per_token(hf_config, elem_bytes: int = 2) -> int:
+    """KV-cache bytes one token takes: K and V of every layer (the memory plan counts bf16, CPU runs float32)."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * elem_bytes
+
+
 def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
     """KV cache size on CPU: room for max_num_seqs full sequences, capped at a quarter of the free memory
     shared among the node's ranks (vLLM's CPU default reserves a fraction of *total* memory per engine,
     which fails as soon as two ranks share a machine)."""
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    elem = 4 if dtype in ("float32", torch.float32) else 2
-    per_token = 2 * hf_config.num_hidden_layers * kv_heads * head_dim * elem  # K and V, every layer
+    per_token = kv_bytes_per_token(hf_config, 4 if dtype in ("float32", torch.float32) else 2)
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cap = free // (4 * ranks_here)
+    cap = free // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return int(max(min(per_token * max_model_len * max_num_seqs, cap), per_token * max_model_len, 16 * 2**20))
+
+
+def make_engine(path: str, kind: str = "vllm", device=None, **vllm_kwargs):
+    """The rollout engine for a model directory: "vllm" (VLLMEngine with vllm_kwargs, bf16 on GPU, float32 on
+    CPU) or "hf" (HFEngine on `device`). train.py and eval.py build their engines here."""
+    if kind == "hf":
+        return HFEngine(path, device=device)
+    return VLLMEngine(path, dtype="bfloat16" if torch.cuda.is_available() else "float32", **vllm_kwargs)
 
 
 class VLLMEngine:
@@ -238,7 +248,6 @@ class VLLMEngine:
         env_before = dict(os.environ)
         threads_before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         matmul_precision = torch.get_float32_matmul_precision()  # vLLM's GPU worker sets its own, process-wide
-        start = time.perf_counter()
         try:
             self.llm = vllm_build(**kwargs)
         except ImportError as e:
@@ -254,23 +263,21 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads_before)
             torch.set_float32_matmul_precision(matmul_precision)
-        self.startup_s = time.perf_counter() - start
-        self._alive = True
-        self._asleep = False
-        self._weights_awake = True  # False only while asleep with weights offloaded / discarded
-        self._weights_valid = True  # False after sleep(level=2) until load_weights
+        # One state: "awake" (generates), "asleep" (weights and KV cache freed: sleep level 2), "synced" (asleep,
+        # weights loaded: wake() may run), "broken" / "broken-asleep" (a load_weights failed half-way), "closed".
+        self.state = "awake"
 
     def _check_usable(self, what: str) -> None:
-        if not self._alive:
+        if self.state == "closed":
             raise RuntimeError(f"VLLMEngine.{what}() after shutdown(): build a new engine")
 
     def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed=None):
         self._check_usable("generate")
-        if self._asleep:
-            raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
-        if not self._weights_valid:
+        if self.state.startswith("broken"):
             raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
+        if self.state != "awake":
+            raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
         with torch_threads(self.engine_threads):
             return vllm_generate(self.llm, prompt_token_ids, n, max_tokens, temperature, top_p,
@@ -280,12 +287,11 @@ class VLLMEngine:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
         rebuilds fused layers (qkv, gate_up) from what it receives, so a partial sync corrupts them."""
         self._check_usable("load_weights")
-        if self._asleep and not self._weights_awake:
-            if self.sleep_mode:
-                vllm_wake(self.llm, ["weights"])  # level 1 restores, level 2 maps fresh memory
-            self._weights_awake = True
+        asleep = self.state in ("asleep", "synced", "broken-asleep")
+        if self.state == "asleep" and self.sleep_mode:
+            vllm_wake(self.llm, ["weights"])  # maps fresh memory for the weights only; the KV cache stays freed
+        self.state = "broken-asleep" if asleep else "broken"  # until the whole stream went in
         seen = set()
-        self._weights_valid = False  # until the whole stream went in
 
         def stream():
             for name, tensor in _tie_lm_head(named_tensors, self.tied):
@@ -300,45 +306,43 @@ class VLLMEngine:
                 f"{len(self.expected_names)} checkpoint tensors missing): the engine now holds a mix of weights. "
                 "Send every parameter under its Hugging Face name, e.g. model.named_parameters() (FSDP2: "
                 "full_tensor() of each), without wrapper prefixes such as 'module.' or '_orig_mod.'")
-        self._weights_valid = True
+        self.state = "synced" if asleep else "awake"
 
-    def sleep(self, level: int = 2) -> None:
-        """Free the KV cache and the weights: level 2 (the default) discards them, level 1 copies them to CPU
-        memory. A trainer overwrites the weights after every sleep, so level 1's copy out and back is pure cost (a
-        full bf16 copy per rank in host RAM); level 2 keeps the buffers (rotary caches) that no sync carries
-        (vllm/v1/worker/gpu_worker.py saves and restores them; read from source). No-op on CPU apart from the
-        bookkeeping that makes wake() refuse to run on discarded weights."""
+    def sleep(self) -> None:
+        """Free the KV cache and discard the weights (vLLM's sleep level 2). A trainer overwrites the weights after
+        every sleep, so level 1's copy to host memory and back would be pure cost; level 2 keeps the buffers (rotary
+        caches) that no sync carries (vllm/v1/worker/gpu_worker.py saves and restores them; read from source).
+        On CPU only the bookkeeping runs: wake() then still refuses to run before a sync."""
         self._check_usable("sleep")
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 (offload weights) or 2 (discard weights), got {level}")
-        if self._asleep:
-            return
-        if self.sleep_mode:
-            vllm_sleep(self.llm, level)
-        self._asleep, self._weights_awake = True, False
-        if level == 2:
-            self._weights_valid = False
+        if self.state == "awake":
+            if self.sleep_mode:
+                vllm_sleep(self.llm, 2)
+            self.state = "asleep"
 
     def wake(self) -> None:
         self._check_usable("wake")
-        if not self._asleep:
+        if self.state == "awake":
             return
-        if not self._weights_valid:
-            raise RuntimeError("the engine's weights were discarded (sleep(level=2)) or left half-synced: call "
+        if self.state != "synced":
+            raise RuntimeError("the engine's weights were discarded (sleep()) or left half-synced: call "
                                "load_weights(...) with the trainer's current weights before wake()")
-        awake = vllm_wake(self.llm, ["kv_cache"] if self._weights_awake else None) if self.sleep_mode else True
+        awake = vllm_wake(self.llm, ["kv_cache"]) if self.sleep_mode else True
         if not awake or vllm_is_sleeping(self.llm):  # a paused scheduler makes no progress: generate would hang
             raise RuntimeError("vLLM is still partly asleep after wake() (wake_up returned False or is_sleeping() is "
                                "True), so generate() would wait forever: every allocation must be woken (wake() "
                                "after load_weights()); see vLLM's sleep-mode log above, or build the engine with "
                                "enable_sleep_mode=False (it then keeps its GPU memory during training)")
-        self._asleep, self._weights_awake = False, True
+        self.state = "awake"
 
     def shutdown(self) -> None:
-        """Free the engine. Destroys torch.distributed's default process group (vLLM's teardown): call last."""
-        if not self._alive:
+        """Free the engine. Destroys torch.distributed's default process group (vLLM's teardown): call last.
+        Asleep, it is woken first: freeing an allocation that sleep() already unmapped would unmap it twice on CUDA
+        (vllm/device_allocator/cumem.py's free callback hands the handle back to cuMemUnmap; read from source)."""
+        if self.state == "closed":
             return
-        self._alive = False
+        if self.state != "awake" and self.sleep_mode:
+            vllm_wake(self.llm, None)
+        self.state = "closed"
         vllm_shutdown(self.llm)
         del self.llm
 

@@ -1,10 +1,11 @@
-"""The teacher pass: log pi_T(y_t | x, y_<t) for every sampled response token, and nothing more.
+"""The teacher pass that training calls (train.py, step 6): log pi_T(y_t | x, y_<t) for every sampled response
+token, and nothing more, plus the start-up checks that student and teacher share one tokenizer.
 
 KDRL (eq 2) and TRRD (eqs 3-5) need the teacher only through `logp_T[t]`, the log-probability of the token the
-student actually sampled (docs/algorithm.md, notation). So the teacher is a frozen `policy.Policy`, loaded and
-scored by the same code as the KL reference: its decoder runs over prompt + response, the LM head only over the
-positions that predict response tokens, a chunk at a time (no float32 [T, V] tensor), in micro-batches of at
-most `token_budget` padded tokens (a single longer sequence runs alone).
+student actually sampled (docs/algorithm.md, notation). So the local teacher is a frozen `policy.Policy`, loaded
+and scored by the same code as the KL reference: its decoder runs over prompt + response, the LM head only over the
+positions that predict response tokens, a chunk at a time (no float32 [T, V] tensor), in micro-batches of at most
+`token_budget` padded tokens, at the rollout temperature (the distribution family the student samples from).
 
     teacher = Teacher("Qwen/Qwen3-8B", device=device, world=world, shard=True)   # bf16 on GPU, frozen
     check_tokenizers(student_tok, teacher_tok, "Qwen3-1.7B", "Qwen3-8B")          # once, at start-up
@@ -13,7 +14,7 @@ most `token_budget` padded tokens (a single longer sequence runs alone).
 Sharded (`shard=True`, under torchrun): FSDP2 splits the weights across ranks and every forward all-gathers one
 layer at a time. That makes `logprobs` a collective: every rank calls it the same number of times, at the same
 point of the program, even with an empty list (the ranks then agree on a micro-batch count inside the call).
-Offload (`offload=True`): the weights live in CPU memory between passes (no effect on a CPU device).
+Offload (`offload=True`): the weights live in CPU memory between passes.
 """
 import os
 

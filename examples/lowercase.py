@@ -8,9 +8,12 @@ import string
 
 
 class task:
+    prefill = ""  # optional: text the assistant turn starts with (scored as part of the response)
+
     @staticmethod
-    def examples(split: str) -> list:
-        """Examples in data.py's shape; "question" is the user message, "level" the column of eval tables."""
+    def examples(split: str, source) -> list:
+        """Examples: "question" is the user message, "level" the column of eval tables. split is "train" or "eval";
+        source (tasks.Source: files, levels, per_level, seed) says what the run asked for: ignored here."""
         rng = random.Random(f"lowercase-{split}")
         words = ["knight", "knave", "island", "truth", "liar", "puzzle", "reason", "answer"]
         return [{"task": "lowercase", "id": f"{split}-{i}", "level": "all", "answer": "",

@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import rewards  # noqa: E402
+import tasks  # noqa: E402
 import rlad  # noqa: E402
 from rollout import HFEngine  # noqa: E402
 
@@ -64,11 +64,11 @@ def flat_grad(model, loss) -> torch.Tensor:
 def diagnose_level(student, teacher, engine, tokenizer, level: int, a) -> dict:
     """The quantities above for one level: a batch sampled from the student, then batch_diagnostics."""
     examples = data.arith_examples([level], per_level=a.prompts, seed=a.seed, split="train")
-    prompts = [data.build_prompt(ex, tokenizer)[0] for ex in examples]
+    prompts = [tasks.prompt_ids(tasks.load("arith"), ex, tokenizer)[0] for ex in examples]
     outputs = engine.generate(prompts, n=a.group, max_tokens=a.max_tokens, temperature=1.0, seed=a.seed * 1000 + level)
     rows = [(ex, p, o["response_ids"]) for ex, p, group in zip(examples, prompts, outputs) for o in group]
     texts = [tokenizer.decode(r, skip_special_tokens=True) for _, _, r in rows]
-    reward = torch.tensor([s["reward"] for s in rewards.score_batch([ex for ex, _, _ in rows], texts)])  # [N]
+    reward = torch.tensor([s["reward"] for s in tasks.load("arith").score([ex for ex, _, _ in rows], texts)])  # [N]
     return batch_diagnostics(student, teacher, [p for _, p, _ in rows], [r for _, _, r in rows], reward, a)
 
 

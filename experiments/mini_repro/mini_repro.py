@@ -9,7 +9,7 @@ checks the length and the last value), the tokenizer tiny.make_arith_tokenizer. 
 project's own train.py, eval.py and rlad.py, as subprocesses, the way a user runs them:
 
     1. models      a random teacher (~0.37M params) and a smaller random student (~0.22M), other seeds
-    2. SFT         each trained separately on ground-truth solutions (train.py --method sft --sft_source data);
+    2. SFT         each trained separately on ground-truth solutions (train.py --method sft);
                    the student's run keeps a checkpoint and an evaluation every few hundred steps
     3. profiles    starting students chosen by their accuracy profile, not by a step number: for each target
                    profile ([profiles.*]) the student checkpoint whose evaluation is nearest to it (OUT/profiles.json)

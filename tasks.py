@@ -1,0 +1,175 @@
+"""tasks.py: what a task is, and the table of built-in ones. A task is four things, and a task of your own
+(`--task module:name`, docs/own_task.md) is written exactly like the built-ins below:
+
+    examples(split, source) -> [Example]   dicts with "question", "id", "level" and whatever score() needs
+    score(examples, responses) -> [{"reward", "correct", "format_ok"}]   one per response; must never raise
+    prompt(example) -> str                  optional: the user message (default: example["question"])
+    prefill = ""                            optional: the text the assistant turn starts with ("<think>")
+
+`split` is "train" or "eval"; `source` (a Source) says where examples come from: data files or the task's
+generator, which levels, how many, which seed. A response is the whole assistant turn, prefill included.
+TASKS maps names to tasks, as rlad.METHODS maps names to objectives; nothing else in the trainer looks at a
+task's name. The generators and loaders live in data.py, the scorers in rewards.py.
+
+    task = tasks.load("kk")                                   # or "examples.lowercase:task"
+    examples = task.examples("train", tasks.Source(levels=(3, 4), per_level=100, seed=0))
+    prompt_ids, prefill = tasks.prompt_ids(task, examples[0], tokenizer)
+"""
+import importlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import data
+import rewards
+
+
+@dataclass
+class Source:
+    """Where a task's examples come from (train.py's and eval.py's flags)."""
+    files: tuple = ()     # jsonl / parquet files or hf:NAME[:CONFIG]:SPLIT hub datasets; () = the task's generator
+    levels: tuple = ()    # generated levels (K&K people, arith operands); () = the task's default
+    per_level: int = None  # generated problems per level (default 100); split "eval" from files: at most this many
+    seed: int = 0         # the training generator's seed (the eval split is a fixed stream)
+
+
+def _from_files(loader, split, source):
+    """Examples from every file; at split "eval" the first per_level of each level."""
+    examples, count = [], {}
+    for path in source.files:
+        for ex in loader(path):
+            count[ex["level"]] = count.get(ex["level"], 0) + 1
+            if split == "train" or source.per_level is None or count[ex["level"]] <= source.per_level:
+                examples.append(ex)
+    return examples
+
+
+# ----------------------------------------------------------------------------- the built-in tasks
+KK_INSTRUCTION = (
+    "Solve the logic puzzle below. First think it through step by step inside <think> </think> tags. Then give "
+    "the final answer inside <answer> </answer> tags, stating the identity of every character, one per line:\n"
+    "<answer>\n(1) Name is a knight\n(2) Name is a knave\n...\n</answer>\n\n"
+)
+MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+class kk:
+    """Knights and Knaves (Logic-RL's reward): generated puzzles, or files in the public K&K format."""
+    # The model starts inside its reasoning, and the format reward counts this tag (it is part of the response).
+    prefill = "<think>"
+
+    @staticmethod
+    def prompt(example):
+        return KK_INSTRUCTION + example["question"]
+
+    @staticmethod
+    def examples(split, source):
+        if source.files:
+            return _from_files(data.load_kk, split, source)
+        people = source.levels or (range(3, 8) if split == "train" else range(2, 9))  # the paper: train PPL3-7
+        return data.kk_examples(people, source.per_level or 100, source.seed, split)
+
+    @staticmethod
+    def score(examples, responses):
+        return [rewards.kk_score(r, ex["solution"], ex["names"]) for ex, r in zip(examples, responses)]
+
+
+class math:
+    """Competition math: the last \\boxed{} checked by math-verify. Files or hub datasets only."""
+    prefill = ""  # thinking models open <think> by themselves; the reward reads only the last \boxed{}
+
+    @staticmethod
+    def prompt(example):
+        return example["question"] + MATH_INSTRUCTION
+
+    @staticmethod
+    def examples(split, source):
+        if not source.files:
+            raise ValueError("task 'math' needs data files (jsonl or parquet, e.g. aime_2021_2024.jsonl) "
+                             "or hub datasets (e.g. hf:openai/gsm8k:main:train)")
+        return _from_files(data.load_math, split, source)
+
+    @staticmethod
+    def score(examples, responses):
+        return rewards.math_scores(responses, [ex["answer"] for ex in examples])
+
+
+class arith:
+    """Running sums mod 10 ("3 + 5 - 7 =" -> "8 1"): small enough to learn on a CPU. Generated only."""
+    prefill = ""
+
+    @staticmethod
+    def examples(split, source):
+        if source.files:
+            raise ValueError("task 'arith' has no data files: drop them (its problems are generated)")
+        return data.arith_examples(source.levels or range(2, 9), source.per_level or 100, source.seed, split)
+
+    @staticmethod
+    def score(examples, responses):
+        return [rewards.arith_score(r, ex["answer"]) for ex, r in zip(examples, responses)]
+
+
+TASKS = {"kk": kk, "math": math, "arith": arith}
+
+
+# ----------------------------------------------------------------------------- loading a task, checked
+def load(spec: str):
+    """The task named `spec`: a key of TASKS or `module:name`. Returns a namespace with all four parts, its score
+    checked on every call (a scorer that raises or miscounts stops the run with a line naming the task)."""
+    task = TASKS.get(spec)
+    if task is None and ":" in spec:
+        module, _, name = spec.partition(":")
+        try:
+            task = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--task {spec}: cannot import {name} from {module} ({e}); the module must be "
+                             "importable from the working directory or PYTHONPATH") from None
+    if task is None:
+        raise ValueError(f"--task {spec!r}: use {', '.join(TASKS)}, or module:name for a task of your own "
+                         "(docs/own_task.md)")
+    if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "score", None))):
+        raise ValueError(f"--task {spec}: needs examples(split, source) and score(examples, responses) "
+                         "(docs/own_task.md)")
+
+    def score(examples, responses):
+        if len(examples) != len(responses):
+            raise ValueError(f"score: {len(examples)} examples but {len(responses)} responses; pair them one to one")
+        try:
+            out = task.score(examples, responses)
+        except Exception as e:  # the scorer's bug: stop with its name, not a traceback deep in the loop
+            raise SystemExit(f"--task {spec}: score() raised {type(e).__name__}: {e} (a scorer must never raise; "
+                             "see docs/own_task.md)") from e
+        if not isinstance(out, (list, tuple)) or len(out) != len(responses) or \
+                not all(isinstance(s, dict) and {"reward", "correct", "format_ok"} <= set(s) for s in out):
+            got = f"{len(out)} items" if isinstance(out, (list, tuple)) else type(out).__name__
+            raise SystemExit(f"--task {spec}: score() must return one {{reward, correct, format_ok}} dict per "
+                             f"response ({len(responses)}), got {got}")
+        return list(out)
+
+    return SimpleNamespace(name=spec, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
+                           prompt=getattr(task, "prompt", lambda example: example["question"]))
+
+
+# ----------------------------------------------------------------------------- prompts
+def prompt_ids(task, example, tokenizer):
+    """(prompt_ids, prefill): the task's user message through the tokenizer's chat template (generation prompt
+    added), then the prefill. A tokenizer without a chat template (the tiny arithmetic one) gets the bare message.
+    The caller scores prefill + generated text. When the template itself ends with the prefill (DeepSeek-R1-
+    Distill's ends "<｜Assistant｜><think>\\n"), it is not written twice: the returned prefill is the template's own.
+    """
+    message, prefill = task.prompt(example), task.prefill
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(message + prefill)["input_ids"], prefill
+    # tokenize=False: in transformers 5 tokenize=True returns a BatchEncoding, not ids.
+    text = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+    opened = text.rstrip()
+    if prefill.strip() and opened.endswith(prefill.strip()):  # a second tag would fail the format reward
+        return tokenizer(text, add_special_tokens=False)["input_ids"], text[opened.rfind(prefill.strip()):]
+    return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill  # the template wrote any BOS
+
+
+def build_prompts(task, examples, tokenizer, max_prompt_tokens: int):
+    """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""
+    prompts = [prompt_ids(task, ex, tokenizer) for ex in examples]
+    keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= max_prompt_tokens]
+    return [examples[i] for i in keep], [prompts[i] for i in keep]
