@@ -267,7 +267,7 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
 # -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
 # Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
 # operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
-# end-of-sequence token; rewards.arith_reward pays 1 for exactly n - 1 digits whose last one is right.
+# end-of-sequence token; rewards.arith_score pays 1 for exactly n - 1 digits whose last one is right.
 
 ARITH_LEVELS = range(2, 9)
 

@@ -284,7 +284,8 @@ def parse_args(argv):
     p.add_argument("--k", default=None, help="comma-separated k for Pass@k, each <= n (default: 1,n)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_tokens", type=int, default=4096, help="response length cap (at most what fits the context)")
+    p.add_argument("--max_tokens", type=int, default=None, help="response length cap (default 4096, capped to what "
+                   "fits the model's context)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.9)
     p.add_argument("--kv_cache_memory_bytes", type=int, default=None, help="vLLM KV cache size (CPU runs)")
@@ -301,7 +302,7 @@ def parse_args(argv):
         p.error(f"--k {a.k!r} / --levels {a.levels!r}: expected comma-separated integers, e.g. 1,8,32")
     if a.n < 1 or not a.ks or min(a.ks) < 1 or max(a.ks) > a.n:
         p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
-    if (a.limit is not None and a.limit < 1) or a.max_tokens < 1:
+    if (a.limit is not None and a.limit < 1) or (a.max_tokens is not None and a.max_tokens < 1):
         p.error("--limit and --max_tokens must be >= 1")
     if not os.path.isfile(os.path.join(a.model, "config.json")):
         p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
@@ -327,10 +328,13 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         p.error(f"--model {a.model}: cannot load a tokenizer and config from it ({e})")
     longest = max(len(tasks.prompt_ids(a.task_obj, ex, tokenizer)[0]) for ex in a.examples)
-    max_tokens = min(a.max_tokens, context - longest) if context else a.max_tokens  # prompt + response must fit
-    if max_tokens < 1:
-        p.error(f"the longest prompt ({longest} tokens) fills the model's context ({context}): use --limit / --data "
-                "with shorter problems")
+    max_tokens = a.max_tokens or 4096
+    if context:  # prompt + response must fit the model's positions
+        room = context - longest
+        if room < 1 or (a.max_tokens and a.max_tokens > room):
+            p.error(f"the longest prompt ({longest} tokens) + --max_tokens {max_tokens} exceeds the model's context "
+                    f"({context}): lower --max_tokens to at most {room}, or --limit / --data to shorter problems")
+        max_tokens = min(max_tokens, room)
     engine = rollout.make_engine(a.model, a.engine, seed=a.seed, max_model_len=longest + max_tokens,
                                  gpu_memory_utilization=a.gpu_memory_utilization,
                                  kv_cache_memory_bytes=a.kv_cache_memory_bytes)

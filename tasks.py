@@ -16,6 +16,7 @@ task's name. The generators and loaders live in data.py, the scorers in rewards.
     prompt_ids, prefill = tasks.prompt_ids(task, examples[0], tokenizer)
 """
 import importlib
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -33,7 +34,10 @@ class Source:
 
 
 def _from_files(loader, split, source):
-    """Examples from every file; at split "eval" the first per_level of each level."""
+    """Examples from every file; at split "eval" the first per_level of each level. Missing files fail first."""
+    for path in source.files:
+        if not path.startswith("hf:") and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
     examples, count = [], {}
     for path in source.files:
         for ex in loader(path):
@@ -112,10 +116,11 @@ TASKS = {"kk": kk, "math": math, "arith": arith}
 
 
 # ----------------------------------------------------------------------------- loading a task, checked
-def load(spec: str):
-    """The task named `spec`: a key of TASKS or `module:name`. Returns a namespace with all four parts, its score
-    checked on every call (a scorer that raises or miscounts stops the run with a line naming the task)."""
-    task = TASKS.get(spec)
+def load(spec):
+    """The task `spec`: a key of TASKS, `module:name`, or a task object. Returns a namespace with all four parts,
+    its score checked on every call (a scorer that raises or miscounts stops the run with a line naming the task)."""
+    task = TASKS.get(spec) if isinstance(spec, str) else spec
+    spec = spec if isinstance(spec, str) else getattr(spec, "__name__", "task")
     if task is None and ":" in spec:
         module, _, name = spec.partition(":")
         try:

@@ -580,7 +580,7 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
     random.seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
     run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
-                          task=task or tasks.load(cfg.task), wandb=None,
+                          task=tasks.load(task or cfg.task), wandb=None,
                           mesh=policy.device_mesh(device, world, preflight.shard_group(cfg, world)))
     run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
     run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if run.spec["teacher_logp"] else None

@@ -25,7 +25,18 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import rewards  # noqa: E402
+import tasks  # noqa: E402
 import verifier  # noqa: E402
+
+
+def score(examples, responses):
+    """Each example through its task's scorer (tasks.py), one batch per task (math in parallel), in order."""
+    out = [None] * len(examples)
+    for name in {ex["task"] for ex in examples}:
+        idx = [i for i, ex in enumerate(examples) if ex["task"] == name]
+        for i, s in zip(idx, tasks.load(name).score([examples[i] for i in idx], [responses[i] for i in idx])):
+            out[i] = s
+    return out
 
 
 def check_public_kk(data_dir):
@@ -35,7 +46,7 @@ def check_public_kk(data_dir):
         solved = sum(data.kk_solve(r["statements"], len(r["names"])) == [tuple(r["solution"])] for r in rows)
         examples = data.load_kk(path)
         responses = [f"<think>reasoning</think>\n<answer>\n{r['solution_text_format']}\n</answer>" for r in rows]
-        scored = sum(s["reward"] == 3.0 for s in rewards.score_batch(examples, responses))
+        scored = sum(s["reward"] == 3.0 for s in score(examples, responses))
         # The statements literal must round-trip through the same parser the generator's output uses.
         literal = sum(repr(ast.literal_eval(r["statements"])) == r["statements"] for r in rows)
         print(f"  {os.path.basename(path):24s} rows {len(rows):4d}  solver ok {solved:4d}  reward 3 {scored:4d}  "
@@ -51,7 +62,7 @@ def check_public_math(data_dir):
         # Written differently from the reference, so that math-verify (not string equality) decides.
         responses = [f"Thus the answer is $\\boxed{{{e['answer']}.0}}$." if e["answer"].isdigit()
                      else f"\\boxed{{{e['answer']}}}" for e in examples]
-        scored = sum(s["correct"] for s in rewards.score_batch(examples, responses))
+        scored = sum(s["correct"] for s in score(examples, responses))
         print(f"  {os.path.basename(path):24s} rows {len(examples):4d}  level {examples[0]['level']!r}  "
               f"own answer correct {scored:4d}")
         failures += len(examples) - scored
@@ -80,7 +91,7 @@ def bench_kk_scoring(count=20_000):
         responses.append("<think>" + "Suppose the first person is a knight; then ... " * 40 + "</think>\n"
                          f"<answer>\n{answer}\n</answer>")
     start = time.perf_counter()
-    results = rewards.score_batch(examples, responses)
+    results = score(examples, responses)
     seconds = time.perf_counter() - start
     print(f"  K&K: {count} responses in {seconds:.2f} s -> {count / seconds:,.0f} responses/s "
           f"(in-process; {sum(r['correct'] for r in results)} correct)")
@@ -90,7 +101,7 @@ def bench_arith_scoring(count=20_000):
     examples = data.arith_examples(per_level=count // 7 + 1, seed=1)[:count]
     responses = [e["answer"] + "<|im_end|>" if i % 2 else e["answer"][:-1] + "x" for i, e in enumerate(examples)]
     start = time.perf_counter()
-    results = rewards.score_batch(examples, responses)
+    results = score(examples, responses)
     seconds = time.perf_counter() - start
     print(f"  arith: {count} responses in {seconds:.2f} s -> {count / seconds:,.0f} responses/s "
           f"({sum(r['correct'] for r in results)} correct of {count // 2} right answers)")
@@ -112,17 +123,17 @@ def bench_math_scoring(data_dir, count=2_000):
         responses.append("Let us compute. " * 100 + f"So the final answer is $\\boxed{{{pred}}}$.")
     pool = verifier.start_pool()
     start = time.perf_counter()
-    rewards.score_batch(examples[:1], responses[:1])
+    score(examples[:1], responses[:1])
     startup = time.perf_counter() - start
     start = time.perf_counter()
-    results = rewards.score_batch(examples, responses)
+    results = score(examples, responses)
     seconds = time.perf_counter() - start
     print(f"  math: {count} responses in {seconds:.2f} s -> {count / seconds:,.0f} responses/s with "
           f"{len(pool.workers)} workers (first call {startup:.2f} s; {sum(r['correct'] for r in results)} correct; "
           f"{pool.killed} killed)")
     bad = ["9^{9^{9^{9}}}", "{" * 300 + "1" + "}" * 300, "10^{10^{10}}!", "\\left(" * 400 + "x" + "\\right)" * 400]
     start = time.perf_counter()
-    results = rewards.score_batch([{"task": "math", "answer": "1"}] * len(bad), [f"\\boxed{{{b}}}" for b in bad])
+    results = score([{"task": "math", "answer": "1"}] * len(bad), [f"\\boxed{{{b}}}" for b in bad])
     print(f"  math, {len(bad)} pathological answers: {time.perf_counter() - start:.2f} s "
           f"(limit {rewards.MATH_TIMEOUT_S:.0f} s each; all zero: {not any(r['correct'] for r in results)})")
 

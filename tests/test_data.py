@@ -13,6 +13,9 @@ import sys
 import pytest
 
 import data
+import tasks
+
+KK = tasks.load("kk")
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 KK_FIXTURE = os.path.join(FIXTURES, "kk_public_test.jsonl")  # 4 public test rows for each of 3..7 people
@@ -309,21 +312,23 @@ def test_extract_boxed():
 
 # --- prompts ----------------------------------------------------------------------------------------
 
+# (interface change: prompts are the task's: tasks.prompt_ids(task, example, tokenizer), tasks.py)
 def test_build_prompt_chat_template_and_prefill(tiny_tokenizer):
     kk = data.kk_examples(people=[3], per_level=1, split="eval")[0]
-    ids, prefill = data.build_prompt(kk, tiny_tokenizer)
+    ids, prefill = tasks.prompt_ids(KK, kk, tiny_tokenizer)
     text = tiny_tokenizer.decode(ids)
     assert prefill == "<think>" and text.endswith("<|im_start|>assistant\n<think>")
     assert text.startswith("<|im_start|>user\n") and kk["question"] in text and "<answer>" in text
-    expected = tiny_tokenizer.apply_chat_template([{"role": "user", "content": data.prompt_text(kk)}],
+    expected = tiny_tokenizer.apply_chat_template([{"role": "user", "content": KK.prompt(kk)}],
                                                   tokenize=False, add_generation_prompt=True) + "<think>"
     assert ids == tiny_tokenizer(expected, add_special_tokens=False)["input_ids"]
     math = data.load_math(os.path.join(FIXTURES, "aime_2021_2024.jsonl"))[0]
-    ids, prefill = data.build_prompt(math, tiny_tokenizer)
+    ids, prefill = tasks.prompt_ids(tasks.load("math"), math, tiny_tokenizer)
     text = tiny_tokenizer.decode(ids)
     assert prefill == "" and text.endswith("\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     assert math["question"] in text
-    ids, prefill = data.build_prompt(math, tiny_tokenizer, prefill="<think>")
+    thinking = type("thinking_math", (tasks.math,), {"prefill": "<think>"})  # a task of your own with a prefill
+    ids, prefill = tasks.prompt_ids(tasks.load(thinking), math, tiny_tokenizer)
     assert prefill == "<think>" and tiny_tokenizer.decode(ids).endswith("assistant\n<think>")
 
 
@@ -333,22 +338,24 @@ def test_build_prompt_when_the_template_opens_think_itself(tiny_tokenizer):
                                                             "'<|im_start|>assistant\n<think>\n'")
     assert r1.chat_template != tiny_tokenizer.chat_template
     kk = data.kk_examples(people=[3], per_level=1, split="eval")[0]
-    ids, prefill = data.build_prompt(kk, r1)
+    ids, prefill = tasks.prompt_ids(KK, kk, r1)
     assert r1.decode(ids).endswith("<|im_start|>assistant\n<think>\n") and r1.decode(ids).count("<think>") == 2
     assert prefill == "<think>\n"  # the instruction mentions <think> once, the turn opens it once
 
 
 def test_build_prompt_without_chat_template(tiny_tokenizer):
+    """(interface change: a tokenizer without a chat template gets the bare message, then the prefill)"""
     plain = copy.deepcopy(tiny_tokenizer)
     plain.chat_template = None
     kk = data.kk_examples(people=[2], per_level=1, split="eval")[0]
-    ids, prefill = data.build_prompt(kk, plain)
-    assert plain.decode(ids) == "User: " + data.prompt_text(kk) + "\nAssistant: <think>" and prefill == "<think>"
-    # (interface change: a task of your own, say "chess", is prompted with its question as is)
-    ids, prefill = data.build_prompt({"task": "chess", "question": "e4 or d4?", "id": "c1"}, plain)
-    assert plain.decode(ids) == "User: e4 or d4?\nAssistant: " and prefill == ""
-    with pytest.raises(ValueError, match="has no question"):
-        data.build_prompt({"task": "chess", "id": "c2"}, plain, prefill="")
+    ids, prefill = tasks.prompt_ids(KK, kk, plain)
+    assert plain.decode(ids, skip_special_tokens=True) == KK.prompt(kk) + "<think>" and prefill == "<think>"
+    own = tasks.load(type("chess", (), {"examples": staticmethod(lambda split, source: []),
+                                        "score": staticmethod(lambda examples, responses: [])}))
+    ids, prefill = tasks.prompt_ids(own, {"question": "e4 or d4?", "id": "c1"}, plain)  # default prompt: question
+    assert plain.decode(ids, skip_special_tokens=True) == "e4 or d4?" and prefill == ""
+    with pytest.raises(KeyError):
+        tasks.prompt_ids(own, {"id": "c2"}, plain)
 
 
 # --- arithmetic (the CPU miniature's task) ----------------------------------------------------------
@@ -382,7 +389,8 @@ def test_arith_prompt_is_the_bare_problem_without_chat_template(tiny_tokenizer):
     example = {"task": "arith", "question": "3 + 5 - 7 =", "answer": "8 1", "level": "L3", "id": "x"}
     plain = copy.deepcopy(tiny_tokenizer)
     plain.chat_template = None
-    ids, prefill = data.build_prompt(example, plain)
-    assert prefill == "" and plain.decode(ids) == "3 + 5 - 7 ="
-    ids, _ = data.build_prompt(example, tiny_tokenizer)
+    arith = tasks.load("arith")
+    ids, prefill = tasks.prompt_ids(arith, example, plain)
+    assert prefill == "" and plain.decode(ids, skip_special_tokens=True) == "3 + 5 - 7 ="
+    ids, _ = tasks.prompt_ids(arith, example, tiny_tokenizer)
     assert tiny_tokenizer.decode(ids) == "<|im_start|>user\n3 + 5 - 7 =<|im_end|>\n<|im_start|>assistant\n"

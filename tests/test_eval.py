@@ -10,6 +10,10 @@ import sys
 import pytest
 
 import eval as ev
+import tasks
+from tools import plot
+
+KK = tasks.load("kk")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,11 +91,12 @@ def _fixed_kk_summary():
     correct = []
     for i in range(2, 9):
         correct += [1, 1, 1, 1] if i == 2 else [0, 0, 0, 0] if i == 8 else [1, 1, 1, 0]
-    return ev.summarize(levels, correct, [0.0] * len(correct), n=2, ks=(1, 2))
+    return ev.summarize(levels, correct, [0.0] * len(correct), n=2, ks=(1,))
 
 
 def test_format_table_kk_exact():
-    table = ev.format_table(_fixed_kk_summary(), "kk", name="rlad-0.6b")
+    # (interface change: the table's shape follows what was measured, not the task: Mean@n alone, as a fraction)
+    table = ev.format_table(_fixed_kk_summary(), name="rlad-0.6b")
     expected = (
         "| model | PPL2 | PPL3 | PPL4 | PPL5 | PPL6 | PPL7 | PPL8 | Avg |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
@@ -108,22 +113,20 @@ def test_format_table_math_exact_and_from_json():
         "| --- | --- | --- | --- | --- | --- | --- |\n"
         "| m | 12.5 | 50.0 | 100.0 | 100.0 | 56.2 | 75.0 |"
     )
-    assert ev.format_table(s, "math", name="m") == expected
+    assert ev.format_table(s, name="m") == expected
     # the summary re-read from the results JSON (k keys become strings) gives the same table
-    assert ev.format_table(json.loads(json.dumps(s)), "math", name="m") == expected
-    with pytest.raises(ValueError, match="unknown task"):
-        ev.format_table(s, "chess")
+    assert ev.format_table(json.loads(json.dumps(s)), name="m") == expected
 
 
 def test_arith_levels_and_table():
-    import data  # (interface change: eval.py's loader is data.load_examples now, shared with train.py)
-    exs = data.load_examples("arith", (), "eval", 2)
+    import tasks  # (interface change: examples come from the task, tasks.load("arith").examples, as train.py's)
+    exs = tasks.load("arith").examples("eval", tasks.Source(per_level=2))
     assert [ex["level"] for ex in exs] == [f"L{i}" for i in range(2, 9) for _ in range(2)]
     s = ev.summarize([ex["level"] for ex in exs][::-1], [1] * 14, [1.0] * 14, n=1)
     assert list(s) == [f"L{i}" for i in range(2, 9)] + ["average"]  # numeric order, whatever came first
-    assert ev.format_table(s, "arith").splitlines()[0] == "| model | L2 | L3 | L4 | L5 | L6 | L7 | L8 | Avg |"
+    assert ev.format_table(s).splitlines()[0] == "| model | L2 | L3 | L4 | L5 | L6 | L7 | L8 | Avg |"
     with pytest.raises(ValueError, match="no data files"):
-        data.load_examples("arith", ["x.jsonl"], "eval")
+        tasks.load("arith").examples("eval", tasks.Source(files=("x.jsonl",)))
 
 
 # ----------------------------------------------------------------------------- curves
@@ -140,10 +143,10 @@ def test_read_metrics_sorts_dedups_and_skips_partial_last_line(tmp_path):
     _write_metrics(run, [{"step": 2, "reward": 0.5}, {"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.7}])
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "rew')  # a live run mid-write
-    recs = ev.read_metrics(str(run))
+    recs = plot.read_metrics(str(run))
     assert [(r["step"], r["reward"]) for r in recs] == [(1, 0.1), (2, 0.7)]
     with pytest.raises(FileNotFoundError):
-        ev.read_metrics(str(tmp_path / "nope"))
+        plot.read_metrics(str(tmp_path / "nope"))
 
 
 def test_plot_command_writes_png(tmp_path):
@@ -153,13 +156,13 @@ def test_plot_command_writes_png(tmp_path):
             r.update(eval_accuracy=r["accuracy"] / 2, **{"eval/PPL3": r["accuracy"]})
         _write_metrics(tmp_path / name, rows)
     out = tmp_path / "figs" / "curves.png"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", str(tmp_path / "grpo"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot.py"), str(tmp_path / "grpo"),
                         str(tmp_path / "rlad"), "--out", str(out)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     with open(out, "rb") as f:
         png = f.read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "plot", str(tmp_path / "missing")],
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot.py"), str(tmp_path / "missing")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "metrics.jsonl not found" in bad.stderr
 
@@ -190,18 +193,17 @@ def vllm_engine(tiny_model_dir):
 def _check_records(result, examples, tokenizer, n):
     """Every sample record is the scored text of its problem, problem by problem, and the summary is its
     aggregate."""
-    import data
-    import rewards
+    import tasks
     samples = result["samples"]
     assert len(samples) == len(examples) * n
     for p, ex in enumerate(examples):
-        prompt_ids, prefill = data.build_prompt(ex, tokenizer)
+        prompt_ids, prefill = tasks.prompt_ids(KK, ex, tokenizer)
         for i in range(n):
             s = samples[p * n + i]
             assert (s["id"], s["level"], s["sample"]) == (ex["id"], ex["level"], i)
             assert s["prompt"] == tokenizer.decode(prompt_ids)
             assert s["response"].startswith(prefill)
-            scored = rewards.score(ex, s["response"])
+            scored = KK.score([ex], [s["response"]])[0]
             assert (s["reward"], s["correct"], s["format_ok"]) == (scored["reward"], scored["correct"],
                                                                  scored["format_ok"])
             assert s["finish_reason"] in ("stop", "length")
@@ -218,9 +220,9 @@ def test_evaluate_greedy_vllm_and_hf_agree(vllm_engine, tiny_model_dir, tokenize
     import rollout
     import torch
     kw = dict(n=2, max_tokens=24, temperature=0.0, ks=(1, 2))
-    res_vllm = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples, **kw)
+    res_vllm = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples, KK, **kw)
     hf = rollout.HFEngine(tiny_model_dir, dtype=torch.float32)
-    res_hf = ev.evaluate(hf, tokenizer, kk_eval_examples, batch_size=3, **kw)  # 2 calls: chunking is invisible
+    res_hf = ev.evaluate(hf, tokenizer, kk_eval_examples, KK, batch_size=3, **kw)  # 2 calls: chunking is invisible
     for res in (res_vllm, res_hf):
         _check_records(res, kk_eval_examples, tokenizer, n=2)
     assert [s["response"] for s in res_vllm["samples"]] == [s["response"] for s in res_hf["samples"]]
@@ -233,9 +235,9 @@ def test_evaluate_greedy_vllm_and_hf_agree(vllm_engine, tiny_model_dir, tokenize
 
 def test_evaluate_sampling_is_seeded(vllm_engine, tokenizer, kk_eval_examples):
     kw = dict(n=4, max_tokens=16, temperature=1.0, top_p=1.0, ks=(1, 4))
-    a = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=0, **kw)
-    b = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=0, **kw)
-    c = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], seed=1, **kw)
+    a = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], KK, seed=0, **kw)
+    b = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], KK, seed=0, **kw)
+    c = ev.evaluate(vllm_engine, tokenizer, kk_eval_examples[:2], KK, seed=1, **kw)
     responses = lambda r: [s["response"] for s in r["samples"]]  # noqa: E731
     assert responses(a) == responses(b) and responses(a) != responses(c)
     assert len(set(responses(a)[:4])) > 1  # the n samples of one problem differ
@@ -252,8 +254,7 @@ def _output(tokenizer, prefill, full_text):
 def test_score_outputs_right_and_wrong_answers(tokenizer, kk_eval_examples):
     """A tiny random model is never right, so correct answers are written by hand in the engine's output
     format: they must be scored by the real rewards and aggregated into Mean@n / Pass@k."""
-    import data
-    import rewards
+    import tasks
 
     def kk_text(ex, flip_first=False):
         roles = [not s if (flip_first and j == 0) else s for j, s in enumerate(ex["solution"])]
@@ -261,19 +262,19 @@ def test_score_outputs_right_and_wrong_answers(tokenizer, kk_eval_examples):
         return "<think> reasoning </think>\n<answer>\n" + "\n".join(lines) + "\n</answer>"
 
     exs = kk_eval_examples  # PPL2, PPL2, PPL3, PPL3
-    prompts = [data.build_prompt(ex, tokenizer) for ex in exs]
+    prompts = [tasks.prompt_ids(KK, ex, tokenizer) for ex in exs]
     right = [kk_text(ex) for ex in exs]
     wrong = [kk_text(ex, flip_first=True) for ex in exs]
-    assert all(rewards.score(ex, t)["correct"] for ex, t in zip(exs, right))
-    assert not any(rewards.score(ex, t)["correct"] for ex, t in zip(exs, wrong))
+    assert all(s["correct"] for s in KK.score(exs, right))
+    assert not any(s["correct"] for s in KK.score(exs, wrong))
     plan = [["r", "w", "w", "w"], ["w", "w", "w", "w"], ["r", "r", "r", "r"], ["r", "r", "w", "junk"]]
     texts = [[{"r": right[p], "w": wrong[p], "junk": prompts[p][1] + "no tags at all"}[x] for x in row]
              for p, row in enumerate(plan)]
     outputs = [[_output(tokenizer, prompts[p][1], t) for t in row] for p, row in enumerate(texts)]
-    res = ev.score_outputs(tokenizer, exs, prompts, outputs, ks=(1, 2, 4))
+    res = ev.score_outputs(tokenizer, exs, prompts, outputs, KK, ks=(1, 2, 4))
     assert [s["response"] for s in res["samples"]] == [t for row in texts for t in row]
     assert [s["correct"] for s in res["samples"]] == [x == "r" for row in plan for x in row]
-    assert [s["reward"] for s in res["samples"]] == [rewards.score(ex, t)["reward"] for ex, row in zip(exs, texts) for t in row]
+    assert [s["reward"] for s in res["samples"]] == [KK.score([ex], [t])[0]["reward"] for ex, row in zip(exs, texts) for t in row]
     s = res["summary"]
     assert s["PPL2"]["mean_at_n"] == pytest.approx(1 / 8) and s["PPL3"]["mean_at_n"] == pytest.approx(6 / 8)
     assert s["PPL2"]["pass_at_k"][2] == pytest.approx((1 - 3 / 6) / 2)  # c = 1 and c = 0 of 4
@@ -283,16 +284,17 @@ def test_score_outputs_right_and_wrong_answers(tokenizer, kk_eval_examples):
 
 
 def test_score_outputs_math(tokenizer):
-    import data
+    import tasks
+    math = tasks.load("math")
     exs = [{"task": "math", "question": "What is 1/2 + 1/4?", "answer": "\\frac{3}{4}", "level": "toy", "id": "t0"},
            {"task": "math", "question": "What is 6 * 7?", "answer": "42", "level": "toy", "id": "t1"}]
-    prompts = [data.build_prompt(ex, tokenizer) for ex in exs]
+    prompts = [tasks.prompt_ids(math, ex, tokenizer) for ex in exs]
     texts = [["So the answer is \\boxed{0.75}.", "\\boxed{\\frac{1}{2}}"], ["\\boxed{41}", "The answer: 42"]]
     outputs = [[_output(tokenizer, pre, pre + t) for t in row] for (_, pre), row in zip(prompts, texts)]
-    res = ev.score_outputs(tokenizer, exs, prompts, outputs, ks=(1, 2))
+    res = ev.score_outputs(tokenizer, exs, prompts, outputs, math, ks=(1, 2))
     assert [s["correct"] for s in res["samples"]] == [True, False, False, False]  # 0.75 == 3/4; unboxed 42 not
     assert res["summary"]["toy"]["pass_at_k"][2] == pytest.approx(0.5)
-    table = ev.format_table(res["summary"], "math", name="tiny")
+    table = ev.format_table(res["summary"], name="tiny")
     assert table.splitlines()[2] == "| tiny | 25.0 | 50.0 | 25.0 | 50.0 |"
 
 
@@ -307,7 +309,7 @@ def _run_cli(args, tmp_path):
 def test_cli_vllm_default_kk_set(tiny_model_dir, tmp_path):
     out = tmp_path / "res" / "results.json"
     r = _run_cli(["--model", tiny_model_dir, "--task", "kk", "--limit", "1", "--n", "2", "--k", "1,2",
-                  "--max_tokens", "8", "--engine", "vllm", "--dtype", "float32",
+                  "--max_tokens", "8", "--engine", "vllm",
                   "--kv_cache_memory_bytes", str(64 * 2**20), "--out", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out) as f:
@@ -316,7 +318,7 @@ def test_cli_vllm_default_kk_set(tiny_model_dir, tmp_path):
     assert list(res["summary"]) == [f"PPL{i}" for i in range(2, 9)] + ["average"]
     assert res["config"]["n"] == 2 and res["config"]["engine"] == "vllm"
     # the printed table is the paper's table of the written summary
-    table = ev.format_table(res["summary"], "kk", name=os.path.basename(tiny_model_dir))
+    table = ev.format_table(res["summary"], name=os.path.basename(tiny_model_dir))
     assert table in r.stdout
 
 
@@ -331,20 +333,20 @@ def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path, capsys):
             f.write(json.dumps(data.make_kk_puzzle(3, rng, index=i)) + "\n")
     out = tmp_path / "hf.json"
     ev.main(["--model", tiny_model_dir, "--task", "kk", "--data", str(path), "--limit", "2", "--n", "1",
-             "--temperature", "0", "--max_tokens", "8", "--engine", "hf", "--dtype", "float32", "--out", str(out)])
+             "--temperature", "0", "--max_tokens", "8", "--engine", "hf", "--out", str(out)])
     with open(out) as f:
         res = json.load(f)
     assert [s["id"] for s in res["samples"]] == ["people3_test-0", "people3_test-1"]
     assert list(res["summary"]) == ["PPL3", "average"] and res["summary"]["average"]["count"] == 2
     assert res["config"]["ks"] == [1] and res["config"]["engine"] == "hf"
-    assert ev.format_table(res["summary"], "kk", name=os.path.basename(tiny_model_dir)) in capsys.readouterr().out
+    assert ev.format_table(res["summary"], name=os.path.basename(tiny_model_dir)) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "kk", "--n", "4", "--k", "1,8"], "every k must be in 1..n"),
-    (["--task", "chess"], "invalid choice"),
+    (["--task", "chess"], "--task 'chess': use kk, math, arith"),
     (["--task", "kk", "--limit", "1", "--max_tokens", "5000"], "exceeds the model's context (2048)"),
-    (["--task", "math"], "--task math needs --data"),
+    (["--task", "math"], "task 'math' needs data files"),
     (["--task", "kk", "--data", "/nonexistent/kk.jsonl"], "no such file"),
 ])
 def test_cli_errors(tiny_model_dir, capsys, args, message):

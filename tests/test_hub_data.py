@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 import pytest
+from types import SimpleNamespace
 
 import data
 
@@ -108,16 +109,17 @@ CASES = {
 
 SCRIPT = r"""
 import json, sys
-import data
+import data, tasks
+load = lambda task, files, split="train", per_level=None: tasks.load(task).examples(split, tasks.Source(tuple(files), per_level=per_level))
 cases, out = json.loads(sys.argv[1]), {}
 for name, (task, sources, split, per_level) in cases.items():
     try:
-        out[name] = {"examples": data.load_examples(task, sources, split, per_level)}
+        out[name] = {"examples": load(task, sources, split, per_level)}
     except Exception as e:
         out[name] = {"error": type(e).__name__, "message": str(e)}
 sys.modules["datasets"] = None  # as if datasets were not installed
 try:
-    data.load_examples("math", ["hf:testorg/gsm8k:main:train"])
+    load("math", ["hf:testorg/gsm8k:main:train"])
 except ImportError as e:
     out["no_datasets"] = {"error": "ImportError", "message": str(e)}
 print(json.dumps(out))
@@ -243,27 +245,32 @@ def test_datasets_missing_names_the_fix(hub_results):
 
 
 def test_hub_sources_skip_the_file_check_but_files_do_not():
+    import tasks
     with pytest.raises(FileNotFoundError, match="nofile.jsonl: no such file"):
-        data.load_examples("math", ["hf:testorg/gsm8k:main:train", "nofile.jsonl"])
+        tasks.load("math").examples("train", tasks.Source(("hf:testorg/gsm8k:main:train", "nofile.jsonl")))
 
 
 def test_datasets_imported_only_for_hub_sources(tmp_path):
     path = tmp_path / "aime.jsonl"
     path.write_text(json.dumps({"problem": "p", "answer": 1}) + "\n")
-    code = ("import sys, data; data.load_examples('math', [sys.argv[1]]); data.load_examples('kk', (), 'eval', 1); "
+    code = ("import sys, tasks; tasks.load('math').examples('train', tasks.Source((sys.argv[1],))); "
+            "tasks.load('kk').examples('eval', tasks.Source(per_level=1)); "
             "assert 'datasets' not in sys.modules, 'datasets imported without an hf: source'")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": ROOT})
 
 
-def test_train_passes_hub_sources_through(monkeypatch):
+def test_train_passes_hub_sources_through(monkeypatch, tmp_path):
+    import tasks
     import train
-    cfg = train.parse_config(["--task", "math", "--train_data", "hf:openai/gsm8k:main:train,aime.jsonl",
+    aime = tmp_path / "aime.jsonl"
+    aime.write_text("")
+    cfg = train.parse_config(["--task", "math", "--train_data", f"hf:openai/gsm8k:main:train,{aime}",
                               "--eval_data", "hf:Skywork/Skywork-OR1-RL-Data:math"])
-    assert cfg.train_data == "hf:openai/gsm8k:main:train,aime.jsonl"
+    assert cfg.train_data == f"hf:openai/gsm8k:main:train,{aime}"
     calls = []
-    monkeypatch.setattr(data, "load_examples", lambda task, files, split, *a: calls.append((task, files, split)) or [])
-    train.load_examples(cfg, "train")
-    train.load_examples(cfg, "eval")
-    assert calls == [("math", ["hf:openai/gsm8k:main:train", "aime.jsonl"], "train"),
-                     ("math", ["hf:Skywork/Skywork-OR1-RL-Data:math"], "eval")]
+    monkeypatch.setattr(data, "load_math", lambda path, **kw: calls.append(path) or [])
+    run = SimpleNamespace(cfg=cfg, task=tasks.load("math"), tokenizer=None)
+    with pytest.raises(SystemExit, match="empty training set"):
+        train.load_data(run)
+    assert calls == ["hf:openai/gsm8k:main:train", str(aime), "hf:Skywork/Skywork-OR1-RL-Data:math"]

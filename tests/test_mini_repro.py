@@ -27,18 +27,19 @@ def study_module(name):
 
 def test_arith_tokenizer_round_trip_and_reward():
     import data
-    import rewards
+    import tasks
     import tiny
     tok = tiny.make_arith_tokenizer()
     assert len(tok) == 35 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     ex = {"task": "arith", "question": "3 + 5 - 7 =", "answer": "8 1", "level": "L3", "id": "x"}
-    ids, prefill = data.build_prompt(ex, tok)
+    arith = tasks.load("arith")
+    ids, prefill = tasks.prompt_ids(arith, ex, tok)
     assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "3", "+5", "-7", "="] and prefill == ""
     answer = tok("8 1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.convert_ids_to_tokens(answer) == ["8", "1", "<|im_end|>"]
     assert tok.decode(answer, skip_special_tokens=True) == "8 1"
-    assert rewards.score(ex, tok.decode(answer, skip_special_tokens=True))["correct"]
-    assert not rewards.score(ex, tok.decode(answer[1:], skip_special_tokens=True))["correct"]
+    assert arith.score([ex], [tok.decode(answer, skip_special_tokens=True)])[0]["correct"]
+    assert not arith.score([ex], [tok.decode(answer[1:], skip_special_tokens=True)])[0]["correct"]
     plain = lambda text: tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     assert plain("12 +  3-4") == ["1", "2", "+3", "-4"]  # digits one by one; a sign binds to its digit
     assert plain("x") == ["<|unk|>"]
@@ -86,7 +87,7 @@ def test_diagnose_cosine_is_one_against_itself_and_not_against_another_teacher(t
     for ex in data.arith_examples([3], per_level=3, seed=0):  # per problem: the right answer and three wrong ones
         right = tok(ex["answer"], add_special_tokens=False)["input_ids"]
         for k in range(4):
-            prompts.append(data.build_prompt(ex, tok)[0])
+            prompts.append(tasks.prompt_ids(tasks.load("arith"), ex, tok)[0])
             responses.append((right if k == 0 else [right[0], tok.convert_tokens_to_ids(str(k))]) +
                              [tok.eos_token_id])
             reward.append(1.0 if k == 0 or str(k) == ex["answer"].split()[-1] else 0.0)

@@ -9,7 +9,14 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import rewards
+import tasks
 import verifier
+
+
+def score(example, response):
+    """One response through its task's scorer (interface change: rewards.score / score_batch became the tasks'
+    scorers, tasks.load(name).score, the same interface a task of your own has)."""
+    return tasks.load(example["task"]).score([example], [response])[0]
 
 NAMES = ["Jack", "Jackson", "Zoë", "Mia"]  # a prefix pair and a non-ASCII name on purpose
 SOLUTION = [True, False, False, True]
@@ -67,17 +74,17 @@ KK_TABLE = [
 @pytest.mark.parametrize("case,response,expected", KK_TABLE, ids=[c[0] for c in KK_TABLE])
 def test_kk_reward_table(case, response, expected):
     assert rewards.kk_reward(response, SOLUTION, NAMES) == expected
-    result = rewards.score({"task": "kk", "solution": SOLUTION, "names": NAMES}, response)
+    result = score({"task": "kk", "solution": SOLUTION, "names": NAMES}, response)
     assert result == {"reward": expected, "correct": expected == 3.0, "format_ok": expected != -3.0}
 
 
 def test_kk_reward_on_prompted_puzzle(tiny_tokenizer):
     # The prefill goes back in front of the generated text: the public answer format then scores 3.
     example = data.kk_examples(people=[5], per_level=1, split="eval")[0]
-    _, prefill = data.build_prompt(example, tiny_tokenizer)
+    _, prefill = tasks.prompt_ids(tasks.load("kk"), example, tiny_tokenizer)
     generated = f" reasoning...</think>\n<answer>\n{example['answer']}\n</answer>"
-    assert rewards.score(example, prefill + generated)["reward"] == 3.0
-    assert rewards.score(example, generated)["reward"] == -3.0  # without the prefill the format is wrong
+    assert score(example, prefill + generated)["reward"] == 3.0
+    assert score(example, generated)["reward"] == -3.0  # without the prefill the format is wrong
 
 
 def test_kk_reward_names_of_several_words():
@@ -132,15 +139,15 @@ ARITH_TABLE = [  # reference "8 1" (from "3 + 5 - 7 =")
 
 @pytest.mark.parametrize("response,expected,format_ok", ARITH_TABLE, ids=range(len(ARITH_TABLE)))
 def test_arith_reward_table(response, expected, format_ok):
-    assert rewards.arith_reward(response, "8 1") == expected
-    assert rewards.score({"task": "arith", "answer": "8 1"}, response) == \
+    assert rewards.arith_score(response, "8 1")["reward"] == expected
+    assert score({"task": "arith", "answer": "8 1"}, response) == \
         {"reward": expected, "correct": expected == 1.0, "format_ok": format_ok}
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=30) | st.lists(st.sampled_from(["8", "1", " ", "<|im_end|>", "0"]), max_size=8).map("".join))
 def test_arith_reward_never_raises(text):
-    assert rewards.arith_reward(text, "8 1") in (0.0, 1.0)
+    assert rewards.arith_score(text, "8 1")["reward"] in (0.0, 1.0)
 
 
 # --- math ---------------------------------------------------------------------------------------------
@@ -186,7 +193,7 @@ MATH_TABLE = [  # (reference, boxed answer, equivalent?)
 def test_math_reward_table():
     examples = [{"task": "math", "answer": gold} for gold, _, _ in MATH_TABLE]
     responses = [f"Work... so the answer is $\\boxed{{{pred}}}$." for _, pred, _ in MATH_TABLE]
-    results = rewards.score_batch(examples, responses)
+    results = tasks.load("math").score(examples, responses)
     wrong = [(gold, pred, r) for (gold, pred, same), r in zip(MATH_TABLE, results) if r["correct"] != same]
     assert not wrong
     assert all(r["reward"] == float(r["correct"]) and r["format_ok"] for r in results)
@@ -199,9 +206,9 @@ def test_math_reward_reads_only_the_last_box():
     assert rewards.math_reward(response, "4") == 1.0 and rewards.math_reward(response, "3") == 0.0
     assert rewards.math_reward("The answer is 4.", "4") == 0.0  # no box, no answer
     assert rewards.math_reward("\\boxed{4} and then \\boxed{4", "4") == 0.0  # the last box is unclosed
-    assert rewards.score({"task": "math", "answer": "4"}, "The answer is 4.") == \
+    assert score({"task": "math", "answer": "4"}, "The answer is 4.") == \
         {"reward": 0.0, "correct": False, "format_ok": False}
-    assert rewards.score({"task": "math", "answer": "4"}, "\\boxed{5}") == \
+    assert score({"task": "math", "answer": "4"}, "\\boxed{5}") == \
         {"reward": 0.0, "correct": False, "format_ok": True}
 
 
@@ -239,32 +246,24 @@ def test_hard_limit_kills_and_replaces_a_stuck_worker():
     assert time.monotonic() - start < 1.3
     assert pool.killed == killed + 1 and len(set(before) - {w.proc.pid for w in pool.workers}) == 1
     # The pool carries on: the replacement starts, later answers are scored normally.
-    assert rewards.score_batch([{"task": "math", "answer": "7"}] * 4, ["\\boxed{7}", "\\boxed{7.0}", "\\boxed{8}",
-                                                                      "\\boxed{\\frac{14}{2}}"]) == [
+    assert rewards.math_scores(["\\boxed{7}", "\\boxed{7.0}", "\\boxed{8}", "\\boxed{\\frac{14}{2}}"], ["7"] * 4) == [
         {"reward": r, "correct": r == 1.0, "format_ok": True} for r in (1.0, 1.0, 0.0, 1.0)]
 
 
-def test_score_batch_keeps_order_with_mixed_tasks_and_slow_answers():
-    examples, responses, expected = [], [], []
-    kk_example = {"task": "kk", "solution": SOLUTION, "names": NAMES, "answer": RIGHT}
+def test_math_scores_keep_order_with_slow_answers():
+    answers, responses, expected = [], [], []
     for i in range(30):
-        if i % 3 == 0:
-            right = i % 2 == 0
-            examples.append(kk_example)
-            responses.append(turn(RIGHT if right else RIGHT.replace("Jack is a knight", "Jack is a knave")))
-            expected.append(3.0 if right else -0.5)
-        else:
-            examples.append({"task": "math", "answer": f"\\frac{{{i}}}{{7}}"})
-            slow = i in (4, 17)  # answers that take math-verify its whole time limit, finishing out of order
-            pred = "9^{9^{9^{9}}}" if slow else (f"{i}/7" if i % 2 else f"{i + 1}/7")
-            responses.append(f"\\boxed{{{pred}}}")
-            expected.append(1.0 if i % 2 and not slow else 0.0)
-    assert [r["reward"] for r in rewards.score_batch(examples, responses, timeout_s=2.0)] == expected
-    assert rewards.score_batch([], []) == []
+        answers.append(f"\\frac{{{i}}}{{7}}")
+        slow = i in (4, 17)  # answers that take math-verify its whole time limit, finishing out of order
+        pred = "9^{9^{9^{9}}}" if slow else (f"{i}/7" if i % 2 else f"{i + 1}/7")
+        responses.append(f"\\boxed{{{pred}}}" if i % 5 else "no box")
+        expected.append(1.0 if i % 2 and i % 5 and not slow else 0.0)
+    assert [r["reward"] for r in rewards.math_scores(responses, answers, timeout_s=2.0)] == expected
+    assert rewards.math_scores([], []) == []
     with pytest.raises(ValueError, match="one to one"):
-        rewards.score_batch(examples, responses[:-1])
-    with pytest.raises(ValueError, match="unknown task"):
-        rewards.score({"task": "chess"}, "e4")
+        tasks.load("math").score([{"answer": a} for a in answers], responses[:-1])
+    with pytest.raises(ValueError, match="use kk, math, arith"):
+        tasks.load("chess")
 
 
 def test_a_worker_that_died_while_idle_is_replaced():
@@ -274,7 +273,7 @@ def test_a_worker_that_died_while_idle_is_replaced():
     dead.kill()  # as if the OOM killer took it between two training steps
     dead.wait()
     responses = ["\\boxed{3.0}", "\\boxed{4}", "\\boxed{6/2}"]
-    assert rewards.score_batch([{"task": "math", "answer": "3"}] * 3, responses) == [
+    assert rewards.math_scores(responses, ["3"] * 3) == [
         {"reward": r, "correct": r == 1.0, "format_ok": True} for r in (1.0, 0.0, 1.0)]
     assert dead not in [w.proc for w in pool.workers]
 

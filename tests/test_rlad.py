@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rlad
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGGS = rlad.LOSS_AGGS
@@ -104,6 +105,7 @@ MEMORY_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import rlad
+from types import SimpleNamespace
 torch.set_num_threads(1)  # steadier on a shared, busy machine than 2 threads waiting on each other
 T, V, C = 4096, 32768, 128
 def status(key):
@@ -393,35 +395,46 @@ def test_bad_arguments_raise_clear_errors():
 
 
 # ----------------------------------------------------------------------------- docs/algorithm.md's own objective
-def own_objective_block():
-    """The Python block of docs/algorithm.md's "Add your own objective" section, as a user would paste it."""
+def own_objective_blocks():
+    """The two Python blocks of docs/algorithm.md's "Add your own objective" section: the function with its METHODS
+    row (pasted into rlad.py) and the Config field (pasted into train.Config)."""
     text = open(os.path.join(ROOT, "docs", "algorithm.md")).read()
-    section = text[text.index("## Add your own objective"):]
-    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    section = text[text.index("## Add your own objective"):text.index("## Tasks and rewards")]
+    blocks = section.split("```python\n")[1:]
+    return [b[:b.index("\n```")] for b in blocks]
 
 
-def test_docs_own_objective_is_a_two_edit_method():
+def test_docs_own_objective_is_a_function_a_row_and_a_config_field():
+    """(interface change: a knob of the objective's own comes from the Config by name, no other edit)"""
     namespace = vars(rlad)
-    exec(own_objective_block(), namespace)  # the function and its METHODS row, as if pasted into rlad.py
+    exec(own_objective_blocks()[0], namespace)  # the function and its METHODS row, as if pasted into rlad.py
     try:
         logp, old, adv, mask, teacher, _ = batch(seed=7)
-        loss, g, m = loss_and_grad("teacher_ppo", logp, old, adv, mask, teacher_logp=teacher)
-        want, want_g, _ = loss_and_grad("rlad", logp, old, adv, mask, teacher_logp=teacher, alpha=0.0,
-                                        teacher_clamp=None)
-        assert torch.equal(loss, want) and torch.equal(g, want_g) and "loss/pg" in m
+        for clamp in (0.0, 0.7):
+            config = SimpleNamespace(teacher_ppo_clamp=clamp)  # stands for train.Config with the new field
+            loss, g, m = loss_and_grad("teacher_ppo", logp, old, adv, mask, teacher_logp=teacher, config=config)
+            want, want_g, _ = loss_and_grad("rlad", logp, old, adv, mask, teacher_logp=teacher, alpha=0.0,
+                                            teacher_clamp=clamp or None)
+            assert torch.equal(loss, want) and torch.equal(g, want_g) and "loss/pg" in m
     finally:
         del rlad.METHODS["teacher_ppo"]
 
 
 def test_docs_own_objective_trains_through_train_py(tmp_path):
-    """train.py reads only the METHODS row: two real steps (vLLM, teacher pass, FSDP2 update) on the toy task."""
-    code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+    """train.py reads only the METHODS row and the Config field: two real steps (vLLM, teacher pass, FSDP2 update)
+    on the toy task with --teacher_ppo_clamp given as a flag."""
+    function, field = own_objective_blocks()
+    name, kind, default = field.split(":")[0].strip(), float, 0.0
+    code = (f"import sys, dataclasses; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
             "import rlad, train, train_helper\n"
-            f"exec({own_objective_block()!r}, vars(rlad))\n"
+            f"exec({function!r}, vars(rlad))\n"
+            f"train.Config = dataclasses.make_dataclass('Config', [({name!r}, float, {default!r})], "
+            "bases=(train.Config,))\n"
             f"cfg = train.parse_config(['--config', {os.path.join(ROOT, 'configs', 'tiny_cpu.toml')!r}, '--method', "
-            f"'teacher_ppo', '--max_steps', '2', '--eval_every', '0', '--run_dir', {str(tmp_path)!r}])\n"
-            "train.main(cfg, train_examples=train_helper.toy_examples(), eval_examples=[], "
-            "score_fn=train_helper.toy_score)\n")
+            f"'teacher_ppo', '--{name}', '2', '--max_steps', '2', '--eval_every', '0', '--run_dir', "
+            f"{str(tmp_path)!r}])\n"
+            "assert cfg.teacher_ppo_clamp == 2.0\n"
+            "train.main(cfg, task=train_helper.ToyTask)\n")
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

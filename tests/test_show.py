@@ -1,4 +1,4 @@
-"""eval.py show: one self-contained HTML page of a step's logged responses, token by token (what the teacher did),
+"""tools/show.py: one self-contained HTML page of a step's logged responses, token by token (what the teacher did),
 checked as written and as a real browser (headless Chromium) renders it."""
 import html.parser
 import json
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-import eval as ev
+from tools import show as ev  # (interface change: the viewer left eval.py for tools/show.py)
 
 OPTIONS = {"alpha": 0.5, "eps_low": 0.2, "eps_high": 0.28, "teacher_clamp": 1.0}
 
@@ -120,21 +120,21 @@ def check_page(page):
 
 def test_show_writes_a_self_contained_page(tmp_path, capsys):
     run = write_run(tmp_path)
-    ev.main(["show", run])  # the newest step by default
+    ev.main([run])  # the newest step by default
     out = capsys.readouterr().out.strip()
     assert out == os.path.join(run, "samples", "step_000012.html")
     page = open(out, encoding="utf-8").read()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//|url\(\s*["']?\s*(https?:)?//|@import""", page)
     assert "<script" not in page and "<link" not in page
     check_page(page)
-    ev.main(["show", run, "--step", "4", "--out", str(tmp_path / "x" / "four.html")])
+    ev.main([run, "--step", "4", "--out", str(tmp_path / "x" / "four.html")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "x" / "four.html")
     assert "step 4" in open(tmp_path / "x" / "four.html").read()
     for bad in (["--step", "7"], []):
         with pytest.raises(SystemExit):
-            ev.main(["show", str(tmp_path / "x")] + bad)
+            ev.main([str(tmp_path / "x")] + bad)
     with pytest.raises(SystemExit):
-        ev.main(["show", run, "--step", "7"])
+        ev.main([run, "--step", "7"])
     g = groups()
     g[0]["samples"][0]["clipped"].pop()
     with open(tmp_path / "samples" / "step_000013.jsonl", "w") as f:

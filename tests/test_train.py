@@ -2,7 +2,7 @@
 
 Runs (subprocesses, started once per module):
 - toy task (tests/train_helper.py: reward = share of lowercase letters/spaces) with grpo and rlad: the mean
-  reward must rise; with sft (teacher samples) and sft (data targets).
+  reward must rise; with sft on the teacher's correct samples (written by eval.py --sft_out) and on data targets.
 - K&K with configs/tiny_cpu.toml and kdrl through the command line: 4 steps uninterrupted, and the same run
   stopped by SIGTERM after step 2 then resumed: metrics and final weights must be equal.
 """
@@ -61,11 +61,30 @@ def final_checkpoint(run_dir):
 def toy(tmp_path_factory):
     """Toy-task runs: method -> (run_dir, metrics)."""
     out = {}
+    samples = teacher_samples(tmp_path_factory.mktemp("teacher"))
     for method, extra in [("grpo", ["--max_steps", "15"]), ("rlad", ["--max_steps", "15"]),
-                          ("sft", ["--max_steps", "3"]), ("sft-data", ["--max_steps", "8", "--sft_source", "data"]),
+                          ("sft", ["--max_steps", "3", "--sft_data", samples]), ("sft-data", ["--max_steps", "8"]),
                           ("kdrl-options", OPTIONS), ("distill", ["--max_steps", "2"])]:
         d = str(tmp_path_factory.mktemp(method))
         out[method] = (d, run(TOY + ["--method", method.split("-")[0]] + extra, d))
+    out["samples"] = samples
+    return out
+
+
+def teacher_samples(folder):
+    """The SFT baseline's data, drawn outside training as a user does: eval.py samples the training prompts with a
+    tiny teacher and writes the correct samples (--sft_out). (interface change: no process holds two engines.)"""
+    import preflight
+    import tiny
+    kwargs = dict(preflight.TINY["tiny-teacher"])
+    teacher = tiny.save_tiny(str(folder / "teacher"), seed=1 + kwargs.pop("seed_offset"), **kwargs)
+    out = str(folder / "samples.jsonl")
+    p = subprocess.run([PY, os.path.join(ROOT, "eval.py"), "--model", teacher, "--task", "train_helper:ToyTask",
+                        "--split", "train", "--n", "4", "--max_tokens", "8", "--temperature", "1", "--top_p", "1",
+                        "--kv_cache_memory_bytes", str(64 << 20), "--out", str(folder / "eval.json"), "--sft_out", out],
+                       cwd=ROOT, env=dict(ENV, PYTHONPATH=os.path.join(ROOT, "tests")), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
 
@@ -130,6 +149,9 @@ def test_distill_runs(toy):
 
 
 def test_sft_from_teacher_samples(toy):
+    from train_helper import ToyTask
+    lines = [json.loads(line) for line in open(toy["samples"])]
+    assert lines and all(s["correct"] for s in ToyTask.score(lines, [x["target"] for x in lines]))  # correct only
     run_dir, metrics = toy["sft"]
     check_metrics(metrics, 3, STEP_KEYS - {"logprob_mismatch"})
     assert all(m["kept_rows"] > 0 for m in metrics)  # some teacher samples were correct and trained on
@@ -218,7 +240,7 @@ def test_config_parsing_and_errors(tmp_path):
     (["--temperature", "0"], "--temperature 0.0: must be > 0"),
     (["--alpha", "2"], "--alpha 2.0: must be in [0, 1]"),
     (["--gpu_memory_utilization", "1.5"], "must be in (0, 1]"),
-    (["--kk_people", "3,x"], "comma-separated integers"),
+    (["--train_levels", "3,x"], "comma-separated integers"),
     (["--eval_levels", "1,2"], "--eval_levels '1,2': expected comma-separated integers >= 2"),
     (["--loss_agg", "mean"], "use one of token-mean"),
     (["--plan_gpus", "eight"], "--plan_gpus 'eight': expected GPUSxGIB"),
@@ -253,15 +275,15 @@ def test_bad_data_and_preset_types_are_one_line_errors(tmp_path):
 def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
     import tiny
     import train
+    from train_helper import ToyTask
     cfg = train.Config(model=tiny_model_dir, teacher=tiny_model_dir, run_dir=str(tmp_path / "a"), eval_every=0)
     with pytest.raises(SystemExit, match="empty training set"):
-        train.main(cfg, train_examples=[], eval_examples=[])
+        train.main(cfg, task=type("Empty", (ToyTask,), {"examples": staticmethod(lambda split, source: [])}))
     other = tiny.make_tokenizer(corpus="completely different words for another vocabulary " * 20, vocab_size=300)
     foreign = tiny.save_tiny(str(tmp_path / "foreign"), other)
     cfg = train.Config(model=tiny_model_dir, teacher=foreign, run_dir=str(tmp_path / "b"), eval_every=0)
-    from train_helper import toy_examples
     with pytest.raises(SystemExit, match="tokenizer mismatch"):  # one line, before any model loads
-        train.main(cfg, train_examples=toy_examples(8), eval_examples=[])
+        train.main(cfg, task=ToyTask)
 
 
 def test_non_finite_gradient_skips_the_step(tiny_model_dir):
@@ -284,8 +306,8 @@ def test_non_finite_gradient_skips_the_step(tiny_model_dir):
 def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
     """The same SFT run (arith, ground-truth targets) with an evaluation every 3 steps (engine built, weights synced
     into it, sampled, put to sleep) and with none: byte-identical final weights. Evaluation reads the weights only."""
-    flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--task", "arith", "--arith_levels", "2,3",
-             "--method", "sft", "--sft_source", "data", "--max_steps", "9", "--save_every", "0",
+    flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--task", "arith", "--train_levels", "2,3",
+             "--method", "sft", "--max_steps", "9", "--save_every", "0",
              "--eval_per_level", "2", "--log_samples_every", "0"]
     for every in ("0", "3"):
         run([PY, os.path.join(ROOT, "train.py")] + flags + ["--eval_every", every], str(tmp_path / every))

@@ -1,5 +1,5 @@
 """The researcher's workflow on real runs: sample logs and their page, a task of your own (docs/own_task.md's
-example, and plugins that break their contract), TensorBoard, and the CPU quick start that learns."""
+example, and plugins that break their contract), and the CPU quick start that learns."""
 import json
 import os
 import subprocess
@@ -27,11 +27,10 @@ def metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_cpu_quickstart_learns_and_logs_samples_and_tensorboard(tmp_path):
-    """configs/cpu_quickstart.toml as a user runs it (no environment set up): the reward climbs; sample logs,
-    their HTML page and TensorBoard scalars are written."""
-    train(QUICK + ["--max_steps", "12", "--log_samples_every", "6", "--tensorboard_dir", str(tmp_path / "tb")],
-          tmp_path)
+def test_cpu_quickstart_learns_and_logs_samples(tmp_path):
+    """configs/cpu_quickstart.toml as a user runs it (no environment set up): the reward climbs; sample logs and
+    their HTML page are written. (interface change: TensorBoard is gone; metrics.jsonl and wandb remain)"""
+    train(QUICK + ["--max_steps", "12", "--log_samples_every", "6"], tmp_path)
     rewards = [m["reward"] for m in metrics(tmp_path)]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     lines = [json.loads(ln) for ln in open(tmp_path / "samples" / "step_000012.jsonl")]
@@ -41,13 +40,8 @@ def test_cpu_quickstart_learns_and_logs_samples_and_tensorboard(tmp_path):
         assert len(s["tokens"]) == len(s["student_logp"]) == len(s["clipped"]) == n > 0
         assert s["teacher_logp"] is None and s["teacher"] is None  # grpo: no teacher
         assert all(lp <= 0 for lp in s["student_logp"]) and "".join(s["tokens"]).startswith(s["response"][:4])
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    logged = [e.value for e in events.Scalars("reward")]
-    assert logged == pytest.approx(rewards, rel=1e-6)
-    import eval as ev
-    page = ev.main(["show", str(tmp_path)]) or str(tmp_path / "samples" / "step_000012.html")
+    from tools import show
+    page = show.show(str(tmp_path))
     assert os.path.isfile(page) and lines[0]["samples"][0]["tokens"][0] in open(page).read()
 
 

@@ -8,7 +8,7 @@ toy: prompts whose reward is the fraction of generated characters that are lower
 random tiny model scores about 0.5 with a wide spread, so group advantages are informative from the first
 step and a policy that learns shows it within a few dozen CPU steps. Everything else is the real loop: vLLM
 rollouts, teacher, FSDP2 update, weight sync, checkpoints. Each example also carries a ground-truth `target`
-for sft_source="data".
+for sft.
 
 update: a fixed batch of 4 prompts x 4 responses (rewards chosen so that group 3 is all-equal and filtered),
 split 2 + 2 groups over 2 ranks or all on one, goes through train.select_rows, policy.score and
@@ -29,17 +29,20 @@ import train  # noqa: E402
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
 
 
-def toy_examples(n=64):
-    return [{"task": "math", "question": f"Write a sentence ({i}).", "answer": "0", "level": "toy", "id": f"toy{i}",
-             "target": "the knight is a knave"} for i in range(n)]
+class ToyTask:
+    """A task (tasks.py's interface): the reward is the share of lowercase letters or spaces."""
+    @staticmethod
+    def examples(split, source=None, n=64):
+        return [{"task": "toy", "question": f"Write a sentence ({i}).", "answer": "0", "level": "toy",
+                 "id": f"toy{i}", "target": "the knight is a knave"} for i in range(n if split == "train" else 0)]
 
-
-def toy_score(examples, texts):
-    out = []
-    for text in texts:
-        reward = sum(c in LETTERS for c in text) / len(text) if text else 0.0
-        out.append({"reward": reward, "correct": reward >= 0.75, "format_ok": True})
-    return out
+    @staticmethod
+    def score(examples, texts):
+        out = []
+        for text in texts:
+            reward = sum(c in LETTERS for c in text) / len(text) if text else 0.0
+            out.append({"reward": reward, "correct": reward >= 0.75, "format_ok": True})
+        return out
 
 
 def update_case(out_path, model_dir, shard_group=0):
@@ -94,8 +97,7 @@ def late_rank(minutes: float):
 
 if __name__ == "__main__":
     if sys.argv[1] == "toy":
-        train.main(train.parse_config(sys.argv[2:]), train_examples=toy_examples(), eval_examples=[],
-                   score_fn=toy_score)
+        train.main(train.parse_config(sys.argv[2:]), task=ToyTask)
     elif sys.argv[1] == "update":
         update_case(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)
     elif sys.argv[1] == "timeout":
