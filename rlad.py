@@ -21,14 +21,10 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
 
 alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is pure on-policy
 distillation (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy.
+Your own objective: a function below, a row in METHODS, a train.py Config field per new knob (read as o.<name>;
+docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's (rlad.token_logprobs).
 
-Add your own objective: a function below with the objectives' signature, a row in METHODS (what it needs: teacher
-log-probs, old log-probs, advantages, whose samples), and a Config field in train.py for each new knob, which the
-function reads as o.<name>. train.py reads only the table (docs/algorithm.md has a worked example). The per-token
-log-prob and entropy kernels, which never build a float32 [T, V] tensor, live in kernels.py and are importable
-from here (rlad.token_logprobs, rlad.entropy).
-
-Run the tests: `.venv/bin/python -m pytest -q tests/test_rlad.py`; benchmark: `python benchmarks/bench_rlad.py`.
+    .venv/bin/python -m pytest -q tests/test_rlad.py;  python benchmarks/bench_rlad.py
 """
 from types import SimpleNamespace
 
@@ -163,15 +159,12 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
                 kd_mask=None, token_info=None, config=None, **options):
     """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
 
-    method: a key of METHODS. logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B]
-    or [B, T] (old_logp / advantages may be None for methods that do not use them). Hyperparameters: DEFAULTS,
-    overridden by the attributes of `config` (an object such as train.Config), overridden by keywords
-    (alpha=0.3, ...). kd_mask: optional [B] / [B, T] bool restricting the KD term (e.g. to wrong responses).
-    num_tokens: see aggregate(). Metrics (detached 0-d tensors): loss and each term (loss/pg, loss/kd, loss/nll,
-    loss/kl_ref), parts of the mini-batch loss like `loss`; means over this batch's unmasked tokens: ratio_mean
-    (r_TRRD for rlad), clip_frac_low / clip_frac_high (tokens whose gradient the clip removed, A < 0 / A > 0),
-    teacher_log_ratio (+ _abs), teacher_clamp_frac (rlad). A dict passed as token_info receives per-token
-    tensors: "clipped" [B, T] bool (methods with a clipped ratio).
+    logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B] or [B, T] (None where the
+    method's row does not need them). Hyperparameters: DEFAULTS < the attributes of `config` (train.Config) <
+    keywords (alpha=0.3, ...). kd_mask: [B] / [B, T] bool restricting the KD term. num_tokens: see aggregate().
+    Metrics (detached): loss and its terms (loss/pg, loss/kd, loss/nll, loss/kl_ref); token means ratio_mean,
+    clip_frac_low / clip_frac_high (gradient removed by the clip, A < 0 / A > 0), teacher_log_ratio (+ _abs),
+    teacher_clamp_frac. token_info, a dict, receives "clipped" [B, T] bool (methods with a clipped ratio).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")

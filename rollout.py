@@ -48,7 +48,7 @@ def _check_model_dir(model_path: str) -> None:
 def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int) -> None:
     if isinstance(prompt_token_ids, (str, bytes)) or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
         raise TypeError("prompt_token_ids must be a list of lists of token ids (ints): tokenize prompts first, "
-                        "e.g. with data.build_prompt")
+                        "e.g. with tasks.prompt_ids")
     if n < 1 or max_tokens < 1:
         raise ValueError(f"n ({n}) and max_tokens ({max_tokens}) must be >= 1")
     for i, p in enumerate(prompt_token_ids):

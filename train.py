@@ -1,36 +1,28 @@
 """train.py: the RL loop for GRPO, KDRL, RLAD (TRRD), on-policy distillation and the SFT baseline, hand-written,
-torchrun + FSDP2. The losses are in rlad.py (start there); this file is the loop around them.
-
-One step, as main() reads (the same numbers head its blocks):
+torchrun + FSDP2. The losses are in rlad.py (start there); this file is the loop around them. One step, as
+main() reads (the same numbers head its blocks):
   1. prompts     this rank's share of `prompts_per_step`, a seeded permutation per pass over the data
-  2. sync        the rollout engine (vLLM, one per rank, asleep since the last rollout) takes the student's
-                 current weights, streamed one gathered parameter at a time, and wakes
+  2. sync        the rollout engine (vLLM, one per rank, asleep) takes the student's weights and wakes
   3. rollout     `group_size` samples per prompt, seeded by the prompt's global position (the same samples at any
-                 world size and after a resume); the engine sleeps again (level 2: its weights are discarded).
-                 sft trains on each example's target text instead (`eval.py --sft_out` writes the teacher's)
-  4. rewards     the task's scorer (tasks.py; math in killable worker processes)
+                 world size and after a resume), then the engine sleeps; sft takes each example's target text
+  4. rewards     the task's scorer (tasks.py)
   5. advantages  rlad.group_advantages; optionally drop groups whose rewards are all equal
-  6. frozen      the teacher's log-prob of every kept token (teacher.py, methods whose rlad.METHODS row asks for
-                 it); pi_old recomputed when the policy moves within the step (ppo_epochs or mini_batches > 1);
-                 the frozen reference when kl_coef > 0. The engine's own log-probs are only compared, never used
-  7. update      ppo_epochs x mini-batches x micro-batches; every micro-batch loss is divided by the GLOBAL
-                 token count of its mini-batch, so the gradient is the full-batch gradient at any world size;
-                 clip the grad norm, skip (and count) a non-finite step, AdamW
-  8. log         one JSON line in RUN_DIR/metrics.jsonl (one collective for every metric), sample logs, eval,
-                 checkpoints (checkpoint.py: HF-format student + sharded trainer state, atomic)
+  6. frozen      teacher.py's log-prob of every kept token (when the rlad.METHODS row asks), pi_old (when the policy
+                 moves within the step), the frozen reference (kl_coef > 0)
+  7. update      PPO epochs x mini-batches x micro-batches, each loss divided by its mini-batch's GLOBAL token
+                 count (the full-batch gradient at any world size); clip, skip a non-finite step, AdamW
+  8. log         a JSON line in RUN_DIR/metrics.jsonl (one collective), sample logs, eval, atomic checkpoints
 Before any weights load, preflight.py checks the config, resolves hub names and prints the memory plan.
 
     python train.py --config configs/cpu_quickstart.toml    # one CPU process, a tiny model learning in ~30 s
     torchrun --nproc_per_node 8 train.py                    # the paper's K&K RLAD (= configs/kk_qwen3_0.6b_2k.toml)
-    torchrun --nproc_per_node 8 train.py --config configs/kk_qwen3_1.7b_8k.toml --method grpo
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --config ...
     python train.py --config ... --resume true               # continue from the newest complete checkpoint
     python train.py --config ... --plan true                 # the memory plan per GPU, then exit
 
-Plain `python train.py` is a process group of one (gloo, or nccl on a GPU; in memory, no port), so FSDP2 and
-the collectives run the same code at every world size. Flags: any Config field as `--key value`, after the
-preset given by `--config`; an unknown key is an error. Left out, on purpose: tensor/pipeline parallel students,
-sequence packing (rows are sorted and right-padded; `pad_frac` reports the waste), asynchronous rollouts.
+Plain `python train.py` is a process group of one, so FSDP2 and the collectives run the same code at every world
+size. Flags: any Config field as `--key value`, after the preset given by `--config`. Left out, on purpose:
+tensor/pipeline parallel students, sequence packing (`pad_frac` reports the padding), asynchronous rollouts.
 """
 import contextlib
 import dataclasses
@@ -66,7 +58,7 @@ import tasks  # noqa: E402
 @dataclass
 class Config:
     # run. The defaults are the paper's K&K RLAD run on 8 x H200 (= configs/kk_qwen3_0.6b_2k.toml)
-    run_dir: str = "runs/kk_qwen3_0.6b_2k_rlad"  # metrics.jsonl, checkpoints/ and (tiny models) models/ go here
+    run_dir: str = "runs/kk_qwen3_0.6b_2k_rlad"  # metrics.jsonl, checkpoints/, samples/, models/ (tiny models)
     seed: int = 0                           # data order, sampling, tiny-model init
     resume: bool = False                    # continue from the newest complete checkpoint in run_dir
     max_steps: int = 300                    # RL steps (one rollout batch each)
@@ -75,15 +67,12 @@ class Config:
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill; must share the student's tokenizer
     # task and data (tasks.py)
     task: str = "kk"                        # kk | math | arith, or module:name for a task of your own
-    train_data: str = ""                    # comma-separated jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT hub
-                                            # datasets; "" = the task's generator
+    train_data: str = ""                    # jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT, comma-separated; "" = generated
     eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
-    train_levels: str = ""                  # generated training levels (K&K people, arith operands), e.g. 3,4,5;
-                                            # "" = the task's default (K&K: 3..7, the paper's; arith: 2..8)
+    train_levels: str = ""                  # generated levels (K&K people, arith operands), e.g. 3,4; "" = the task's
     eval_levels: str = ""                   # generated held-out levels; "" = every level (PPL2..PPL8, L2..L8)
     train_per_level: int = 2000             # generated training problems per level
-    sft_data: str = ""                      # sft: a jsonl of examples with "target" texts (eval.py --sft_out
-                                            # writes the teacher's correct samples); "" = the task's examples
+    sft_data: str = ""                      # sft: examples with "target" texts (eval.py --sft_out); "" = the task's
     max_prompt_tokens: int = 1024           # longer prompts are dropped from the training and eval sets
     # algorithm (docs/algorithm.md; rlad.DEFAULTS documents the loss knobs the objectives read)
     method: str = "rlad"                    # a key of rlad.METHODS: grpo | kdrl | rlad | distill | sft
@@ -141,17 +130,13 @@ class Config:
     save_every: int = 50                    # 0 = only at the end and on SIGTERM
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)
-    log_samples_every: int = 50             # every this many steps, RUN_DIR/samples/step_NNNNNN.jsonl: per-token
-                                            # student / teacher log-probs, the teacher's relation and the clip of
-                                            # a few groups (`python tools/show.py RUN_DIR` draws them); 0 = never
+    log_samples_every: int = 50             # RUN_DIR/samples/step_NNNNNN.jsonl: a few groups token by token
+                                            # (`python tools/show.py RUN_DIR` draws them); 0 = never
     log_samples_groups: int = 4             # groups (a prompt and its G responses) per sample log, from rank 0
     # distributed and preflight
-    shard_group: int = 0                    # FSDP2 shards within groups of this many ranks, replicated across
-                                            # groups (HSDP): 0 = the ranks of one node (flat FSDP on one node)
-    dist_timeout_min: float = 120.0         # collective timeout: ranks wait at collectives after uneven phases
-                                            # (rollouts, per-rank eval of 30K-token answers, rank 0's checkpoint
-                                            # write), minutes to an hour at the paper's scale; NCCL's 10-minute
-                                            # default would kill such a run
+    shard_group: int = 0                    # HSDP: shard within groups of this many ranks; 0 = the ranks of a node
+    dist_timeout_min: float = 120.0         # collective timeout: uneven phases (rollouts, 30K-token evals, rank 0's
+                                            # checkpoint write) take far longer than NCCL's 10-minute default
     plan: bool = False                      # print the memory plan (preflight.py) and exit
     plan_gpus: str = ""                     # plan for GPUSxGIB (e.g. 8x140: 8 H200) instead of this machine
 
@@ -312,12 +297,9 @@ def target_sample(tokenizer, example, prefill: str) -> dict:
 
 
 def make_rows(prompts: list, outs: list, offset: int, sampled: bool) -> list:
-    """A row is one response; it carries everything the step learns about it:
-      prompt, response  token ids (the response ends with EOS when the sample stopped)
-      group             index of its prompt in this rank's share (a group's G samples are adjacent)
-      uid               global response id within the step, the same at any world size (deals mini-batches)
-      truncated         hit max_tokens;  engine: the engine's log-probs [R] (diagnostic; sampled rows only)
-      later: reward, correct (4.), adv (5.), teacher / old / ref log-probs [R] (6.)"""
+    """A row is one response and everything the step learns about it: prompt / response token ids; group (its
+    prompt's index on this rank); uid (its id in the step, the same at any world size); truncated; engine (the
+    engine's log-probs, a diagnostic); later reward, correct (4.), adv (5.), teacher / old / ref log-probs (6.)."""
     return [{"prompt": prompts[p][0], "response": list(o["response_ids"]), "group": p,
              "uid": (offset + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
              **({"engine": torch.tensor(o["logprobs"])} if sampled else {})}
@@ -607,9 +589,7 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
             wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
             run.wandb = wandb
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
-    n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
-    print0(f"{cfg.method}: student {cfg.model} ({run.student_path}, ~{n_params / 1e6:.1f}M params), teacher "
-           f"{cfg.teacher if run.teacher_path else '-'} ({run.teacher_path}), world {world}, "
+    print0(f"{cfg.method}: student {run.student_path}, teacher {run.teacher_path or '-'}, world {world}, "
            f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps {run.start}..{cfg.max_steps}")
     return run
 
