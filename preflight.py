@@ -97,7 +97,15 @@ def looks_local(name: str) -> bool:
 def shapes(name: str) -> dict:
     """Parameter counts (all, the largest decoder layer, the rest: embeddings, norm, LM head), sizes, KV bytes."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:  # not cached and no hub (offline, no network, gated): one line that says what to do
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise SystemExit(f"memory plan: no config.json for {name} in the Hugging Face cache"
+                         f"{' (HF_HUB_OFFLINE=1: the hub is not asked)' if offline else ' or on the hub'}: run "
+                         f"`huggingface-cli download {name}` where there is network (HF_HUB_OFFLINE=1 then reads the "
+                         f"cache alone), or pass a local directory ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
     with torch.device("meta"):  # no memory, no weights: the module tree alone
         lm = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
