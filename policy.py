@@ -106,20 +106,20 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = Policy(lm, chunk, temperature)
     full = {f"lm.{k}": v for k, v in lm.state_dict().items()} if rank0 and not given else {}  # rank 0's CPU copy
-    model.offload = offload and not trainable and device.type != "cpu" and not shard
-    cpu_offload = shard and offload and not trainable and device.type != "cpu"  # FSDP2 keeps the shards on CPU
+    offload = offload and not trainable  # on a CPU device the same code runs and moves nothing (tests take it)
+    model.offload = offload and not shard
     if shard:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" and trainable else MixedPrecisionPolicy()  # frozen: already in compute dtype
         kw = dict(mesh=mesh or device_mesh(device, world), mp_policy=mp,
-                  **({"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}))
+                  **({"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if offload else {}))
         for layer in lm.get_decoder().layers:
             fully_shard(layer, **kw)
         fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
     else:
         model.to(device) if rank0 or given else model.to_empty(device=device)
     if not given and dist.is_initialized() and dist.get_world_size() > 1:
-        broadcast_from_rank0(model, full, torch.device("cpu") if cpu_offload else device, sharded=shard)
+        broadcast_from_rank0(model, full, device, sharded=shard)
     if not shard and model.offload:
         model.to("cpu")
     del full
@@ -130,8 +130,8 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
 def broadcast_from_rank0(model: Policy, full: dict, device, sharded: bool):
     """Fill the meta-built models of ranks 1.. with rank 0's weights (each rank keeps its shard) and buffers."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device)
+    if any(p.is_meta for p in model.parameters()):  # the compute device, where rank 0's buffers are; under an
+        model.to_empty(device=device)  # offload policy FSDP2 then moves the parameter shards to pinned CPU memory
     if sharded:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:

@@ -25,6 +25,12 @@ import torch.distributed as dist
 import rlad
 
 GIB = 2**30
+# Per-GPU memory no tensor of ours holds (read from source, not measured): NCCL allocates per channel and peer
+# connection 4 MiB (Simple protocol, NCCL_BUFFSIZE's default), ~4.7 MiB (LL128) and 0.5 MiB (LL) (DEFAULT_*BUFFSIZE
+# in NCCL's init.cc); up to 32 channels x 2 ring neighbours is ~0.6 GiB per communicator, and a rank holds up to three
+# (the trainer's world group, HSDP's shard and replicate groups): ~1.8 GiB. Plus the CUDA context (~0.5 GiB) and
+# vLLM's CUDA-graph pool, which sleep keeps resident unless sleep_mode_offload_cudagraph is set.
+OUTSIDE_TENSORS = 3 * GIB
 
 # ----------------------------------------------------------------------------- 1. the config's types and ranges
 AT_LEAST_1 = ("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
@@ -89,7 +95,15 @@ def looks_local(name: str) -> bool:
 def shapes(name: str) -> dict:
     """Parameter counts (all, the largest decoder layer, the rest: embeddings, norm, LM head), sizes, KV bytes."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:  # not cached and no hub (offline, no network, gated): one line that says what to do
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise SystemExit(f"memory plan: no config.json for {name} in the Hugging Face cache"
+                         f"{' (HF_HUB_OFFLINE=1: the hub is not asked)' if offline else ' or on the hub'}: run "
+                         f"`huggingface-cli download {name}` where there is network (HF_HUB_OFFLINE=1 then reads the "
+                         f"cache alone), or pass a local directory ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
     with torch.device("meta"):  # no memory, no weights: the module tree alone
         lm = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
@@ -123,9 +137,10 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
              "gradients (fp32, update only)": 4 * P / shard,
              "bf16 compute copy (update only)": 2 * (student["root"] + 2 * student["layer"]),
              "activations (update only)": tokens * saved + head,
-             "vLLM share (rollout only)": cfg.gpu_memory_utilization * gpu_bytes}
+             "vLLM share (rollout only)": cfg.gpu_memory_utilization * gpu_bytes,
+             "NCCL, CUDA context (estimate)": OUTSIDE_TENSORS}
     resident = sum(parts[k] for k in ("student fp32 masters", "AdamW state (fp32 m, v)", "reference (bf16)",
-                                      "teacher (bf16)"))
+                                      "teacher (bf16)", "NCCL, CUDA context (estimate)"))
     teacher_pass = 0 if teacher is None else \
         cfg.teacher_token_budget * 2 * teacher["hidden"] * 4 + cfg.logit_chunk * teacher["vocab"] * 6 + \
         (2 * teacher["layer"] * 2 if cfg.teacher_shard or cfg.teacher_offload else 0)
@@ -136,7 +151,7 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
                        teacher_pass, "update": resident + sum(v for k, v in parts.items() if "update only" in k)},
             "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": seq,
             "rollout_seqs": -(-cfg.prompts_per_step // world) * cfg.group_size,
-            "max_util": max(gpu_bytes - resident - 4 * GIB, 0) / gpu_bytes}  # leave 4 GiB: allocator slack, NCCL
+            "max_util": max(gpu_bytes - resident - GIB, 0) / gpu_bytes}  # and 1 GiB of allocator slack
 
 
 def format_plan(plan: dict, cfg) -> str:

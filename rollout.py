@@ -66,13 +66,14 @@ def _prompt_seeds(seed, num_prompts: int, n: int) -> list:
     return [None if seed is None else seed + i * n for i in range(num_prompts)]
 
 
-def _tie_lm_head(named_tensors, tied: bool):
-    """For a tied model, feed the embedding as lm_head too (see module docstring); streams, copies nothing."""
+def _tie_lm_head(named_tensors, embedding):
+    """For a tied model (embedding: its input embedding's name), feed the embedding as lm_head too (see module
+    docstring); streams, copies nothing."""
     for name, tensor in named_tensors:
-        if tied and name == "lm_head.weight":
+        if embedding and name == "lm_head.weight":
             continue
         yield name, tensor
-        if tied and name.endswith("embed_tokens.weight"):
+        if name == embedding:
             yield "lm_head.weight", tensor
 
 
@@ -207,13 +208,17 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.5, seed: int = 0, enforce_eager: bool = False,
                  enable_sleep_mode=None, max_num_seqs: int = 256, kv_cache_memory_bytes=None):
         import torch.distributed as dist
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         _check_model_dir(model_path)
         hf_config = AutoConfig.from_pretrained(model_path)
         self.model_path = model_path
         self.max_model_len = max_model_len
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tied:  # the model's own name for its embedding (model.embed_tokens, GPT-2's transformer.wte, ...)
+            with torch.device("meta"):  # the module tree alone: no memory, no weights
+                lm = AutoModelForCausalLM.from_config(hf_config)
+            self.embedding = next(n for n, p in lm.named_parameters() if p is lm.get_input_embeddings().weight)
         self.expected_names = _checkpoint_names(model_path)
         on_gpu = torch.cuda.is_available()
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -294,7 +299,7 @@ class VLLMEngine:
         seen = set()
 
         def stream():
-            for name, tensor in _tie_lm_head(named_tensors, self.tied):
+            for name, tensor in _tie_lm_head(named_tensors, self.tied and self.embedding):
                 seen.add(name)
                 yield name, tensor
 

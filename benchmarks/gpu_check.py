@@ -1,4 +1,4 @@
-"""One run of at most 5 minutes on one GPU that measures what only a GPU can show; its JSON feeds the README.
+"""One run of at most 4 minutes on one GPU that measures what only a GPU can show; its JSON feeds the README.
 
 Models are built from their Qwen3 configs with random weights (speed and memory do not depend on the values):
 torch and transformers only, no vLLM, no model hub. Each part runs in its own try/except: an error prints its
@@ -22,10 +22,12 @@ traceback and is recorded, an out-of-memory is recorded as "OOM" with the part's
     python benchmarks/gpu_check.py --parts logprobs,adamw   # a subset (dist always runs first)
     python benchmarks/gpu_check.py --dry-run                # tiny sizes on CPU: every code path in seconds
 
-Every number goes into one JSON (--json, default gpu_check.json; also printed at the end), one line per part as
-it finishes. Budget on an H200 (each part's docstring has its sizes): start-up ~15 s, dist 5, logprobs 10,
-memory_fit 100, padding 20, teacher 20, sync 10, adamw 15: about 3.3 minutes; a part that would start after
---max-seconds (270) is skipped, and so is a memory_fit preset after --fit-seconds (120) of that part.
+Every number goes into one JSON (--json, default gpu_check.json), rewritten atomically after every part, so a run
+killed at a time limit still leaves the parts it finished ("finished": false until the end); one line per part as
+it finishes, the whole JSON printed at the end. Budget on an H200 (ESTIMATE_S, from each part's docstring):
+start-up ~15 s, dist 5, logprobs 10, memory_fit 90, padding 20, teacher 20, sync 10, adamw 15: about 3 minutes. A
+part whose estimate would end past --max-seconds (210) is skipped and recorded so, and so is a memory_fit preset
+starting after --fit-seconds (75) of that part: the script ends within about 4 minutes, inside a 5-minute limit.
 MFU = model FLOPs (6 N per token plus causal attention, 6 L d n per token of an n-token sequence, for forward +
 backward; 2 N and 2 L d n for a forward) over the card's dense bf16 peak (PEAK_BF16).
 """
@@ -79,6 +81,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/
 DRY = 128  # --dry-run divides the presets' token counts by this
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 PARTS = ("logprobs", "memory_fit", "padding", "teacher", "sync", "adamw")
+ESTIMATE_S = {"dist": 5, "logprobs": 10, "memory_fit": 90, "padding": 20, "teacher": 20, "sync": 10, "adamw": 15}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -396,7 +399,7 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
 
 def part_memory_fit(args, state, res):
     """Every GPU preset, one micro-batch of its micro_batch_tokens through train.update with the 8B teacher
-    resident (16.4 GB). H200 estimate ~100 s: the teacher build ~10 s; per measured preset a student build
+    resident (16.4 GB). H200 estimate ~90 s: the teacher build ~10 s; per measured preset a student build
     (~5 s), two 32K-token teacher passes (~1.5 s each) and two updates (~1-3 s each at 16K-32K tokens); the two
     presets whose student, micro_batch_tokens and checkpointing repeat an earlier one are skipped; presets starting
     after --fit-seconds are skipped (5 measured: ~15 s each)."""
@@ -659,6 +662,14 @@ def driver_version():
         return None
 
 
+def save(results: dict, path: str):
+    """Write the JSON atomically (a temporary file, then a rename): a kill mid-write leaves the previous version."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(results, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def mem_info(device):
     return list(torch.cuda.mem_get_info(device)) if is_cuda(device) else None
 
@@ -668,8 +679,9 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (checks every code path)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--json", default="gpu_check.json", help="write every number here (also printed at the end)")
-    ap.add_argument("--max-seconds", type=float, default=270, help="parts that would start later are skipped")
-    ap.add_argument("--fit-seconds", type=float, default=120, help="memory_fit presets starting later are skipped")
+    ap.add_argument("--max-seconds", type=float, default=210,
+                    help="a part whose estimate (ESTIMATE_S; 0 with --dry-run) would end later is skipped")
+    ap.add_argument("--fit-seconds", type=float, default=75, help="memory_fit presets starting later are skipped")
     args = ap.parse_args()
     t0 = time.perf_counter()
     parts = [p for p in args.parts.split(",") if p]
@@ -681,13 +693,15 @@ def main():
     state = {"device": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
              else torch.device("cpu"), "world": 1}
     results = {"argv": sys.argv[1:], "dry_run": args.dry_run, "versions": versions(state["device"]),
-               "mem_get_info_before": mem_info(state["device"]), "parts": {}}
+               "mem_get_info_before": mem_info(state["device"]), "finished": False, "parts": {}}
     results["device"] = results["versions"]["device"]
     print(f"[start] {summary(results['versions'])}; mem_get_info {results['mem_get_info_before']}", flush=True)
+    save(results, args.json)
     for name, fn in [("dist", part_dist)] + [(p, globals()[f"part_{p}"]) for p in PARTS if p in parts]:
         res = results["parts"][name] = {}
-        if time.perf_counter() - t0 > args.max_seconds:
-            res["skipped"] = f"time budget ({args.max_seconds} s) spent"
+        elapsed, estimate = time.perf_counter() - t0, 0 if args.dry_run else ESTIMATE_S[name]
+        if name != "dist" and elapsed + estimate > args.max_seconds:
+            res["skipped"] = f"time budget: {elapsed:.0f} s + ~{estimate} s > --max-seconds {args.max_seconds}"
         elif name != "dist" and state["world"] != 1:
             res["skipped"] = "run as one process (the parts measure one GPU)"
         else:
@@ -702,13 +716,13 @@ def main():
                 res["error"] = f"{type(e).__name__}: {e}"[:500]
             res["part_seconds"] = round(time.perf_counter() - start, 2)
             free(state["device"])
+        results["elapsed_seconds"] = round(time.perf_counter() - t0, 1)
+        save(results, args.json)  # before the line, so whoever reads the line finds the part in the file
         print(f"[{name}] {summary(res)}", flush=True)
-    results["mem_get_info_after"] = mem_info(state["device"])
-    results["total_seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(results, indent=1, default=str)
-    with open(args.json, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    results.update(mem_get_info_after=mem_info(state["device"]), total_seconds=round(time.perf_counter() - t0, 1),
+                   finished=True)
+    save(results, args.json)
+    print(json.dumps(results, indent=1, default=str))
     print(f"wrote {args.json}; total {results['total_seconds']} s", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

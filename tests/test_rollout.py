@@ -2,6 +2,10 @@
 
 One vLLM engine per model (module-scoped, parametrised: untied then tied), fp32 so that vLLM and transformers
 agree to ~1e-5. Tests that change the engine's weights put the original ones back before they return.
+
+The sync tests sample prompts of several KV blocks (vLLM's block is 16 tokens) before and after each sync: a
+prompt shorter than one block never hits vLLM's prefix cache, so a sync that kept KV computed with the old
+weights (no prefix-cache reset) would pass them unnoticed.
 """
 import copy
 import os
@@ -30,6 +34,12 @@ def setup(request, tiny_model_dir, tiny_tied_model_dir):
 def prompts(tok):
     texts = ["Alice said that Bob is a knight.", "Solve: 2x + 1 = 2", "Who is a knave?"]
     return [tok(t)["input_ids"] for t in texts]  # different lengths: exercises left padding in HFEngine
+
+
+def long_prompts(tok):
+    """112, 136 and 157 tokens: 7 to 9 full KV blocks each, cached by vLLM after the first generate."""
+    ids = tok(" ".join(["Alice said that Bob is a knight and Charlie is a knave. Who is a knave?"] * 40))["input_ids"]
+    return [ids[i:i + n] for i, n in ((0, 112), (3, 136), (5, 157))]
 
 
 def reference_logprobs(model, prompt, response):
@@ -67,7 +77,8 @@ def test_logprobs_match_transformers_raw(setup, tiny_tokenizer):
 
 def test_load_weights_follows_perturbed_model(setup, tiny_tokenizer):
     engine, hf, *_ = setup
-    ps = prompts(tiny_tokenizer)
+    ps = long_prompts(tiny_tokenizer)
+    assert max_error(hf, engine.generate(ps, n=2, max_tokens=24, seed=2), ps) < TOL  # fills the prefix cache
     new = perturbed(hf)
     # named_parameters() of a tied model has no lm_head.weight: the engine must tie it itself.
     engine.load_weights(new.named_parameters())
@@ -81,7 +92,8 @@ def test_load_weights_follows_perturbed_model(setup, tiny_tokenizer):
 def test_state_dict_with_lm_head_also_syncs(setup, tiny_tokenizer):
     """A state_dict (tied models include lm_head.weight there) works as well as named_parameters()."""
     engine, hf, *_ = setup
-    ps = prompts(tiny_tokenizer)
+    ps = long_prompts(tiny_tokenizer)
+    engine.generate(ps, max_tokens=16, seed=3)  # the old weights' KV in the prefix cache
     new = perturbed(hf, seed=8)
     engine.load_weights(iter(new.state_dict().items()))
     assert max_error(new, engine.generate(ps, max_tokens=16, seed=3), ps) < TOL
@@ -104,7 +116,8 @@ def test_partial_sync_is_refused(setup):
 
 def test_wake_generates_with_latest_weights(setup, tiny_tokenizer):
     engine, hf, *_ = setup
-    ps = prompts(tiny_tokenizer)
+    ps = long_prompts(tiny_tokenizer)
+    engine.generate(ps, max_tokens=16, seed=4)  # the old weights' KV in the prefix cache
     new = perturbed(hf, seed=9)
     engine.sleep()
     with pytest.raises(RuntimeError, match="wake"):

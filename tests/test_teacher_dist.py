@@ -1,9 +1,11 @@
-"""A teacher sharded with FSDP2 over 2 real gloo ranks (torchrun) returns the unsharded teacher's numbers."""
+"""A teacher sharded with FSDP2 over 2 real gloo ranks (torchrun), offloaded or not, returns the unsharded teacher's
+numbers."""
 import os
 import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import teacher
@@ -12,10 +14,14 @@ from dist_teacher_worker import rank_sequences
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_sharded_teacher_matches_unsharded(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_sharded_teacher_matches_unsharded(tiny_model_dir, tmp_path, offload):
+    """offload: ranks 1.. build their meta-initialised shards on the compute device, as rank 0's buffers are, and
+    FSDP2's CPUOffloadPolicy moves the parameter shards to CPU memory (on GPUs a rank building on CPU instead
+    would broadcast its CPU buffers against rank 0's GPU ones)."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "dist_teacher_worker.py"), tiny_model_dir, str(tmp_path)]
+           os.path.join(HERE, "dist_teacher_worker.py"), tiny_model_dir, str(tmp_path)] + ["offload"] * offload
     # Own process group, so that on a hang the workers die with torchrun instead of outliving the test.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -31,6 +37,7 @@ def test_sharded_teacher_matches_unsharded(tiny_model_dir, tmp_path):
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["local_numel"] < 0.75 * saved["full_numel"]  # each rank holds about half the weights
+        assert saved["offloaded"] and all(x == offload for x in saved["offloaded"])  # the policy was applied
         for call in range(2):
             seqs = rank_sequences(rank, call)
             got = saved["results"][call]

@@ -1,0 +1,20 @@
+"""A new user's first command on a machine that has neither the models cached nor the hub: `--plan true` on a GPU
+preset must end in one line that says how to get the models, not in transformers' tracebacks."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_without_cache_or_hub_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty_cache"), HF_HOME=str(tmp_path),
+               TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "train.py", "--config", "configs/kk_qwen3_0.6b_2k.toml", "--plan", "true",
+                        "--run_dir", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if "huggingface-cli download Qwen/Qwen3-" in line]
+    assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0], out
