@@ -73,6 +73,7 @@ def test_diagnose_cosine_is_one_against_itself_and_not_against_another_teacher(t
     import torch
     from transformers import AutoModelForCausalLM
     import data
+    import tasks
     import tiny
     diagnose = study_module("diagnose")
     tok = tiny.make_arith_tokenizer()

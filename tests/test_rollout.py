@@ -125,8 +125,8 @@ def test_wake_generates_with_latest_weights(setup, tiny_tokenizer):
     engine.load_weights(new.named_parameters())  # the trainer syncs while the engine sleeps
     engine.wake()
     assert max_error(new, engine.generate(ps, max_tokens=16, seed=4), ps) < TOL
-    # Level 2 discards the weights: waking without a sync must refuse, a sync then wake must use it.
-    engine.sleep(level=2)
+    # Sleep discards the weights (level 2, the only level: interface change): waking without a sync must refuse.
+    engine.sleep()
     with pytest.raises(RuntimeError, match="load_weights"):
         engine.wake()
     engine.load_weights(hf.named_parameters())

@@ -46,7 +46,7 @@ def test_tied_gpt2_head_follows_a_sync(tmp_path, tiny_tokenizer):
         with torch.no_grad():
             for p in new.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-        engine.sleep(level=2)
+        engine.sleep()
         engine.load_weights(new.named_parameters())  # no lm_head.weight: tied parameters are listed once
         engine.wake()
         out = engine.generate(ps, n=2, max_tokens=16, seed=1)
