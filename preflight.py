@@ -34,7 +34,7 @@ RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
          ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
           "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature".split(),
           lambda v: v >= 0, ">= 0"),
-         ("lr temperature max_grad_norm dist_timeout_min".split(), lambda v: v > 0, "> 0"),
+         ("lr temperature max_grad_norm dist_timeout_min teacher_timeout_s".split(), lambda v: v > 0, "> 0"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
          ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
          ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
@@ -74,6 +74,12 @@ def check_config(cfg, world: int):
         raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
+    if cfg.teacher_url and rlad.METHODS[cfg.method]["teacher_logp"]:
+        import teacher
+        try:
+            teacher.check_served_temperature(cfg.temperature)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if needs_teacher(cfg) and not cfg.teacher:
         raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
     for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
@@ -83,9 +89,11 @@ def check_config(cfg, world: int):
 
 
 def needs_teacher(cfg) -> bool:
-    """The teacher scores tokens (the method's row says so) or generates the SFT baseline's samples."""
+    """The teacher's weights are needed here: it scores tokens (the method's row says so) and is not served
+    (--teacher_url), or it generates the SFT baseline's samples."""
     spec = rlad.METHODS[cfg.method]
-    return spec["teacher_logp"] or (spec["samples"] == "teacher" and cfg.sft_source == "teacher")
+    return (spec["teacher_logp"] and not cfg.teacher_url) or (spec["samples"] == "teacher" and
+                                                                cfg.sft_source == "teacher")
 
 
 def looks_local(name: str) -> bool:
@@ -205,7 +213,8 @@ def plan_run(cfg, world: int, say=print) -> bool:
     if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
         cfg = dataclasses.replace(cfg, plan_gpus="8x140")
     names = {k: resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in TINY else getattr(cfg, k)
-             for k in ("model", "teacher")}  # hub names stay names: AutoConfig reads their config.json only
+             for k in ("model", "teacher") if k == "model" or needs_teacher(cfg)}  # hub names stay names:
+    # AutoConfig reads their config.json only
     plan = plan_for(cfg, world, names)
     if plan is not None:
         say(format_plan(plan, cfg))

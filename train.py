@@ -136,6 +136,9 @@ class Config:
     teacher_token_budget: int = 16384       # most tokens in one teacher forward
     teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
     teacher_offload: bool = False           # keep the teacher in CPU memory between passes (small GPUs)
+    teacher_url: str = ""                   # the teacher pass from vLLM server(s) instead (http://host:8000/v1,
+                                            # comma-separated replicas): no teacher weights here; temperature 1
+    teacher_timeout_s: float = 300.0        # served teacher: retry a failed request this long, then stop the run
     # evaluation, checkpoints, logging
     eval_every: int = 50                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
@@ -321,6 +324,12 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
     run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
     run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if preflight.needs_teacher(cfg) else None
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
+    run.teacher = None
+    if cfg.teacher_url and run.spec["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
+        import teacher as teacher_lib
+        run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
+                                                max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
+                                                token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s)
     if run.teacher_path:
         import teacher as teacher_lib
         try:
@@ -360,7 +369,7 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
     print0(f"{cfg.method}: student {cfg.model} ({run.student_path}, ~{n_params / 1e6:.1f}M params), teacher "
-           f"{cfg.teacher if run.teacher_path else '-'} ({run.teacher_path}), world "
+           f"{cfg.teacher if run.teacher_path else '-'} ({run.teacher_path or cfg.teacher_url}), world "
            f"{world}, {len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps "
            f"{run.start}..{cfg.max_steps}")
     return run
@@ -385,8 +394,7 @@ def load_models(run):
                               mesh=run.mesh)
     run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature, trainable=False,
                           mesh=run.mesh) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
-    run.teacher = None
-    if run.spec["teacher_logp"]:
+    if run.spec["teacher_logp"] and run.teacher is None:  # not served: a frozen policy on these ranks
         import teacher as teacher_lib
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
@@ -595,11 +603,10 @@ def frozen_logprobs(run, kept: list, m: Metrics, times: dict):
     """Step 5: r["teacher"], r["old"], r["ref"]: log-probs of each kept row's tokens under the frozen models."""
     cfg = run.cfg
     with timed(times, "teacher"):
-        if run.teacher is not None:  # on the device, no host sync: collate reads them there
-            logps, stats = policy.score(run.teacher.model, kept, cfg.teacher_token_budget, run.device)
-            for r, lp in zip(kept, logps):
+        if run.teacher is not None:  # local or served alike: float32 CPU tensors (a collective: every rank calls)
+            for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
                 r["teacher"] = lp
-            m.mean("teacher_pad_frac", stats["pad_fraction"], 1 / run.world)
+            m.mean("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0), 1 / run.world)
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
     moves = run.spec["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):
