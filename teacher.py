@@ -15,6 +15,7 @@ layer at a time. That makes `logprobs` a collective: every rank calls it the sam
 point of the program, even with an empty list (the ranks then agree on a micro-batch count inside the call).
 Offload (`offload=True`): the weights live in CPU memory between passes (no effect on a CPU device).
 """
+import http.client
 import json
 import os
 import re
@@ -94,18 +95,15 @@ def check_served_temperature(temperature: float) -> None:
 
 
 class ServedTeacher:
-    """The teacher behind vLLM OpenAI-compatible servers, with Teacher's interface: `logprobs(sequences)` returns
-    the same float32 CPU tensors, so the loop does not branch on which teacher it has.
+    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas) with Teacher's
+    interface: `logprobs` returns the same float32 CPU tensors, so the loop does not care which teacher it has.
 
-    urls: "http://host:8000/v1", comma-separated for replicas. Each batch of this rank's rows (at most
-    `token_budget` tokens, a longer row alone) is one POST {url}/completions with the token ids as prompts,
-    max_tokens 1 and prompt_logprobs 0: vLLM answers each prompt token's log-prob given those before it, and the
-    response part is kept. `max_in_flight` requests run at once; batch i of a call goes to replica (rank + i) mod n.
-    A timeout or connection error is retried with exponential backoff, on the next replica, for up to `timeout_s`
-    in all. When a call fails, every rank learns of it (one all_reduce) and raises SystemExit with one line:
-    the step stops before its update, so the last checkpoint is the newest state and `--resume true` continues.
-    At construction (before any weights load) each server must answer, encode the student's probe texts to the
-    student's ids (its /tokenize), and take sequences of `max_len` tokens; temperature must be 1.
+    A batch of this rank's rows (<= token_budget tokens) is one POST /completions of their token ids with
+    prompt_logprobs 0: each prompt token's log-prob given those before it; the response part is kept. Batch i goes
+    to replica (rank + i) mod n, max_in_flight at once; a timeout or refused connection is retried with backoff on
+    the next replica for timeout_s in all, then every rank stops together (SystemExit, one line) before the update.
+    At construction, before any weights load: each server answers, encodes the student's probes to the student's
+    ids (/tokenize) and takes max_len tokens; temperature must be 1.
     """
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
@@ -147,7 +145,7 @@ class ServedTeacher:
                     raise ValueError(f"served teacher {url}: HTTP {e.code} on {path}: "
                                      f"{e.read()[:300].decode(errors='replace')}".replace("\n", " ")) from None
                 reason = f"HTTP {e.code}"
-            except OSError as e:  # refused, reset, timed out, no such host
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short, timed out, no such host
                 reason = str(getattr(e, "reason", e))
             k += 1
             if time.monotonic() + wait > deadline:
@@ -180,19 +178,18 @@ class ServedTeacher:
         if any(not rows[k][0] for k in todo):
             raise ValueError("empty prompt_ids: the first response token has no context")
         batches, size = [], self.token_budget + 1
-        for k in todo:
+        for k in todo:  # consecutive rows, a new request when the next would pass the budget (a long row alone)
             n = len(rows[k][0]) + len(rows[k][1])
             if size + n > self.token_budget:
-                batches.append([])
-                size = 0
+                batches, size = batches + [[]], 0
             batches[-1].append(k)
             size += n
         t, error, parts = time.perf_counter(), "", []
         pool = ThreadPoolExecutor(self.max_in_flight)
         try:
             parts = list(pool.map(self._score, range(len(batches)), [[rows[k] for k in b] for b in batches]))
-        except (OSError, ValueError) as e:
-            error = str(e)
+        except Exception as e:  # any failure on any rank stops every rank: none is left waiting in a collective
+            error = str(e) if str(e).startswith("served teacher") else f"served teacher {self.urls[0]}...: {e!r}"
         finally:
             pool.shutdown(cancel_futures=True)  # requests not yet sent are dropped, not retried for timeout_s each
         self._stop_together(error)

@@ -7,7 +7,7 @@
   weights; at 2 ranks (torchrun, gloo) the server is killed mid-run: every rank stops with one line naming the URL,
   the newest checkpoint is the last complete step's, and --resume true finishes the run once the server is back.
 - A wrong URL, a student with another tokenizer and a temperature other than 1 are one-line errors before any
-  weights load.
+  weights load; a failure on one rank stops the other too (one all_reduce), which would otherwise wait forever.
 """
 import glob
 import json
@@ -174,3 +174,22 @@ def test_wrong_url_foreign_tokenizer_and_temperature_fail_before_any_weights_loa
         code, out = run_train([sys.executable, "train.py"] + PRESET + ["--run_dir", str(tmp_path / "run")] + flags)
         assert code != 0 and out.strip().splitlines()[-1].startswith(line), out[-3000:]
         assert "Traceback" not in out and "Loading weights" not in out, out[-3000:]
+
+
+def test_a_failure_on_one_rank_stops_every_rank(server, tmp_path):
+    """Rank 0 is given a dead URL, rank 1 the live server: rank 1 passes its own checks, then learns of rank 0's
+    failure at the all_reduce and both exit with one line within seconds, instead of rank 1 waiting forever."""
+    script = tmp_path / "one_bad_rank.py"
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport torch.distributed as dist\nimport teacher\n"
+                      f"dist.init_process_group('gloo')\n"
+                      f"teacher.ServedTeacher({closed!r} if dist.get_rank() == 0 else {server.url!r}, timeout_s=1)\n"
+                      "print('not reached')\n")
+    logs = str(tmp_path / "logs")
+    p = subprocess.run(TORCHRUN[:3] + ["--log-dir", logs, "--redirects", "3"] + TORCHRUN[3:] + [str(script)],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    errs = rank_logs(logs)
+    assert p.returncode != 0 and len(errs) == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert errs[0].strip().splitlines()[-1].startswith(f"served teacher {closed}: no answer"), errs[0][-2000:]
+    assert errs[1].strip().splitlines()[-1] == f"served teacher {server.url}: a request failed on another rank"
+    assert not any("Traceback" in e for e in errs), errs
