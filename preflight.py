@@ -212,9 +212,9 @@ def plan_run(cfg, world: int, say=print) -> bool:
     Without a GPU nothing is planned, unless --plan_gpus says for what (--plan alone: the paper's 8 x H200 node)."""
     if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
         cfg = dataclasses.replace(cfg, plan_gpus="8x140")
+    # hub names stay names: AutoConfig reads their config.json only; a served teacher is not planned at all
     names = {k: resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in TINY else getattr(cfg, k)
-             for k in ("model", "teacher") if k == "model" or needs_teacher(cfg)}  # hub names stay names:
-    # AutoConfig reads their config.json only
+             for k in ("model", "teacher") if k == "model" or needs_teacher(cfg)}
     plan = plan_for(cfg, world, names)
     if plan is not None:
         say(format_plan(plan, cfg))

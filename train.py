@@ -369,8 +369,8 @@ def setup(cfg: Config, train_examples=None, eval_examples=None, score_fn=None) -
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     n_params = sum(p.numel() for p in run.student.parameters()) * (world if device.type == "cpu" else 1)
     print0(f"{cfg.method}: student {cfg.model} ({run.student_path}, ~{n_params / 1e6:.1f}M params), teacher "
-           f"{cfg.teacher if run.teacher_path else '-'} ({run.teacher_path or cfg.teacher_url}), world "
-           f"{world}, {len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps "
+           f"{cfg.teacher if run.teacher_path else cfg.teacher_url if run.teacher else '-'} ({run.teacher_path}), "
+           f"world {world}, {len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps "
            f"{run.start}..{cfg.max_steps}")
     return run
 
