@@ -40,7 +40,7 @@ RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
          ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
           "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature".split(),
           lambda v: v >= 0, ">= 0"),
-         ("lr temperature max_grad_norm dist_timeout_min".split(), lambda v: v > 0, "> 0"),
+         ("lr temperature max_grad_norm dist_timeout_min teacher_timeout_s".split(), lambda v: v > 0, "> 0"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
          ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
          ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
@@ -78,12 +78,24 @@ def check_config(cfg, world: int):
         raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
-    if rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher:
+    if cfg.teacher_url and rlad.METHODS[cfg.method]["teacher_logp"]:
+        import teacher
+        try:
+            teacher.check_served_temperature(cfg.temperature)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if needs_teacher(cfg) and not cfg.teacher:
         raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
-    for name in ("model", "teacher") if rlad.METHODS[cfg.method]["teacher_logp"] else ("model",):
+    for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
         path = getattr(cfg, name)
         if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
+
+
+def needs_teacher(cfg) -> bool:
+    """The teacher's weights are needed on these ranks: it scores tokens (the method's row says so) and is not
+    served (--teacher_url)."""
+    return rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher_url
 
 
 def looks_local(name: str) -> bool:
@@ -157,7 +169,7 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
 def format_plan(plan: dict, cfg) -> str:
     g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
     lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.2f} GiB; student {cfg.model}, teacher "
-             f"{cfg.teacher if rlad.METHODS[cfg.method]['teacher_logp'] else '-'}; estimates from the model configs):"]
+             f"{cfg.teacher if needs_teacher(cfg) else '-'}; estimates from the model configs):"]
     lines += [f"  {name:34s} {g(b)}" for name, b in plan["parts"].items() if b]
     lines += [f"  phase {name:28s} {g(b)}  {'ok' if b <= plan['gpu'] else 'DOES NOT FIT'}"
               for name, b in plan["phases"].items()]
@@ -206,7 +218,7 @@ def plan_for(cfg, world: int, paths: dict):
         gpu_bytes = torch.cuda.mem_get_info()[1]
     else:
         return None
-    teacher = shapes(paths["teacher"]) if rlad.METHODS[cfg.method]["teacher_logp"] else None
+    teacher = shapes(paths["teacher"]) if needs_teacher(cfg) else None
     return memory_plan(cfg, world, gpu_bytes, shapes(paths["model"]), teacher)
 
 
@@ -215,8 +227,9 @@ def plan_run(cfg, world: int, say=print) -> bool:
     Without a GPU nothing is planned, unless --plan_gpus says for what (--plan alone: the paper's 8 x H200 node)."""
     if cfg.plan and not cfg.plan_gpus and not torch.cuda.is_available():
         cfg = dataclasses.replace(cfg, plan_gpus="8x140")
+    # hub names stay names: AutoConfig reads their config.json only; a served teacher is not planned at all
     names = {k: resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in TINY else getattr(cfg, k)
-             for k in ("model", "teacher")}  # hub names stay names: AutoConfig reads their config.json only
+             for k in ("model", "teacher") if k == "model" or needs_teacher(cfg)}
     plan = plan_for(cfg, world, names)
     if plan is not None:
         say(format_plan(plan, cfg))

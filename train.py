@@ -121,6 +121,9 @@ class Config:
     teacher_token_budget: int = 32768       # most tokens in one teacher forward
     teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
     teacher_offload: bool = False           # keep the teacher in CPU memory between passes (small GPUs)
+    teacher_url: str = ""                   # the teacher pass from vLLM server(s) instead (http://host:8000/v1,
+                                            # comma-separated replicas): no teacher weights here; temperature 1
+    teacher_timeout_s: float = 300.0        # served teacher: retry a failed request this long, then stop the run
     # evaluation, checkpoints, logging
     eval_every: int = 25                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
@@ -565,8 +568,14 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
                           task=tasks.load(task or cfg.task), wandb=None,
                           mesh=policy.device_mesh(device, world, preflight.shard_group(cfg, world)))
     run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
-    run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if run.spec["teacher_logp"] else None
+    run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if preflight.needs_teacher(cfg) else None
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
+    run.teacher = None
+    if cfg.teacher_url and run.spec["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
+        import teacher as teacher_lib
+        run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
+                                                max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
+                                                token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s)
     if run.teacher_path:
         import teacher as teacher_lib
         try:
@@ -640,8 +649,7 @@ def load_models(run):
                               mesh=run.mesh)
     run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature, trainable=False,
                           mesh=run.mesh) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
-    run.teacher = None
-    if run.spec["teacher_logp"]:
+    if run.spec["teacher_logp"] and run.teacher is None:  # not served: a frozen policy on these ranks
         import teacher as teacher_lib
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
