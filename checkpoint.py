@@ -1,29 +1,24 @@
 """checkpoint.py: atomic, resumable training checkpoints that are also ready-to-serve Hugging Face models.
 
 RUN_DIR/checkpoints/step_000123/ holds
-  model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json past 4 GiB), config.json,
+  model.safetensors (past 4 GiB: model-0000k-of-0000n.safetensors + model.safetensors.index.json), config.json,
   generation_config.json, tokenizer files
-      the student in its compute dtype (bf16 on GPU, fp32 on CPU), Hugging Face names: `vllm serve DIR`,
-      `from_pretrained(DIR)` and eval.py take it as it is. generation_config.json carries the EOS ids vLLM reads
-      from it, so the stop tokens of `vllm serve` are those of the training engine.
-  trainer/            torch.distributed.checkpoint (DCP): the fp32 master weights and the AdamW state, each rank
-                      writing its own shards (nothing is gathered to one rank); DCP reshards them on load, so a
-                      resume may use another world size
+      the student in its compute dtype (bf16 on GPU, fp32 on CPU): `vllm serve DIR`, `from_pretrained(DIR)` and
+      eval.py take it as it is; generation_config.json carries the EOS ids, so `vllm serve` stops as training did
+  trainer/            torch.distributed.checkpoint (DCP): the fp32 masters and the AdamW state, each rank writing its
+                      own shards; DCP reshards them on load, so a resume may use another world size
   rng_rank{r}.pt      each rank's RNG state (torch, python, cuda)
-  trainer_state.pt    the step (= the data position: the prompt order is a function of the step), the run's config
-                      and the trainer's counters; written last, it marks the checkpoint complete
+  trainer_state.pt    the step (= data position), config, counters; written last, so it marks the checkpoint complete
 
-Atomic: everything goes into .tmp_step_NNNNNN (on a filesystem every rank sees, for multi-node runs), is fsynced,
-and rank 0 renames the directory into place at the end, then fsyncs the parent. A crash or a SIGKILL mid-save leaves
-a temp dir that is ignored and later overwritten, never a half checkpoint under a step_ name; latest_checkpoint
-trusts only directories with trainer_state.pt. The last `keep_last` are kept.
+Atomic: everything goes into .tmp_step_NNNNNN (on a filesystem every rank sees), is fsynced, and rank 0 renames it
+into place, then fsyncs the parent: a crash mid-save leaves a temp dir that is ignored and later overwritten, never
+a half checkpoint under a step_ name. The last `keep_last` are kept.
 
-Resume: at the same world size it is exact (masters, optimizer, RNG, data position: the final weights are byte-
-identical to an uninterrupted run's). At another world size the masters and optimizer are resharded exactly; rank
-r takes rank r % saved-world's RNG state, which train.py does not draw from (its sampling seeds follow each
-prompt's global position), and the gradient reduction order changes, so weights agree to float rounding only.
+Resume: at the same world size it is exact (final weights byte-identical to an uninterrupted run's). At another, the
+masters and optimizer are resharded exactly, rank r takes rank r % saved-world's RNG state (which train.py does not
+draw from: its sampling seeds follow each prompt's global position) and the gradient reduction order changes, so
+weights agree to float rounding only.
 
-    import checkpoint
     path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_NNNNNN, or None
     checkpoint.save_checkpoint(run_dir, step, model, opt, tokenizer, state, keep_last, dtype)   # a collective
     state = checkpoint.load_trainer_state(path, model, opt)   # restores masters, optimizer and RNG; returns the rest
@@ -49,11 +44,8 @@ def latest_checkpoint(run_dir: str):
 
 
 def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict, keep_last: int, dtype=None):
-    """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective (every rank calls it).
-
-    model: the FSDP2 policy.Policy (its `.lm` is the HF model); dtype: the serving dtype (None: as trained);
-    state: what the trainer wants back on resume (step, config, counters).
-    """
+    """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective. model: the FSDP2 policy.Policy (its `.lm` is
+    the HF model); dtype: the serving dtype (None: as trained); state: what the trainer wants back on resume."""
     import policy
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -82,14 +74,15 @@ def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict,
         shutil.rmtree(final, ignore_errors=True)  # a rerun of the same step (e.g. a resumed run's SIGTERM)
         os.rename(tmp, final)
         fsync_tree(root)  # the rename itself is durable
-        prune(root, keep_last)
+        for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-max(keep_last, 1)]:
+            shutil.rmtree(os.path.join(root, old))  # keep the newest keep_last (at least 1)
     dist.barrier()
 
 
 def write_serving_weights(out: str, named_tensors, main: bool):
     """Rank 0 writes the gathered tensors as safetensors files of about SHARD_BYTES (others only join gathers)."""
     import safetensors.torch
-    files, part, size, weight_map = [], {}, 0, {}
+    files, part, size = [], {}, 0  # files: (path, tensor names) of each part written
 
     def flush():
         name = os.path.join(out, f"part{len(files)}.safetensors")
@@ -97,34 +90,25 @@ def write_serving_weights(out: str, named_tensors, main: bool):
         files.append((name, list(part)))
 
     for name, tensor in named_tensors:  # every rank iterates: each item is an all-gather
-        if not main:
-            continue
-        part[name] = tensor.cpu().contiguous()
-        size += tensor.numel() * tensor.element_size()
-        if size >= SHARD_BYTES:
-            flush()
-            part, size = {}, 0
+        if main:
+            part[name] = tensor.cpu().contiguous()
+            size += tensor.numel() * tensor.element_size()
+            if size >= SHARD_BYTES:
+                flush()
+                part, size = {}, 0
     if not main:
         return
     if part or not files:
         flush()
-    if len(files) == 1:
-        os.rename(files[0][0], os.path.join(out, "model.safetensors"))
-        return
-    total = 0
-    for k, (path, names) in enumerate(files):
-        final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+    n = len(files)
+    finals = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    for (path, _), final in zip(files, finals):
         os.rename(path, os.path.join(out, final))
-        weight_map.update({n: final for n in names})
-        total += os.path.getsize(os.path.join(out, final))
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-
-
-def prune(root: str, keep_last: int):
-    """Delete all but the newest `keep_last` (at least 1) step_ directories under `root`."""
-    for old in sorted(d for d in os.listdir(root) if d.startswith("step_"))[:-max(keep_last, 1)]:
-        shutil.rmtree(os.path.join(root, old))
+    if n > 1:
+        weight_map = {name: final for (_, names), final in zip(files, finals) for name in names}
+        total = sum(os.path.getsize(os.path.join(out, final)) for final in finals)
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
 
 def fsync_tree(path: str):

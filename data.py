@@ -10,54 +10,38 @@ in the public data's literal format (the K&K dataset's `statements` field):
     leaf   ('telling-truth', i) "X is a knight" | ('lying', i) "X is a knave"
     depth2 ('not', leaf) | ('and', leaf, leaf) | ('or', leaf, leaf) | ('->', leaf, leaf) | ('<=>', leaf, leaf)
 
-A puzzle is valid when exactly one knight/knave assignment makes every knight's statement true and every
-knave's false. The solver checks all 2^n assignments at once with bit masks: bit `a` of an integer stands
-for assignment `a` (person i is a knight in it when bit i of `a` is set), so "person i is a knight" is one
-(2^n)-bit integer K_i, a statement's truth over all assignments is a few bitwise operations on those
-integers, and the assignments where everyone is consistent are
+A puzzle is valid when exactly one knight/knave assignment makes every knight's statement true and every knave's
+false. The solver checks all 2^n assignments at once: bit `a` of an integer stands for assignment `a` (person i is
+a knight in it when bit i of `a` is set), so "person i is a knight" is one (2^n)-bit integer K_i, a statement's
+truth is a few bitwise operations on those, and the assignments where everyone is consistent are
 
     consistent = AND_i  NOT(K_i XOR S_i)        (a knight says a true thing, a knave a false thing)
 
-The sampler follows the public generator's process, checked against the public files' statistics:
-statement kind uniform over {leaf, not, and, or, ->, <=>}, leaf person uniform over everyone with
-"I am a knave" (a paradox) excluded, the two leaves of a binary statement distinct; then rejection of
-puzzles without exactly one solution. 10,000 eight-person puzzles, text included, take about 1 s of CPU
-on one core (benchmarks/bench_tasks.py).
-
-Held-out evaluation: a puzzle's identity is its statement structure (names and wording aside); a stable
-hash of it puts 1 in EVAL_BUCKETS structures in the evaluation split and the rest in the training split,
-so generated training puzzles can never coincide with evaluation puzzles, whatever the seeds and sizes.
+The sampler follows the public generator (checked against the public files' statistics): statement kind uniform over
+{leaf, not, and, or, ->, <=>}, leaf person uniform but never "I am a knave" (a paradox), a binary statement's two
+leaves distinct; puzzles without exactly one solution are rejected. 10,000 eight-person puzzles, text included,
+take about 1 s of CPU on one core (benchmarks/bench_tasks.py). A stable hash of a puzzle's statement structure puts
+1 in EVAL_BUCKETS structures in the eval split: training puzzles never coincide with eval ones, whatever the seeds.
 
     python data.py kk 3 [N]     # print N generated 3-person puzzles with their solutions
 """
 import ast
+import functools
 import hashlib
 import json
+import operator
 import os
 import random
+import re
 import sys
 
 # ------------------------------------------------------------------------------------------- knights and knaves: solver
 
-_MASKS = {}  # n -> (FULL, [K_0, ..., K_{n-1}])
-
-
+@functools.lru_cache(maxsize=None)
 def _masks(n):
     """FULL = all 2^n assignments; K_i = the assignments in which person i is a knight (bit i of a set)."""
-    if n not in _MASKS:
-        size = 1 << n
-        full = (1 << size) - 1
-        knights = []
-        for i in range(n):
-            # Assignments 0..2^n-1 read bit i as: 2^i zeros, 2^i ones, repeated.
-            block = ((1 << (1 << i)) - 1) << (1 << i)  # one period: 2^(i+1) bits, the upper half set
-            period = 1 << (i + 1)
-            mask = 0
-            for start in range(0, size, period):
-                mask |= block << start
-            knights.append(mask)
-        _MASKS[n] = (full, knights)
-    return _MASKS[n]
+    size = 1 << n
+    return (1 << size) - 1, [sum(1 << a for a in range(size) if a >> i & 1) for i in range(n)]
 
 
 def _truth(stmt, n, full, knights):
@@ -73,15 +57,9 @@ def _truth(stmt, n, full, knights):
     if op == "not" and len(args) == 1:
         return full ^ args[0]
     if op == "and" and args:
-        out = full
-        for a in args:
-            out &= a
-        return out
+        return functools.reduce(operator.and_, args)
     if op == "or" and args:
-        out = 0
-        for a in args:
-            out |= a
-        return out
+        return functools.reduce(operator.or_, args)
     if op == "->" and len(args) == 2:
         return (full ^ args[0]) | args[1]
     if op == "<=>" and len(args) == 2:
@@ -90,18 +68,15 @@ def _truth(stmt, n, full, knights):
 
 
 def _consistent(i, stmt, n):
-    """The assignments in which person i's statement fits their role: a knight says a true thing, a knave a false
-    one (the solver's AND over i of these is the puzzle's solution set; the generator builds it person by person)."""
+    """The assignments in which person i's statement fits their role (kk_solve ANDs these over everyone)."""
     full, knights = _masks(n)
     return full ^ (knights[i] ^ _truth(stmt, n, full, knights))
 
 
 def kk_solve(statements, n):
     """Every assignment (tuple of bools, True = knight, person order) under which each knight's statement is
-    true and each knave's false. `statements` is the public literal (a string) or the parsed tuple.
-
-    Assignments come in increasing order of the binary number whose bit i is person i.
-    """
+    true and each knave's false, in increasing order of the binary number whose bit i is person i.
+    `statements` is the public literal (a string) or the parsed tuple."""
     if isinstance(statements, str):
         statements = ast.literal_eval(statements)
     if len(statements) != n:
@@ -109,36 +84,28 @@ def kk_solve(statements, n):
     consistent = _masks(n)[0]
     for i, stmt in enumerate(statements):
         consistent &= _consistent(i, stmt, n)
-    out = []
-    while consistent:
-        low = consistent & -consistent  # lowest set bit = smallest assignment left
-        a = low.bit_length() - 1
-        out.append(tuple(bool(a >> i & 1) for i in range(n)))
-        consistent ^= low
-    return out
+    bits = bin(consistent)[:1:-1]  # bits[a] == "1": assignment a is consistent
+    return [tuple(bool(a >> i & 1) for i in range(n)) for a, bit in enumerate(bits) if bit == "1"]
 
 
 # -------------------------------------------------- knights and knaves: generator (records in the public data's format)
 
 # The public files' 51 names and 18 sentence templates ({X} speaker, {S} statement text), with their quirks.
-NAMES = (
-    "Abigail Aiden Alexander Amelia Aria Aurora Ava Avery Benjamin Charlotte Chloe Daniel David Elizabeth Ella "
-    "Emily Emma Ethan Evelyn Grace Harper Henry Isabella Jack Jackson Jacob James Joseph Liam Lily Logan Lucas "
-    "Luke Mason Matthew Mia Michael Noah Oliver Olivia Owen Penelope Riley Samuel Scarlett Sebastian Sofia "
-    "Sophia Victoria William Zoey"
-).split()
-TEMPLATES = (
-    '"{S}" - {X}.', '{X} commented, "{S}".', '{X} was heard saying, "{S}".', "{X} expressed that {S}.",
-    'In a statement by {X}: "{S}".', 'According to {X}, "{S}".', "In {X}'s words: \"{S}\".", '"{S}," {X} declared.',
-    '{X} said, "{S}."', "{X} said that {S}.", '{X} asserted: "{S}".', 'As {X} put it, "{S}".',
-    "{X} told you that {S}.", '{X} noted, "{S}".', '"{S}," {X} claimed.', '{X} stated, "{S}".',
-    '{X} remarked, "{S}".', '"{S}," {X} mentioned.',
-)
+NAMES = ("Abigail Aiden Alexander Amelia Aria Aurora Ava Avery Benjamin Charlotte Chloe Daniel David Elizabeth Ella "
+         "Emily Emma Ethan Evelyn Grace Harper Henry Isabella Jack Jackson Jacob James Joseph Liam Lily Logan Lucas "
+         "Luke Mason Matthew Mia Michael Noah Oliver Olivia Owen Penelope Riley Samuel Scarlett Sebastian Sofia "
+         "Sophia Victoria William Zoey").split()
+TEMPLATES = ('"{S}" - {X}.', '{X} commented, "{S}".', '{X} was heard saying, "{S}".', "{X} expressed that {S}.",
+             'In a statement by {X}: "{S}".', 'According to {X}, "{S}".', "In {X}'s words: \"{S}\".",
+             '"{S}," {X} declared.', '{X} said, "{S}."', "{X} said that {S}.", '{X} asserted: "{S}".',
+             'As {X} put it, "{S}".', "{X} told you that {S}.", '{X} noted, "{S}".', '"{S}," {X} claimed.',
+             '{X} stated, "{S}".', '{X} remarked, "{S}".', '"{S}," {X} mentioned.')
 QUIZ_HEAD = ("A very special island is inhabited only by knights and knaves. Knights always tell the truth, "
              "and knaves always lie. ")
 QUIZ_TAIL = " So who is a knight and who is a knave?"
 _BINARY = ("and", "or", "->", "<=>")
 _CONNECTIVE = {"and": "and", "or": "or", "<=>": "if and only if"}
+_ROLE = {"telling-truth": "knight", "lying": "knave"}
 MAX_PEOPLE = 12  # 2^12-bit masks are still instant; past that brute force and the name pool run thin
 
 
@@ -155,8 +122,7 @@ def _sample_statement(rng, speaker, n):
         return _sample_leaf(rng, speaker, n)
     if kind == 1:
         return ("not", _sample_leaf(rng, speaker, n))
-    a = _sample_leaf(rng, speaker, n)
-    b = _sample_leaf(rng, speaker, n)
+    a, b = _sample_leaf(rng, speaker, n), _sample_leaf(rng, speaker, n)
     while b == a:
         b = _sample_leaf(rng, speaker, n)
     return (_BINARY[kind - 2], a, b)
@@ -164,9 +130,8 @@ def _sample_statement(rng, speaker, n):
 
 def _sample_statements(n, rng):
     """Statements with exactly one consistent assignment, and that assignment (rejection sampling)."""
-    full = _masks(n)[0]
     while True:
-        statements, consistent = [], full
+        statements, consistent = [], _masks(n)[0]
         for i in range(n):
             stmt = _sample_statement(rng, i, n)
             statements.append(stmt)
@@ -180,13 +145,10 @@ def _sample_statements(n, rng):
 
 def _statement_text(stmt, names):
     op = stmt[0]
-    if op == "telling-truth":
-        return f"{names[stmt[1]]} is a knight"
-    if op == "lying":
-        return f"{names[stmt[1]]} is a knave"
+    if op in _ROLE:
+        return f"{names[stmt[1]]} is a {_ROLE[op]}"
     if op == "not":
-        role = "knight" if stmt[1][0] == "telling-truth" else "knave"
-        return f"{names[stmt[1][1]]} is not a {role}"
+        return f"{names[stmt[1][1]]} is not a {_ROLE[stmt[1][0]]}"
     a, b = (_statement_text(s, names) for s in stmt[1:])
     if op == "->":
         return f"If {a} then {b}"  # capital "If" even mid-sentence, as in the public data
@@ -199,9 +161,7 @@ def _join(items):
 
 def make_kk_puzzle(n, rng, index=0):
     """One n-person puzzle with a unique solution, as a record with the public data's fields.
-
-    rng: a random.Random (the whole puzzle is a function of its state), or an int seed.
-    """
+    rng: a random.Random (the whole puzzle is a function of its state), or an int seed."""
     if not isinstance(n, int) or not 2 <= n <= MAX_PEOPLE:
         raise ValueError(f"make_kk_puzzle: n={n!r} people; use an int in [2, {MAX_PEOPLE}]")
     if not isinstance(rng, random.Random):
@@ -210,19 +170,13 @@ def make_kk_puzzle(n, rng, index=0):
     names = rng.sample(NAMES, n)
     said = [rng.choice(TEMPLATES).format(X=names[i], S=_statement_text(s, names)) for i, s in enumerate(statements)]
     roles = [f"{name} is a {'knight' if k else 'knave'}" for name, k in zip(names, solution)]
-    return {
-        "quiz": QUIZ_HEAD + f"You meet {n} inhabitants: {_join(names)}. " + " ".join(said) + QUIZ_TAIL,
-        "names": names,
-        "solution": solution,
-        "solution_text": _join(roles) + ".",
-        "solution_text_format": "\n".join(f"({i + 1}) {r}" for i, r in enumerate(roles)),
-        "statements": repr(statements),
-        "index": index,
-    }
+    return {"quiz": QUIZ_HEAD + f"You meet {n} inhabitants: {_join(names)}. " + " ".join(said) + QUIZ_TAIL,
+            "names": names, "solution": solution, "solution_text": _join(roles) + ".",
+            "solution_text_format": "\n".join(f"({i + 1}) {r}" for i, r in enumerate(roles)),
+            "statements": repr(statements), "index": index}
 
 
 EVAL_BUCKETS = 8  # 1 in 8 statement structures is reserved for evaluation
-EVAL_SEED = "rlad-kk-eval"
 
 
 def _split_of(key):
@@ -235,41 +189,45 @@ def kk_split_of(n, statements):
     return _split_of(f"{n}:{statements if isinstance(statements, str) else repr(tuple(statements))}")
 
 
-def kk_example(record, id, level=None):
+def _examples(task, levels, per_level, seed, split, make):
+    """`per_level` Examples for each n in `levels`, level by level; make(n, rng, count) -> (its split, Example).
+    split="eval" is the fixed held-out set (`seed` is ignored: eval with per_level=k is the first k of a fixed
+    stream); split="train" draws from `seed` and keeps only what falls outside the eval split."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"{task}_examples: split={split!r}; use 'train' or 'eval'")
+    out = []
+    for n in levels:
+        rng = random.Random(f"rlad-{task}-eval-{n}" if split == "eval" else f"rlad-{task}-train-{seed}-{n}")
+        count = 0
+        while count < per_level:
+            example_split, example = make(n, rng, count)
+            if example_split == split:
+                out.append(example)
+                count += 1
+    return out
+
+
+def kk_example(record, id):
     """A K&K Example from a public-format record."""
     return {"task": "kk", "question": record["quiz"], "answer": record["solution_text_format"],
             "solution": [bool(s) for s in record["solution"]], "names": list(record["names"]),
-            "level": level or f"PPL{len(record['names'])}", "id": id}
+            "level": f"PPL{len(record['names'])}", "id": id}
 
 
 def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
-    """Generated K&K Examples, `per_level` puzzles for each n in `people`, level by level.
+    """Generated K&K Examples, `per_level` puzzles for each n in `people`, split by statement structure (see
+    _examples). Structures can repeat within a split (PPL2 has only 399 distinct valid structures)."""
+    def make(n, rng, count):
+        record = make_kk_puzzle(n, rng, index=count)
+        return kk_split_of(n, record["statements"]), kk_example(record, f"kk-{split}-PPL{n}-{count}")
 
-    split="eval" is the fixed held-out set (`seed` is ignored: eval with per_level=k is the first k puzzles
-    of a fixed stream); split="train" draws from `seed` and only from structures outside the eval split.
-    Structures can repeat within a split (PPL2 has only 399 distinct valid structures).
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"kk_examples: split={split!r}; use 'train' or 'eval'")
-    out = []
-    for n in people:
-        rng = random.Random(f"{EVAL_SEED}-{n}" if split == "eval" else f"rlad-kk-train-{seed}-{n}")
-        count = 0
-        while count < per_level:
-            record = make_kk_puzzle(n, rng, index=count)
-            if kk_split_of(n, record["statements"]) != split:
-                continue
-            out.append(kk_example(record, f"kk-{split}-PPL{n}-{count}"))
-            count += 1
-    return out
+    return _examples("kk", people, per_level, seed, split, make)
 
 
 # -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
 # Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
 # operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
 # end-of-sequence token; rewards.arith_score pays 1 for exactly n - 1 digits whose last one is right.
-
-ARITH_LEVELS = range(2, 9)
 
 
 def make_arith_problem(n, rng):
@@ -288,33 +246,21 @@ def make_arith_problem(n, rng):
     return " ".join(question) + " =", " ".join(running)
 
 
-def arith_examples(levels=ARITH_LEVELS, per_level=100, seed=0, split="train"):
-    """Arithmetic Examples ({"task": "arith", "question", "answer", "level": "L{n}", "id"}), level by level.
+def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
+    """Arithmetic Examples ({"task": "arith", "question", "answer", "level": "L{n}", "id"}), split as K&K's (see
+    _examples) by a stable hash of the question (L2 has just 200 distinct problems)."""
+    def make(n, rng, count):
+        question, answer = make_arith_problem(n, rng)
+        return _split_of(f"arith:{question}"), {"task": "arith", "question": question, "answer": answer,
+                                                "level": f"L{n}", "id": f"arith-{split}-L{n}-{count}"}
 
-    As for K&K: split="eval" is a fixed stream (seed ignored), split="train" draws from `seed`, and a stable
-    hash of the question puts 1 in EVAL_BUCKETS problems in eval only (L2 has just 200 distinct problems).
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"arith_examples: split={split!r}; use 'train' or 'eval'")
-    out = []
-    for n in levels:
-        rng = random.Random(f"rlad-arith-eval-{n}" if split == "eval" else f"rlad-arith-train-{seed}-{n}")
-        count = 0
-        while count < per_level:
-            question, answer = make_arith_problem(n, rng)
-            if _split_of(f"arith:{question}") != split:
-                continue
-            out.append({"task": "arith", "question": question, "answer": answer, "level": f"L{n}",
-                        "id": f"arith-{split}-L{n}-{count}"})
-            count += 1
-    return out
+    return _examples("arith", levels, per_level, seed, split, make)
 
 
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
 
 def _rows(path):
-    """(where, row) for each row of a .jsonl or .parquet file or a hub dataset (hf:..., see _hub_rows); `where`
-    names source and row for errors."""
+    """(where, row) for each row of a .jsonl / .parquet file or hub dataset (hf:...); `where` is for error messages."""
     if path.startswith("hf:"):
         yield from _hub_rows(path)
         return
@@ -344,12 +290,9 @@ def _rows(path):
 
 
 def _hub_rows(path):
-    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT: the last part is the split, an optional middle part
-    the config, as in hf:openai/gsm8k:main:train or hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as
-    train[:1000] works too).
-    It loads through the `datasets` library (imported only then): from the Hub, or when the Hub is unreachable
-    (HF_HUB_OFFLINE=1) from the hub cache's snapshot of the repo, as `hf download` or an earlier load left it.
-    """
+    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train or
+    hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as train[:1000] works too), through the `datasets` library:
+    from the Hub, or when it is unreachable (HF_HUB_OFFLINE=1) from the hub cache's snapshot (`hf download`)."""
     head, bracket, tail = path[3:].partition("[")  # a slice such as train[:1000] has colons of its own
     parts = head.split(":")
     if len(parts) not in (2, 3) or not all(parts):
@@ -397,54 +340,36 @@ def load_kk(path):
         if not (isinstance(solution, list) and len(solution) == len(names) and all(type(s) is bool for s in solution)):
             raise ValueError(f"{where}: field 'solution' must be {len(names)} booleans (one per name), "
                              f"got {solution!r}")
-        record = dict(row)
-        if not record.get("solution_text_format"):
-            record["solution_text_format"] = "\n".join(
-                f"({i + 1}) {x} is a {'knight' if k else 'knave'}" for i, (x, k) in enumerate(zip(names, solution)))
-        out.append(kk_example(record, f"{_stem(path)}-{row.get('index', len(out))}"))
+        text = row.get("solution_text_format") or "\n".join(
+            f"({i + 1}) {x} is a {'knight' if k else 'knave'}" for i, (x, k) in enumerate(zip(names, solution)))
+        out.append(kk_example({**row, "solution_text_format": text}, f"{_stem(path)}-{row.get('index', len(out))}"))
     return out
 
 
 def extract_boxed(text):
-    """Content of the LAST \\boxed{...} (or \\fbox{...}) in text, braces matched; None when there is none.
-
-    Linear in len(text). An unclosed last box gives None (no answer), not an earlier box.
-    """
+    """Content of the LAST \\boxed{...} (or \\fbox{...}) in text, braces matched, in linear time; None when there
+    is none. An unclosed last box gives None (no answer), not an earlier box."""
     if not isinstance(text, str):
         return None
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    i = start + (6 if text.startswith("\\boxed", start) else 5)
-    while i < len(text) and text[i] == " ":
-        i += 1
-    if i >= len(text):
-        return None
-    if text[i] != "{":  # "\boxed 5": the answer runs to the next space or dollar sign
-        end = i
-        while end < len(text) and text[end] not in " $\n":
-            end += 1
-        return text[i:end] or None
+    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox").lstrip(" ")
+    if not rest.startswith("{"):  # "\boxed 5": the answer runs to the next space, dollar sign or newline
+        return re.match(r"[^ $\n]*", rest).group(0) or None
     depth = 0
-    for j in range(i, len(text)):
-        c = text[j]
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1:j]
+    for j, c in enumerate(rest):
+        depth += (c == "{") - (c == "}")
+        if depth == 0:  # the brace that closes rest[0]
+            return rest[1:j]
     return None
 
 
 def _field(row, key):
     """row[key], with dotted keys reaching into nested dicts ("reward_model.ground_truth")."""
-    value = row
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
 
 
 def _answer_string(value, where, key):
@@ -476,8 +401,7 @@ def load_math(path, question_key=None, answer_key=None, level=None):
     question from question / problem / prompt (a string or a list of chat messages); answer from answer
     (a string, a number such as AMC's 97.0, or GSM8K's "... #### 42"), else solution (MATH: last \\boxed{}),
     else reward_model.ground_truth (verl-style files). Dotted keys reach into nested fields.
-    level: the table column; default the file name up to its first "_" or "-" ("aime_2021_2024" -> "aime").
-    """
+    level: the table column; default the file name up to its first "_" or "-" ("aime_2021_2024" -> "aime")."""
     if level is None and path.startswith("hf:"):  # a hub dataset's level is its name: hf:openai/gsm8k:main -> gsm8k
         level = path[3:].split(":")[0].split("/")[-1]
     if level is None:

@@ -1,11 +1,8 @@
-"""kernels.py: per-token log-probs and entropies of logits, chunked, without a float32 [T, V] tensor.
-
-A [T, V] float32 tensor is 20 GB at T = 32768, V = 151936. token_logprobs and entropy keep only the logits (in
-their own dtype) and one float per token for backward, and recompute the softmax chunk by chunk there: forward
-and backward need O(chunk x V) extra memory, plus the [.., V] gradient autograd needs in the logits' dtype anyway.
-policy.py runs the LM head one chunk of positions at a time and calls these on each chunk's logits; rlad.py
-re-exports both (rlad.token_logprobs, rlad.entropy). Why hand-written autograd rather than log_softmax per chunk:
-benchmarks/bench_rlad.py measures both (peak memory and time at Qwen's vocabulary) and the README has the numbers.
+"""kernels.py: per-token log-probs and entropies of logits, chunked, without a float32 [T, V] tensor (20 GB at
+T = 32768, V = 151936). Both save only the logits (in their own dtype) and one float per token, and backward
+recomputes the softmax chunk by chunk: O(chunk x V) extra memory beyond the [.., V] gradient autograd needs anyway.
+policy.py calls them on each chunk of the LM head's logits; rlad.py re-exports both. Why hand-written autograd rather
+than log_softmax per chunk: benchmarks/bench_rlad.py measures both (peak memory, time; the README has the numbers).
 
     python benchmarks/bench_rlad.py --sizes 4096x151936
 """
@@ -13,24 +10,20 @@ import torch
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(logits)[targets] without a float32 [T, V] tensor, in forward or backward.
-
-    logits [..., V] (any float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits).
-    """
+    """log softmax(logits)[targets] without a float32 [T, V] tensor, in forward or backward. logits [..., V] (any
+    float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits)."""
     if logits.shape[:-1] != targets.shape or chunk_size < 1:
         raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,), and "
                          f"chunk_size >= 1 (got {chunk_size})")
     x = _rows(logits)  # [R, T, V]
-    out = _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size)  # [R, T]
-    return out.reshape(targets.shape)
+    return _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size).reshape(targets.shape)
 
 
 def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    x = _rows(logits)  # [R, T, V]
-    return _Entropy.apply(x, chunk_size).reshape(logits.shape[:-1])
+    return _Entropy.apply(_rows(logits), chunk_size).reshape(logits.shape[:-1])
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
@@ -42,17 +35,15 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(x: torch.Tensor, chunk_size: int):
-    for r in range(x.shape[0]):
-        for s in range(0, x.shape[1], chunk_size):
-            yield r, slice(s, s + chunk_size)
+    """(row, positions) of each chunk of x [R, T, V], row by row."""
+    return ((r, slice(s, s + chunk_size)) for r in range(x.shape[0]) for s in range(0, x.shape[1], chunk_size))
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, targets, chunk_size):  # x [R, T, V] any float dtype, targets [R, T] int64
         dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 upcast per chunk; float64 stays float64
-        lse = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
-        out = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T]
+        lse, out = (torch.empty(targets.shape, dtype=dt, device=x.device) for _ in range(2))  # [R, T] each
         for r, s in _chunks(x, chunk_size):
             z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy, the one full-width temporary (in place below)
             m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1] row max, finite
@@ -73,8 +64,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for r, s in _chunks(x, ctx.chunk_size):
             g = grad_out[r, s, None]  # [c, 1]
             p = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed
-            p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
-            grad[r, s] = p
+            grad[r, s] = p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
             del p
         return grad, None, None
 
@@ -83,8 +73,7 @@ class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, chunk_size):  # x [R, T, V]
         dt = torch.promote_types(x.dtype, torch.float32)
-        lse = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
-        ent = torch.empty(x.shape[:2], dtype=dt, device=x.device)  # [R, T]
+        lse, ent = (torch.empty(x.shape[:2], dtype=dt, device=x.device) for _ in range(2))  # [R, T] each
         for r, s in _chunks(x, chunk_size):
             z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy
             m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1]

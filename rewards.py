@@ -37,12 +37,8 @@ _EMPHASIS = re.compile(r"[*_`#]")  # markdown emphasis / headers / code around n
 
 def kk_format_ok(response):
     """Each of the four tags exactly once, in the order <think> </think> <answer> </answer>."""
-    positions = []
-    for tag in KK_TAGS:
-        if response.count(tag) != 1:
-            return False
-        positions.append(response.find(tag))
-    return positions == sorted(positions)
+    positions = [response.find(tag) for tag in KK_TAGS]
+    return all(response.count(tag) == 1 for tag in KK_TAGS) and positions == sorted(positions)
 
 
 _WORD = re.compile(r"\w+")
@@ -112,28 +108,6 @@ def _text(response):
     return response
 
 
-def _boxed_answer(response):
-    """The last \\boxed{} content, or None when absent or longer than MAX_ANSWER_CHARS."""
-    pred = data.extract_boxed(response)
-    if pred is None or len(pred) > MAX_ANSWER_CHARS:
-        return None
-    return pred
-
-
-def _math_equivalent(pairs, timeout_s=None):
-    """[(pred, gold)] -> [bool]. Identical strings are equivalent without a worker round trip."""
-    if not pairs:
-        return []
-    results = [pred.strip() == gold.strip() for pred, gold in pairs]
-    rest = [i for i, ok in enumerate(results) if not ok]
-    if rest:
-        import verifier  # the worker pool starts only once a math answer needs it
-        timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
-        for i, ok in zip(rest, verifier.start_pool().verify([pairs[i] for i in rest], timeout_s)):
-            results[i] = ok
-    return results
-
-
 def math_reward(response, answer, timeout_s=None):
     """1.0 when the last \\boxed{} of the response is equivalent to the reference answer, else 0.0."""
     return math_scores([response], [answer], timeout_s)[0]["reward"]
@@ -141,9 +115,16 @@ def math_reward(response, answer, timeout_s=None):
 
 def math_scores(responses, answers, timeout_s=None):
     """{"reward", "correct", "format_ok"} per (response, reference answer); answers checked in parallel."""
-    preds = [_boxed_answer(_text(r)) for r in responses]
-    todo = [i for i, p in enumerate(preds) if p is not None]
-    verdicts = dict(zip(todo, _math_equivalent([(preds[i], str(answers[i])) for i in todo], timeout_s)))
+    preds = [data.extract_boxed(_text(r)) for r in responses]
+    preds = [None if p is None or len(p) > MAX_ANSWER_CHARS else p for p in preds]
+    # Identical strings are equivalent without a worker round trip; the rest go to math-verify.
+    verdicts = {i: p.strip() == str(answers[i]).strip() for i, p in enumerate(preds) if p is not None}
+    rest = [i for i, ok in verdicts.items() if not ok]
+    if rest:
+        import verifier  # the worker pool starts only once a math answer needs it
+        pairs = [(preds[i], str(answers[i])) for i in rest]
+        timeout_s = MATH_TIMEOUT_S if timeout_s is None else timeout_s
+        verdicts.update(zip(rest, verifier.start_pool().verify(pairs, timeout_s)))
     return [{"reward": 1.0 if verdicts.get(i) else 0.0, "correct": bool(verdicts.get(i)), "format_ok": p is not None}
             for i, p in enumerate(preds)]
 

@@ -1,19 +1,14 @@
-"""tasks.py: what a task is, and the table of built-in ones. A task is four things, and a task of your own
-(`--task module:name`, docs/own_task.md) is written exactly like the built-ins below:
+"""tasks.py: what a task is, and the table of built-in ones. A task of your own (`--task module:name`,
+docs/own_task.md) is written exactly like the built-ins below:
 
     examples(split, source) -> [Example]   dicts with "question", "id", "level" and whatever score() needs
     score(examples, responses) -> [{"reward", "correct", "format_ok"}]   one per response; must never raise
     prompt(example) -> str                  optional: the user message (default: example["question"])
     prefill = ""                            optional: the text the assistant turn starts with ("<think>")
 
-`split` is "train" or "eval"; `source` (a Source) says where examples come from: data files or the task's
-generator, which levels, how many, which seed. A response is the whole assistant turn, prefill included.
-TASKS maps names to tasks, as rlad.METHODS maps names to objectives; nothing else in the trainer looks at a
-task's name. The generators and loaders live in data.py, the scorers in rewards.py.
-
-    task = tasks.load("kk")                                   # or "examples.lowercase:task"
-    examples = task.examples("train", tasks.Source(levels=(3, 4), per_level=100, seed=0))
-    prompt_ids, prefill = tasks.prompt_ids(task, examples[0], tokenizer)
+`split` is "train" or "eval"; `source` (a Source) says where examples come from. A response is the whole assistant
+turn, prefill included. TASKS maps names to tasks as rlad.METHODS maps names to objectives; nothing else in the
+trainer looks at a task's name. Generators and loaders live in data.py, scorers in rewards.py.
 """
 import importlib
 import os

@@ -121,8 +121,7 @@ class Config:
     teacher_token_budget: int = 32768       # most tokens in one teacher forward
     teacher_shard: bool = False             # FSDP2-shard the teacher across ranks (32B teachers)
     teacher_offload: bool = False           # keep the teacher in CPU memory between passes (small GPUs)
-    teacher_url: str = ""                   # the teacher pass from vLLM server(s) instead (http://host:8000/v1,
-                                            # comma-separated replicas): no teacher weights here; temperature 1
+    teacher_url: str = ""                   # served teacher: vLLM server(s), http://host:8000/v1[,...] (temperature 1)
     teacher_timeout_s: float = 300.0        # served teacher: retry a failed request this long, then stop the run
     # evaluation, checkpoints, logging
     eval_every: int = 25                    # 0 = never; also at the last step
@@ -133,8 +132,7 @@ class Config:
     save_every: int = 50                    # 0 = only at the end and on SIGTERM
     keep_last: int = 3                      # checkpoints kept
     wandb_project: str = ""                 # log to wandb too (when installed)
-    log_samples_every: int = 50             # RUN_DIR/samples/step_NNNNNN.jsonl: a few groups token by token
-                                            # (`python tools/show.py RUN_DIR` draws them); 0 = never
+    log_samples_every: int = 50             # RUN_DIR/samples/: a few groups token by token (tools/show.py); 0 = never
     log_samples_groups: int = 4             # groups (a prompt and its G responses) per sample log, from rank 0
     # distributed and preflight
     shard_group: int = 0                    # HSDP: shard within groups of this many ranks; 0 = the ranks of a node
@@ -239,11 +237,10 @@ def main(cfg: Config, task=None):
 
         # 8. log: metrics (one collective), sample log, entropy control, eval, checkpoint
         times["step"] = time.perf_counter() - t_step
-        out = step_metrics(run, step, rows, kept, reward, m, times, kd_coef)
         if log_samples:  # the groups marked at 5., with what 6. and 7. computed for them
             evaluation.write_samples(os.path.join(cfg.run_dir, "samples", f"step_{step + 1:06d}.jsonl"), step + 1,
                                      kept, run.tokenizer, cfg)
-        if finish_step(run, step, out, bar):
+        if finish_step(run, step, rows, kept, reward, m, times, kd_coef, bar):
             break
     bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
@@ -425,9 +422,10 @@ def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict,
 
 
 # ----------------------------------------------------------------------------- 8. log, evaluate, checkpoint
-def step_metrics(run, step, rows, kept, reward, m, times: dict, kd_coef: float) -> dict:
-    """Means over all ranks' rollouts, totals over ranks (count 1 / world), the slowest rank's phase times."""
-    n_tok, world = sum(len(r["response"]) for r in rows), run.world
+def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: float, bar) -> bool:
+    """The step's metrics (means over all ranks' rollouts, totals over ranks, the slowest rank's phase times),
+    entropy control, eval, the JSON line, checkpoint. True when SIGTERM asks to stop."""
+    cfg, n_tok, world = run.cfg, sum(len(r["response"]) for r in rows), run.world
     for name, total, count in (
             ("reward", reward.sum(), len(rows)), ("accuracy", sum(r["correct"] for r in rows), len(rows)),
             ("format_ok", sum(r["format_ok"] for r in rows), len(rows)), ("response_len", n_tok, len(rows)),
@@ -443,12 +441,6 @@ def step_metrics(run, step, rows, kept, reward, m, times: dict, kd_coef: float) 
     out.update(step=step + 1, lr=lr_at(step, run.cfg), kd_coef=kd_coef, ent_coef=run.ent_coef,
                skipped_steps=run.skipped, tokens_per_s=out["tokens_generated"] / out["time/step"],
                update_tokens_per_s=out["tokens_trained"] / max(out["time/update"], 1e-9))
-    return out
-
-
-def finish_step(run, step: int, out: dict, bar) -> bool:
-    """Entropy control, eval, the JSON line, checkpoint. True when SIGTERM asks to stop."""
-    cfg = run.cfg
     stop, last = out.pop("stop") > 0, step + 1 == cfg.max_steps
     if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
         delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta

@@ -1,14 +1,12 @@
 """verifier.py: math-verify in a pool of killable worker processes, so that no answer can hang the trainer.
 
-math-verify can take unbounded time (9^{9^{9^9}}, deep nesting) and its own timeout is signal.alarm, which works
-only in a main thread. So answers are checked in worker processes: each worker runs math-verify in its main
-thread with math-verify's timeouts, and a worker still busy `timeout_s` after it got an answer is killed and
-replaced, that answer counting as not equivalent. Workers are fresh interpreters (subprocess: spawn semantics,
-never fork, which is unsafe in a process holding torch and a vLLM engine; and unlike multiprocessing's spawn
-they do not re-import the trainer's __main__ and its torch / vLLM imports). rewards.py starts the shared pool
-lazily on the first math answer and reuses it; close_pool() (also run at exit) stops it.
+math-verify can take unbounded time (9^{9^{9^9}}, deep nesting) and its own timeout is signal.alarm, which works only
+in a main thread. So each worker runs it in its main thread, and a worker still busy `timeout_s` after it got an
+answer is killed and replaced, that answer counting as not equivalent. Workers are fresh interpreters (subprocess, not
+fork, which is unsafe in a process holding torch and a vLLM engine; nor multiprocessing's spawn, which re-imports the
+trainer's __main__ and its torch / vLLM imports). rewards.py starts the shared pool on the first math answer.
 
-    pool = verifier.start_pool()
+    pool = verifier.start_pool()   # close_pool() (also run at exit) stops it
     pool.verify([("\\frac{1}{2}", "0.5"), ("3", "4")], timeout_s=10.0)   # -> [True, False]
 """
 import atexit
@@ -38,21 +36,18 @@ def _send(fd, obj):
 def _recv(fd):
     """One framed message from fd, or None at end of file."""
     header = _read_exact(fd, 4)
-    if header is None:
-        return None
-    payload = _read_exact(fd, struct.unpack("<I", header)[0])
+    payload = None if header is None else _read_exact(fd, struct.unpack("<I", header)[0])
     return None if payload is None else pickle.loads(payload)
 
 
 def _read_exact(fd, size):
-    chunks, left = [], size
-    while left:
-        chunk = os.read(fd, left)
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
         if not chunk:
             return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        data += chunk
+    return data
 
 
 @lru_cache(maxsize=4096)
@@ -75,17 +70,12 @@ def _worker_main():
     import resource
     out_fd, in_fd = os.dup(1), os.dup(0)
     os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the result channel
-    try:
+    with contextlib.suppress(ValueError, OSError):  # a platform without the limit still has the kill-on-timeout
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
-    except (ValueError, OSError):
-        pass  # a platform without the limit still has the kill-on-timeout
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout warnings would flood the log
     _verify("\\frac{1}{2}", "0.5", 30)  # sympy's lazy imports take ~1 s on first use: before "ready", not on an answer
     _send(out_fd, ("ready", None))
-    while True:
-        message = _recv(in_fd)
-        if message is None:  # the parent closed the pipe or died
-            return
+    while (message := _recv(in_fd)) is not None:  # None: the parent closed the pipe or died
         key, pred, gold, seconds = message
         try:
             ok = _verify(pred, gold, seconds)
@@ -144,16 +134,14 @@ class VerifierPool:
             for w in self.workers:
                 if w.ready and w.key is None and todo:
                     key = todo.pop()
+                    w.key, w.deadline = key, time.monotonic() + timeout_s
                     try:
                         _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
                     except OSError:  # died while idle: the answer was never seen, give it to another
                         todo.append(key)
                         self._replace(w)
-                        continue
-                    w.key, w.deadline = key, time.monotonic() + timeout_s
             waiting = [w for w in self.workers if w.key is not None or not w.ready]
-            now = time.monotonic()
-            wait = max(0.0, min(w.deadline for w in waiting) - now)
+            wait = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
             readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
             for w in waiting:
                 if w.out in readable:
@@ -187,7 +175,6 @@ class VerifierPool:
 
 
 _POOL = None
-_AT_EXIT = []
 
 
 def start_pool(num_workers=None):
@@ -195,8 +182,6 @@ def start_pool(num_workers=None):
     global _POOL
     if _POOL is None or not _POOL.workers or _POOL.pid != os.getpid():  # a forked child must not share pipes
         _POOL = VerifierPool(num_workers)
-        if not _AT_EXIT:
-            _AT_EXIT.append(atexit.register(close_pool))
     return _POOL
 
 
@@ -206,3 +191,6 @@ def close_pool():
     if _POOL is not None and _POOL.pid == os.getpid():
         _POOL.close()
     _POOL = None
+
+
+atexit.register(close_pool)
