@@ -7,98 +7,73 @@ the task's scorer, and report per level
     Mean@n   = 1/(P n) sum_p c_p                 mean correctness over all samples (= average Pass@1)
     Pass@k   = 1/P sum_p [1 - C(n - c_p, k) / C(n, k)]   unbiased estimator (Chen et al. 2021), c_p of n correct
 
-and, as the paper reports, the average over levels (each level weighs the same; the sample-weighted mean is kept
-beside it). train.py's periodic evaluation calls evaluate_ranks with its running engine; the command line:
+and their average over levels, as the paper does (the sample-weighted mean beside it). train.py's periodic
+evaluation calls evaluate_ranks with its running engine; the command line:
 
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
     python eval.py --model PATH --task kk --data people3_test.jsonl   # the public K&K test files
     python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
-    python eval.py --model PATH --task examples.lowercase:task --n 4  # a task of your own
     python eval.py --model TEACHER --task kk --split train --levels 3,4,5,6,7 --limit 2000 --n 4 \
         --sft_out teacher_kk.jsonl    # the SFT baseline's data: the teacher's correct samples, then
     python train.py --method sft --sft_data teacher_kk.jsonl ...
 
-It prints a Markdown table shaped like the paper's and writes a JSON file with the summary and every sample.
-Curves: tools/plot.py; a step's logged samples token by token: tools/show.py.
+It prints the paper's table (Markdown) and writes the summary and every sample as JSON. Curves: tools/plot.py.
 """
 import argparse
 import json
+import math
 import operator
 import os
 import re
 import sys
 
 # ----------------------------------------------------------------------------- metrics
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased Pass@k for one problem with `c` correct among `n` samples (Chen et al. 2021).
 
     1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i): the product form never builds the huge
-    binomials (C(32, 16) is fine, C(1000, 500) is not as a float) and is exact at the edges:
-    c = 0 -> 0, and any k-subset must contain a correct sample when n - c < k -> 1.
+    binomials (C(1000, 500) overflows a float) and is exact at the edges: c = 0 -> 0, and n - c < k -> 1
+    (every k-subset then holds a correct sample).
     """
-    try:  # ints, numpy ints; not floats (a fractional count is a caller's bug)
-        n, c, k = operator.index(n), operator.index(c), operator.index(k)
-    except TypeError:
-        raise TypeError(f"pass_at_k takes integers, got n={n!r}, c={c!r}, k={k!r}") from None
-    if n < 1 or not 0 <= c <= n:
-        raise ValueError(f"pass_at_k needs n >= 1 and 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 1 <= k <= n (cannot pick {k} of {n} samples): lower k or raise n")
+    n, c, k = map(operator.index, (n, c, k))  # ints, numpy ints; a float count is a caller's bug: TypeError
+    if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def _level_order(levels):
-    """Numbered levels in numeric order (PPL2 .. PPL8, L2 .. L8; PPL10 after PPL9); names in first-seen order."""
-    levels = list(dict.fromkeys(levels))
-    numbered = [re.fullmatch(r"([A-Za-z]+)(\d+)", lv) for lv in levels]
-    if levels and all(numbered) and len({m.group(1) for m in numbered}) == 1:
-        return sorted(levels, key=lambda lv: int(re.search(r"\d+$", lv).group()))
-    return levels
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
-    """Aggregate per-sample results into the summary. Samples are laid out problem by problem:
-    `levels` has one entry per problem, `correct` / `rewards` have n entries per problem.
-
-    Returns {level: {"count", "n", "mean_at_n", "pass_at_k": {k: v}, "mean_reward"}, ...,
-             "average": same keys averaged over levels, plus "mean_at_n_weighted", "pass_at_k_weighted"}.
-    """
+    """Aggregate per-sample results, laid out problem by problem (`levels`: one per problem; `correct`, `rewards`:
+    n per problem) into {level: {"count", "n", "mean_at_n", "pass_at_k": {k: v}, "mean_reward"}, ...,
+    "average": the same keys averaged over levels, plus "mean_at_n_weighted", "pass_at_k_weighted"}."""
     if not levels:
         raise ValueError("summarize: no problems to aggregate")
     if len(correct) != len(levels) * n or len(rewards) != len(correct):
         raise ValueError(f"expected {len(levels)} problems x n={n} samples, got {len(correct)} results")
-    per_level = {}  # level -> list of (c, reward sum) per problem
+    per_level = {}  # level (first-seen order) -> list of (c, reward sum) per problem
     for p, level in enumerate(levels):
         block = slice(p * n, (p + 1) * n)
         per_level.setdefault(level, []).append((sum(bool(x) for x in correct[block]), sum(rewards[block])))
+    order = list(per_level)  # numbered levels in numeric order (PPL10 after PPL9), other names as first seen
+    numbered = {lv: re.fullmatch(r"([A-Za-z]+)(\d+)", lv) for lv in order}
+    if all(numbered.values()) and len({m.group(1) for m in numbered.values()}) == 1:
+        order.sort(key=lambda lv: int(numbered[lv].group(2)))
     summary = {}
-    for level in _level_order(levels):
-        probs = per_level[level]
-        summary[level] = {
-            "count": len(probs),
-            "n": n,
-            "mean_at_n": sum(c for c, _ in probs) / (len(probs) * n),
-            "pass_at_k": {k: sum(pass_at_k(n, c, k) for c, _ in probs) / len(probs) for k in ks},
-            "mean_reward": sum(r for _, r in probs) / (len(probs) * n),
-        }
+    for level in order:
+        cs, rs = zip(*per_level[level])
+        summary[level] = {"count": len(cs), "n": n, "mean_at_n": sum(cs) / (len(cs) * n),
+                          "pass_at_k": {k: sum(pass_at_k(n, c, k) for c in cs) / len(cs) for k in ks},
+                          "mean_reward": sum(rs) / (len(cs) * n)}
     rows = list(summary.values())
     counts = [r["count"] for r in rows]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    weighted = lambda xs: sum(x * c for x, c in zip(xs, counts)) / sum(counts)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (the paper's average: every level counts the same)
+    weighted = lambda xs: sum(x * c for x, c in zip(xs, counts)) / sum(counts)  # noqa: E731  (every problem does)
     summary["average"] = {
-        "count": sum(counts),
-        "n": n,
-        # The paper's "average": every level (PPL, benchmark) counts the same.
+        "count": sum(counts), "n": n,
         "mean_at_n": mean([r["mean_at_n"] for r in rows]),
         "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in ks},
         "mean_reward": mean([r["mean_reward"] for r in rows]),
-        # Every problem counts the same (differs from the above when levels have different sizes).
         "mean_at_n_weighted": weighted([r["mean_at_n"] for r in rows]),
         "pass_at_k_weighted": {k: weighted([r["pass_at_k"][k] for r in rows]) for k in ks},
     }
@@ -106,40 +81,28 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
 
 
 # ----------------------------------------------------------------------------- sampling + scoring
-
 def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temperature: float = 0.6,
              top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False) -> dict:
-    """Sample `n` responses per example with `engine`, score them, aggregate. Returns
-    {"summary": summarize(...), "samples": [one record per sample, problem by problem], "config": {...}}.
-
-    `engine` is anything with the rollout.py interface (VLLMEngine, HFEngine): train.py passes its own,
-    already-running engine. `batch_size` prompts go to each generate call (None: all in one call, the
-    fastest with vLLM); `progress` shows a tqdm bar over those calls (the CLI uses it, train.py does not).
-    `task` (tasks.load's) gives the prompts and scores the samples.
-    """
+    """Sample `n` responses per example with `engine` (rollout.py's interface; train.py passes its running one),
+    score them with `task` (tasks.load's), aggregate: {"summary", "samples" (problem by problem), "config"}.
+    `batch_size` prompts go to each generate call (None: all in one, vLLM's fastest); `progress`: a tqdm bar."""
     import tasks
-
+    from tqdm import tqdm
     if not examples:
         raise ValueError("evaluate: no examples (empty evaluation set): check --data / --limit")
     _check_ks(n, ks)
     prompts = [tasks.prompt_ids(task, ex, tokenizer) for ex in examples]  # (prompt_ids, prefill) per example
     batch_size = batch_size or len(examples)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(examples) * n, desc="sampling", unit="sample")
+    bar = tqdm(total=len(examples) * n, desc="sampling", unit="sample", disable=not progress)
     outputs = []  # per prompt: list of n sample dicts
     for start in range(0, len(examples), batch_size):
         chunk = [ids for ids, _ in prompts[start:start + batch_size]]
         # rollout.py seeds prompt i of a call with seed + i * n (vLLM: its sample j with seed + i * n + j), so
         # this offset makes the chunks' streams those of one big call: batch_size changes no vLLM result.
-        chunk_seed = None if seed is None else seed + start * n
         outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
-                                       top_p=top_p, seed=chunk_seed))
-        if bar is not None:
-            bar.update(len(chunk) * n)
-    if bar is not None:
-        bar.close()
+                                       top_p=top_p, seed=None if seed is None else seed + start * n))
+        bar.update(len(chunk) * n)
+    bar.close()
     if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
         raise RuntimeError(f"engine returned {len(outputs)} prompts with sample counts "
                            f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
@@ -151,12 +114,10 @@ def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temp
 
 def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, device, seed: int, order_seed: int,
                    n: int, **sampling) -> dict:
-    """evaluate() on this rank's share of `examples`, merged across ranks: {"eval/LEVEL": Mean@n, ...,
-    "eval_accuracy": the average over levels}. A collective (one all_reduce): every rank calls it.
-
-    Each rank takes a contiguous slice of one seeded shuffle of the problems (levels mixed: balanced work), seeded
-    by the slice's global offset (seed + offset * n): problem k is sampled alike at any world size and every eval.
-    """
+    """evaluate() on this rank's share of `examples`, merged across ranks (a collective: one all_reduce):
+    {"eval/LEVEL": Mean@n, ..., "eval_accuracy": the average over levels}. Each rank takes a contiguous slice of one
+    seeded shuffle of the problems (levels mixed: balanced work), seeded by the slice's global offset (seed + offset
+    * n): problem k is sampled alike at any world size and every eval."""
     import torch
     import torch.distributed as dist
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(order_seed)).tolist()
@@ -165,12 +126,10 @@ def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, 
     summary = evaluate(engine, tokenizer, mine, task, n=n, seed=(seed + rank * per_rank * n) % (2**31 - 1),
                        **sampling)["summary"] if mine else {}
     levels = list(dict.fromkeys(ex["level"] for ex in examples))  # every rank reduces every level
-    sums = torch.tensor([x for lv in levels for x in ((summary[lv]["count"] * summary[lv]["mean_at_n"],
-                                                       summary[lv]["count"]) if lv in summary else (0.0, 0.0))],
-                        dtype=torch.float64, device=device)  # [2 * levels]: correct fraction sums, problem counts
-    dist.all_reduce(sums)
-    sums = sums.tolist()
-    out = {f"eval/{lv}": sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, lv in enumerate(levels)}
+    got = [summary.get(lv, {"count": 0, "mean_at_n": 0.0}) for lv in levels]
+    sums = torch.tensor([[s["count"] * s["mean_at_n"], s["count"]] for s in got], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)  # [levels, 2]: per level, its problems' summed Mean@n and their count
+    out = {f"eval/{lv}": c / m if m else 0.0 for lv, (c, m) in zip(levels, sums.tolist())}
     out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
     return out
 
@@ -181,11 +140,8 @@ def _check_ks(n, ks):
 
 
 def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> dict:
-    """Score engine outputs and aggregate them: {"summary", "samples"}.
-
-    prompts: tasks.prompt_ids(task, ex, tokenizer) per example, i.e. (prompt_ids, prefill);
-    outputs: engine.generate's return value for those prompts (n samples each, the same n for all).
-    """
+    """Score engine outputs and aggregate them: {"summary", "samples"}. prompts: tasks.prompt_ids's (prompt_ids,
+    prefill) per example; outputs: engine.generate's return value for them (n samples each, the same n for all)."""
     n = len(outputs[0]) if outputs else 0
     if len(outputs) != len(examples) or len(prompts) != len(examples) or any(len(o) != n for o in outputs):
         raise ValueError(f"score_outputs: {len(examples)} examples, {len(prompts)} prompts, {len(outputs)} "
@@ -203,23 +159,19 @@ def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> di
         prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
         for i, out in enumerate(outs):
             s = scores[p * n + i]
-            samples.append({
-                "id": ex.get("id"), "level": ex["level"], "sample": i, "prompt": prompt_text,
-                "response": responses[p * n + i], "answer": ex.get("answer"),
-                "reward": float(s["reward"]), "correct": bool(s["correct"]), "format_ok": bool(s["format_ok"]),
-                "finish_reason": out["finish_reason"], "response_tokens": len(out["response_ids"]),
-            })
+            samples.append({"id": ex.get("id"), "level": ex["level"], "sample": i, "prompt": prompt_text,
+                            "response": responses[p * n + i], "answer": ex.get("answer"), "reward": float(s["reward"]),
+                            "correct": bool(s["correct"]), "format_ok": bool(s["format_ok"]),
+                            "finish_reason": out["finish_reason"], "response_tokens": len(out["response_ids"])})
     summary = summarize([ex["level"] for ex in examples], [s["correct"] for s in samples],
                         [s["reward"] for s in samples], n, ks)
     return {"summary": summary, "samples": samples}
 
 
 # ----------------------------------------------------------------------------- the paper's tables
-
 def format_table(summary: dict, name: str = "model") -> str:
-    """The paper's table for one model as Markdown (one row named `name`): Mean@n per level and the average, as
-    a fraction (the K&K tables); when Pass@k with k > 1 was measured, Mean@n and Pass@k in percent (the math ones).
-    Accepts a summary straight from `evaluate` or re-read from the JSON file (string keys)."""
+    """The paper's table, one row named `name`, as Markdown: Mean@n per level and Avg as a fraction (K&K), or with
+    Pass@k (k > 1) both in percent (math). Takes evaluate()'s summary or its JSON re-read (string keys)."""
     levels = [lv for lv in summary if lv != "average"]
     if not levels or "average" not in summary:
         raise ValueError("format_table: summary has no levels or no 'average' (expected evaluate()['summary'])")
@@ -238,10 +190,9 @@ def format_table(summary: dict, name: str = "model") -> str:
 
 
 def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
-    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl), one line per logged group: its prompt and responses with
-    reward, advantage and per token the student's and the teacher's log-probs, the teacher's relation (prefers /
-    rejects / agrees: logp_S - logp_T against the TRRD clamp, docs/algorithm.md's table) and whether the clip
-    removed the gradient (first PPO epoch): what train.py's step computed for the rows it marked "log"."""
+    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl; tools/show.py), a line per group train.py marked "log": prompt,
+    responses, reward, advantage, per token both log-probs, the teacher's relation (prefers / rejects / agrees:
+    logp_S - logp_T against the TRRD clamp, docs/algorithm.md) and whether the clip removed the gradient (epoch 1)."""
     import rlad
     tok, clamp = tokenizer, cfg.teacher_clamp or 1.0
     groups = {}
@@ -284,16 +235,15 @@ def parse_args(argv):
     p.add_argument("--k", default=None, help="comma-separated k for Pass@k, each <= n (default: 1,n)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top_p", type=float, default=0.95)
-    p.add_argument("--max_tokens", type=int, default=None, help="response length cap (default 4096, capped to what "
-                   "fits the model's context)")
+    p.add_argument("--max_tokens", type=int, default=None, help="response cap (default 4096, or what fits the context)")
     p.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.9)
     p.add_argument("--kv_cache_memory_bytes", type=int, default=None, help="vLLM KV cache size (CPU runs)")
     p.add_argument("--batch_size", type=int, default=64, help="prompts per generate call (progress bar steps)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and, with --split train, the data's)")
     p.add_argument("--out", default="results.json")
-    p.add_argument("--sft_out", default=None, help="also write each correct sample as an example with its "
-                   "\"target\" text, one JSON line each: the SFT baseline's data (train.py --sft_data)")
+    p.add_argument("--sft_out", default=None, help="also write the correct samples as examples with a \"target\": "
+                   "the SFT baseline's data (train.py --sft_data)")
     a = p.parse_args(argv)
     try:
         a.ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
@@ -345,9 +295,9 @@ def main(argv=None):
     engine.shutdown()
     result["config"].update(model=a.model, task=a.task, data=list(a.data), split=a.split, engine=a.engine,
                             limit=a.limit)
-    for path, lines in ((a.out, [json.dumps(result, indent=1)]), (a.sft_out, [
-            json.dumps(dict(ex, target=s["response"])) for ex, s in
-            zip((ex for ex in a.examples for _ in range(a.n)), result["samples"]) if s["correct"]])):
+    per_sample = (ex for ex in a.examples for _ in range(a.n))  # laid out as result["samples"]
+    sft = [json.dumps(dict(ex, target=s["response"])) for ex, s in zip(per_sample, result["samples"]) if s["correct"]]
+    for path, lines in ((a.out, [json.dumps(result, indent=1)]), (a.sft_out, sft)):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:

@@ -1,20 +1,10 @@
 """preflight.py: what a run checks before any weights load, so that a bad setting costs seconds, not hours.
-
-1. check_config: every Config field's type and range, and what the method needs: a one-line error naming the
-   flag and the fix.
-2. memory_plan: per-GPU bytes of every resident part (student masters, gradients and AdamW state, its bf16
-   compute copy, reference, teacher, activations at micro_batch_tokens, vLLM's share) from the model configs
-   alone (a model built on the meta device counts the parameters), and the vLLM KV cache that share leaves,
-   against what one rollout batch needs at full length. check_plan refuses a config that cannot fit.
-3. resolve_model: a model name as a local directory: tiny models built from a config, local folders as they are,
-   hub names downloaded once per node (huggingface_hub.snapshot_download, which honours HF_HUB_OFFLINE and the
-   local cache), after which every rank reads the same cache.
+check_config: each flag's type, range and what the method needs. memory_plan: per-GPU bytes of every part and phase
+from the model configs alone, an estimate (activations by a per-token formula, vLLM's overhead 2 GiB; gpu_check.py
+measures the peaks) that check_plan refuses when it cannot fit. resolve_model: model names as local directories.
 
     python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true                    # this machine's GPUs
     python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true --plan_gpus 8x140  # 8 GPUs of 140 GiB
-
-The plan is an estimate (activations by a per-token formula, vLLM's own overhead a fixed 2 GiB); the README's
-table comes from it. Measured peaks on a GPU are what benchmarks/gpu_check.py reports.
 """
 import dataclasses
 import os
@@ -25,18 +15,15 @@ import torch.distributed as dist
 import rlad
 
 GIB = 2**30
-# Per-GPU memory no tensor of ours holds (read from source, not measured): NCCL allocates per channel and peer
-# connection 4 MiB (Simple protocol, NCCL_BUFFSIZE's default), ~4.7 MiB (LL128) and 0.5 MiB (LL) (DEFAULT_*BUFFSIZE
-# in NCCL's init.cc); up to 32 channels x 2 ring neighbours is ~0.6 GiB per communicator, and a rank holds up to three
-# (the trainer's world group, HSDP's shard and replicate groups): ~1.8 GiB. Plus the CUDA context (~0.5 GiB) and
-# vLLM's CUDA-graph pool, which sleep keeps resident unless sleep_mode_offload_cudagraph is set.
+# Per-GPU memory no tensor of ours holds (read from source, not measured; docs/scale.md cites it): NCCL's buffers,
+# ~0.6 GiB per communicator x up to 3 (world, HSDP shard, replicate) = ~1.8 GiB; the CUDA context, ~0.5 GiB; vLLM's
+# CUDA-graph pool, which sleep keeps unless sleep_mode_offload_cudagraph is set.
 OUTSIDE_TENSORS = 3 * GIB
 
 # ----------------------------------------------------------------------------- 1. the config's types and ranges
-AT_LEAST_1 = ("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
-              "max_prompt_tokens train_per_level eval_per_level eval_n keep_last logit_chunk teacher_token_budget "
-              "max_num_seqs").split()
-RULES = [(AT_LEAST_1, lambda v: v >= 1, ">= 1"),
+RULES = [("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
+          "max_prompt_tokens train_per_level eval_per_level eval_n keep_last logit_chunk teacher_token_budget "
+          "max_num_seqs".split(), lambda v: v >= 1, ">= 1"),
          ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
           "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature".split(),
           lambda v: v >= 0, ">= 0"),
@@ -51,9 +38,8 @@ CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"), "los
 def check_config(cfg, world: int):
     """SystemExit with one line naming the flag, for any setting that would fail later (or silently do nothing)."""
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        ok = isinstance(value, f.type) and not (f.type is int and isinstance(value, bool))
-        if not ok and not (f.type is float and isinstance(value, int) and not isinstance(value, bool)):
+        value, want = getattr(cfg, f.name), ((int, float) if f.type is float else f.type)  # an int may be a float
+        if not isinstance(value, want) or (isinstance(value, bool) and f.type is not bool):  # but a bool is no int
             raise SystemExit(f"--{f.name} {value!r}: expected {f.type.__name__} (check the preset or the flag)")
     for names, rule, text in RULES:
         for name in names:
@@ -63,49 +49,39 @@ def check_config(cfg, world: int):
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: use one of {', '.join(allowed)}")
     import tasks
-    try:
+    import teacher
+    try:  # both say what is wrong in one line of their own
         tasks.load(cfg.task)
+        if cfg.teacher_url and rlad.METHODS[cfg.method]["teacher_logp"]:
+            teacher.check_served_temperature(cfg.temperature)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     for name in ("train_levels", "eval_levels"):
-        parts = [p for p in getattr(cfg, name).split(",") if p.strip()]
-        if not all(p.strip().isdigit() and int(p) >= 2 for p in parts):
+        if not all(p.strip().isdigit() and int(p) >= 2 for p in getattr(cfg, name).split(",") if p.strip()):
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: expected comma-separated integers >= 2, e.g. 3,4,5")
     if cfg.sft_data and not os.path.isfile(cfg.sft_data):
         raise SystemExit(f"--sft_data {cfg.sft_data}: no such file (eval.py --sft_out writes one)")
-    spec = rlad.METHODS[cfg.method]
-    if cfg.group_size < 2 and spec["advantages"]:
+    if cfg.group_size < 2 and rlad.METHODS[cfg.method]["advantages"]:
         raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
-    if cfg.teacher_url and rlad.METHODS[cfg.method]["teacher_logp"]:
-        import teacher
-        try:
-            teacher.check_served_temperature(cfg.temperature)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
     if needs_teacher(cfg) and not cfg.teacher:
         raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
     for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
-        path = getattr(cfg, name)
-        if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        path = getattr(cfg, name)  # a path rather than a hub name ("org/name"): /, ., ~ or more than one "/"
+        local = not path.startswith("tiny") and (path.startswith(("/", ".", "~")) or path.count("/") > 1)
+        if local and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
 
 
 def needs_teacher(cfg) -> bool:
-    """The teacher's weights are needed on these ranks: it scores tokens (the method's row says so) and is not
-    served (--teacher_url)."""
+    """The teacher's weights live on these ranks: the method scores tokens with it, and not via --teacher_url."""
     return rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher_url
-
-
-def looks_local(name: str) -> bool:
-    """A path rather than a hub name ("org/name"): absolute, relative, home, or more than one "/"."""
-    return not name.startswith("tiny") and (name.startswith(("/", ".", "~")) or name.count("/") > 1)
 
 
 # ----------------------------------------------------------------------------- 2. the memory plan
 def shapes(name: str) -> dict:
-    """Parameter counts (all, the largest decoder layer, the rest: embeddings, norm, LM head), sizes, KV bytes."""
+    """Parameter counts (all, the largest layer, the rest: embeddings, norm, head), sizes, KV bytes: config alone."""
     from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(name)
@@ -127,41 +103,34 @@ def shapes(name: str) -> dict:
 
 
 def shard_group(cfg, world: int) -> int:
-    """Ranks that shard one model copy (HSDP replicates across groups): --shard_group, else the ranks of a node
-    (torchrun's LOCAL_WORLD_SIZE; 8 per node when planning for --plan_gpus)."""
+    """Ranks sharding one model copy (HSDP replicates across them): --shard_group, else a node's (--plan_gpus: 8)."""
     return cfg.shard_group or (min(world, 8) if cfg.plan_gpus else int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> dict:
-    """Bytes per GPU of each part, and of the three phases (rollout, teacher pass, update). Sharded parts divide
-    by the shard group (the ranks of a node: 8 when planning for --plan_gpus); the update's compute copy is
-    FSDP2's bf16 gather of the root plus two layers in flight."""
+    """Bytes per GPU of each part and phase; the update's compute copy is FSDP2's bf16 root + two layers in flight."""
     P, shard = student["params"], shard_group(cfg, world)
     act_layer = 2 * (6 * student["hidden"] + 4 * student["intermediate"])  # bf16 bytes per token per layer
-    tokens = cfg.micro_batch_tokens
     saved = 2 * student["hidden"] * student["layers"] + act_layer if cfg.grad_checkpointing else \
         act_layer * student["layers"]  # checkpointing keeps each layer's input, then recomputes one layer
     head = cfg.logit_chunk * student["vocab"] * (2 + 4 + 2)  # a chunk's bf16 logits, float32 temporary, bf16 grad
-    t_dev = 0 if teacher is None or cfg.teacher_offload else 2 * teacher["params"] / (shard if cfg.teacher_shard
-                                                                                       else 1)
+    t_dev = 0 if not teacher or cfg.teacher_offload else 2 * teacher["params"] / (shard if cfg.teacher_shard else 1)
     parts = {"student fp32 masters": 4 * P / shard, "AdamW state (fp32 m, v)": 8 * P / shard,
              "reference (bf16)": 2 * P / shard if cfg.kl_coef > 0 else 0, "teacher (bf16)": t_dev,
              "gradients (fp32, update only)": 4 * P / shard,
              "bf16 compute copy (update only)": 2 * (student["root"] + 2 * student["layer"]),
-             "activations (update only)": tokens * saved + head,
+             "activations (update only)": cfg.micro_batch_tokens * saved + head,
              "vLLM share (rollout only)": cfg.gpu_memory_utilization * gpu_bytes,
              "NCCL, CUDA context (estimate)": OUTSIDE_TENSORS}
-    resident = sum(parts[k] for k in ("student fp32 masters", "AdamW state (fp32 m, v)", "reference (bf16)",
-                                      "teacher (bf16)", "NCCL, CUDA context (estimate)"))
+    resident = sum(v for k, v in parts.items() if "only)" not in k)  # held through every phase
     teacher_pass = 0 if teacher is None else \
         cfg.teacher_token_budget * 2 * teacher["hidden"] * 4 + cfg.logit_chunk * teacher["vocab"] * 6 + \
         (2 * teacher["layer"] * 2 if cfg.teacher_shard or cfg.teacher_offload else 0)
     kv = max(parts["vLLM share (rollout only)"] - 2 * P - 2 * GIB, 0)  # minus the engine's weights and overhead
-    seq = cfg.max_prompt_tokens + cfg.max_tokens
-    return {"parts": parts, "gpu": gpu_bytes, "world": world,
-            "phases": {"rollout": resident + parts["vLLM share (rollout only)"], "teacher pass": resident +
-                       teacher_pass, "update": resident + sum(v for k, v in parts.items() if "update only" in k)},
-            "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": seq,
+    phases = {"rollout": resident + parts["vLLM share (rollout only)"], "teacher pass": resident + teacher_pass,
+              "update": resident + sum(v for k, v in parts.items() if "update only" in k)}
+    return {"parts": parts, "gpu": gpu_bytes, "world": world, "phases": phases,
+            "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": cfg.max_prompt_tokens + cfg.max_tokens,
             "rollout_seqs": -(-cfg.prompts_per_step // world) * cfg.group_size,
             "max_util": max(gpu_bytes - resident - GIB, 0) / gpu_bytes}  # and 1 GiB of allocator slack
 
@@ -176,30 +145,26 @@ def format_plan(plan: dict, cfg) -> str:
     batch = plan["rollout_seqs"] * plan["seq_tokens"]
     at_once = min(int(plan["kv_tokens"] // plan["seq_tokens"]), cfg.max_num_seqs, plan["rollout_seqs"])
     lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is "
-                 f"{plan['rollout_seqs']} "
-                 f"sequences x {plan['seq_tokens']} = {batch / 1e6:.2f}M tokens at full length: {at_once} run at once "
-                 f"({100 * at_once / plan['rollout_seqs']:.0f}%)")
+                 f"{plan['rollout_seqs']} sequences x {plan['seq_tokens']} = {batch / 1e6:.2f}M tokens at full length: "
+                 f"{at_once} run at once ({100 * at_once / plan['rollout_seqs']:.0f}%)")
     lines.append(f"  gpu_memory_utilization {cfg.gpu_memory_utilization} (at most {plan['max_util']:.2f} leaves the "
                  "trainer room during rollouts)")
     return "\n".join(lines)
 
 
 def check_plan(plan: dict, cfg):
-    """Refuse what cannot fit, naming the number and the flag to change."""
-    gpu, phases = plan["gpu"], plan["phases"]
-    if phases["rollout"] > gpu:
-        raise SystemExit(f"memory plan: rollouts need {phases['rollout'] / GIB:.2f} GiB per GPU of "
-                         f"{gpu / GIB:.2f} (the trainer's resident state + vLLM's share): lower "
-                         f"--gpu_memory_utilization to {max(plan['max_util'], 0):.2f} or less, or --teacher_shard "
-                         "true / --teacher_offload true, or use more GPUs")
-    if phases["update"] > gpu:
-        raise SystemExit(f"memory plan: the update needs {phases['update'] / GIB:.2f} GiB per GPU of "
-                         f"{gpu / GIB:.2f}: pass --grad_checkpointing true, lower --micro_batch_tokens (now "
-                         f"{cfg.micro_batch_tokens}), or use more GPUs")
-    if phases["teacher pass"] > gpu:
-        raise SystemExit(f"memory plan: the teacher pass needs {phases['teacher pass'] / GIB:.2f} GiB per GPU of "
-                         f"{gpu / GIB:.2f}: pass --teacher_shard true or --teacher_offload true, or lower "
-                         f"--teacher_token_budget (now {cfg.teacher_token_budget})")
+    """Refuse what cannot fit, naming the number and the flag to change (in this order: rollout, update, teacher)."""
+    fixes = {"rollout": ("rollouts need", f" (the trainer's resident state + vLLM's share): lower "
+                         f"--gpu_memory_utilization to {plan['max_util']:.2f} or less, or --teacher_shard true / "
+                         "--teacher_offload true, or use more GPUs"),
+             "update": ("the update needs", ": pass --grad_checkpointing true, lower --micro_batch_tokens (now "
+                        f"{cfg.micro_batch_tokens}), or use more GPUs"),
+             "teacher pass": ("the teacher pass needs", ": pass --teacher_shard true or --teacher_offload true, or "
+                              f"lower --teacher_token_budget (now {cfg.teacher_token_budget})")}
+    for phase, (what, fix) in fixes.items():
+        if plan["phases"][phase] > plan["gpu"]:
+            raise SystemExit(f"memory plan: {what} {plan['phases'][phase] / GIB:.2f} GiB per GPU of "
+                             f"{plan['gpu'] / GIB:.2f}{fix}")
     if plan["kv_tokens"] < plan["seq_tokens"]:
         raise SystemExit(f"memory plan: vLLM's share leaves a KV cache of ~{plan['kv_tokens']:.0f} tokens, less "
                          f"than one sequence ({plan['seq_tokens']}): raise --gpu_memory_utilization (now "
@@ -244,10 +209,8 @@ HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jin
 
 
 def resolve_model(name: str, cfg, flag: str) -> str:
-    """A local directory for `name`. A collective (every rank calls it): tiny models are written once by rank 0
-    into run_dir/models/NAME; a hub name is fetched by the first rank of each node (so node-local caches work as
-    well as a shared one), the others wait, then every rank reads the local cache."""
-    from torch.distributed import ReduceOp
+    """A local directory for `name`; a collective. Rank 0 writes tiny models to run_dir/models/NAME; the first rank of
+    each node fetches hub names (snapshot_download honours HF_HUB_OFFLINE; node-local caches work), then all read."""
     import policy
     if name in TINY:
         path = os.path.join(cfg.run_dir, "models", name)
@@ -266,7 +229,7 @@ def resolve_model(name: str, cfg, flag: str) -> str:
             snapshot_download(name, allow_patterns=HUB_FILES)
         except Exception as e:  # no network, not cached, no such repo, gated: say which, on one line
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if policy.agree([1 if error else 0], ReduceOp.SUM)[0]:  # a barrier that also tells every rank about a failure
+    if policy.agree([1 if error else 0], dist.ReduceOp.SUM)[0]:  # a barrier that also tells every rank about a failure
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub"
                          f"{' or in its cache (HF_HUB_OFFLINE=1)' if offline else ''} ({error or 'on another node'}): "
