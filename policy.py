@@ -2,7 +2,6 @@
 are all a `Policy`: an FSDP2-sharded (or plain) Hugging Face model that returns per-token log-probs of given
 tokens, never full logits, plus the batching of rows into padded micro-batches for it.
 
-    import policy
     student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
     teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
     for mb in policy.pack(rows, budget=16384):                # rows: {"prompt": ids, "response": ids, ...}
@@ -12,14 +11,10 @@ tokens, never full logits, plus the batching of rows into padded micro-batches f
     engine.load_weights(policy.full_params(student))          # full tensors, one at a time (a collective)
 
 The memory rule: the LM head runs on response positions only, one chunk of rows at a time under activation
-checkpointing, so no [T, V] logits tensor exists in forward or backward (kernels.py keeps only one chunk's
-logits and recomputes in backward). Padding: rows are sorted longest first and right-padded per micro-batch;
-collate reports padded slots and real tokens so train.py can log the waste (`pad_frac`). Sequence packing
-(one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.3-2x
-the padded layout (measured), and no GPU number exists yet to show it pays there.
-
-Sharded models are collectives: every rank calls forward / score the same number of times. score() makes the
-ranks agree on a micro-batch count (one all_reduce) and pads the short ones with one-token dummy batches.
+checkpointing, so no [T, V] logits tensor exists in forward or backward. Rows are sorted longest first and
+right-padded per micro-batch; collate counts padded slots and real tokens for train.py's `pad_frac`. Sequence
+packing (one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost
+1.3-2x the padded layout (measured), and no GPU number exists yet to show it pays there.
 """
 import torch
 import torch.distributed as dist
@@ -28,11 +23,8 @@ import rlad
 
 
 class Policy(torch.nn.Module):
-    """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits.
-
-    The decoder's hidden states at the positions that predict response tokens go through the LM head one chunk
-    at a time under activation checkpointing, so neither forward nor backward keeps a [T, V] tensor.
-    """
+    """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits. Sharded,
+    forward is a collective: every rank calls it the same number of times (score() pads short ranks with dummies)."""
 
     def __init__(self, lm, chunk: int, temperature: float):
         super().__init__()
@@ -43,10 +35,9 @@ class Policy(torch.nn.Module):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state  # [B, L, H]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # [n, H] response positions only
-        head = self.lm.get_output_embeddings()
 
         def chunk_fn(h, t):
-            logits = head(h) / self.temperature  # [c, V] in the compute dtype
+            logits = self.lm.get_output_embeddings()(h) / self.temperature  # [c, V] in the compute dtype
             # entropy costs ~1.5x the log-prob pass over [c, V] (benchmarks/bench_rlad.py): only when it is used
             ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
             if with_entropy:
@@ -74,20 +65,15 @@ def device_mesh(device, world: int, shard_group: int = 0):
 
 def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
          trainable: bool = True, shard: bool = True, offload: bool = False, mesh=None) -> Policy:
-    """A Policy from a HF checkpoint dir (or a model object, which every rank then holds already).
-
-    trainable: fp32 master weights (bf16 compute and fp32 gradient reduction on GPU), in training mode.
-    frozen (trainable=False): the weights in the compute dtype (bf16 on GPU, fp32 on CPU), eval mode, no grads.
-    shard: FSDP2 per decoder layer and at the root over `mesh` (default: flat over `world`), else a plain module
-    on `device`. offload: frozen models only, parameters in CPU memory between uses (sharded: FSDP2's
-    CPUOffloadPolicy copies one layer at a time in; unsharded: score() moves the model in for the pass).
-    chunk: LM-head rows at once; temperature divides the logits (the rollout temperature, so that the trainer's
-    log-probs are those of the distribution that sampled); grad_checkpointing: recompute layers in backward.
-
-    One read from disk: rank 0 loads the checkpoint into CPU memory, every other rank builds the model on the
-    meta device (no memory), everything is sharded, and rank 0's weights and buffers are broadcast, each rank
-    keeping its shard. Host memory is one copy of the model, on rank 0, instead of one per rank.
-    """
+    """A Policy from a HF checkpoint dir (or a model object, which every rank then holds already). trainable: fp32
+    masters (bf16 compute, fp32 gradient reduction on GPU), training mode; else frozen in the compute dtype (bf16 on
+    GPU, fp32 on CPU), eval mode. shard: FSDP2 per decoder layer and at the root over `mesh` (default: flat over
+    `world`), else a plain module on `device`. offload (frozen only): parameters in CPU memory between uses (sharded:
+    FSDP2's CPUOffloadPolicy, a layer at a time; unsharded: score() moves the model in). chunk: LM-head rows at once;
+    temperature divides the logits (the rollout temperature: log-probs of the distribution that sampled). One disk read:
+    rank 0 loads the checkpoint, the other ranks build the model on the meta device, and after sharding rank 0's weights
+    and buffers are broadcast: host memory holds one copy, not one per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
@@ -118,27 +104,20 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
         fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
     else:
         model.to(device) if rank0 or given else model.to_empty(device=device)
-    if not given and dist.is_initialized() and dist.get_world_size() > 1:
-        broadcast_from_rank0(model, full, device, sharded=shard)
+    if not given and dist.is_initialized() and dist.get_world_size() > 1:  # ranks 1.. get rank 0's weights
+        if any(p.is_meta for p in model.parameters()):  # the compute device, where rank 0's buffers are; under an
+            model.to_empty(device=device)  # offload policy FSDP2 then moves the parameter shards to pinned CPU memory
+        if shard:
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
+            dist.broadcast(buffer, src=0)
     if not shard and model.offload:
         model.to("cpu")
-    del full
     # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
     return model.train() if trainable else model.eval().requires_grad_(False)
-
-
-def broadcast_from_rank0(model: Policy, full: dict, device, sharded: bool):
-    """Fill the meta-built models of ranks 1.. with rank 0's weights (each rank keeps its shard) and buffers."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    if any(p.is_meta for p in model.parameters()):  # the compute device, where rank 0's buffers are; under an
-        model.to_empty(device=device)  # offload policy FSDP2 then moves the parameter shards to pinned CPU memory
-    if sharded:
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-    for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
-        dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()
@@ -168,11 +147,8 @@ DUMMY = {"prompt": [0], "response": [0], "dummy": True,
 
 
 def collate(rows: list, device) -> dict:
-    """Right-padded inputs and [B, R] per-token tensors for one micro-batch (R = longest response).
-
-    An empty list gives DUMMY's one masked token: a rank with no data still runs the forward/backward (and so the
-    FSDP collectives) the others run. Per-row token vectors ("teacher", "old", "ref", "engine") become [B, R].
-    """
+    """Right-padded [B, L] inputs and [B, R] per-token tensors for one micro-batch (R = longest response); [] gives
+    DUMMY."""
     rows = rows or [DUMMY]
     lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
     width, rmax = max(lens), max(len(r["response"]) for r in rows)
@@ -183,14 +159,12 @@ def collate(rows: list, device) -> dict:
         seq = r["prompt"] + r["response"][:-1]
         ids[i, :len(seq)] = torch.tensor(seq)
         attn[i, :len(seq)] = 1
-        n = len(r["response"])
         # response token t sits at position len(prompt) + t, predicted by the hidden state one before it
-        src.append(torch.arange(n) + i * width + len(r["prompt"]) - 1)
-        dst.append(torch.arange(n) + i * rmax)
+        src.append(torch.arange(len(r["response"])) + i * width + len(r["prompt"]) - 1)
+        dst.append(torch.arange(len(r["response"])) + i * rmax)
         targets.extend(r["response"])
-    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool)
     dst = torch.cat(dst)
-    mask[dst] = not rows[0].get("dummy", False)
+    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool).index_fill(0, dst, not rows[0].get("dummy", False))
     out = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
            "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
            "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
@@ -222,26 +196,21 @@ def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
 
 @torch.no_grad()
 def score(model: Policy, rows: list, budget: int, device):
-    """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old).
-
-    Returns ([float32 [len(response)] per row, in order], stats: slots / max_slots (padded tokens), real,
-    pad_fraction, and micro_batches / dummy_batches). A collective when `model` is sharded: every rank calls it
-    with its own rows (even none); the ranks agree on the number of micro-batches, the short ones run dummies.
-    """
+    """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old): float32
+    [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), real, pad_fraction,
+    micro_batches / dummy_batches. Sharded, a collective: every rank calls it with its own rows (even none)."""
     mbs = pack(rows, budget)
     n_micro = agree([len(mbs)])[0]  # same number of FSDP forwards on every rank
     if getattr(model, "offload", False):
         model.to(device)
-    out, stats = {}, {"slots": 0, "max_slots": 0, "real": 0, "micro_batches": len(mbs),
-                      "dummy_batches": n_micro - len(mbs)}
+    out, stats = {}, dict(slots=0, max_slots=0, real=0, micro_batches=len(mbs), dummy_batches=n_micro - len(mbs))
     try:
         for j in range(n_micro):
             mb = mbs[j] if j < len(mbs) else []
             b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
             lp, _ = model(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
-            for r, x in zip(mb, lp.split([len(r["response"]) for r in mb]) if mb else []):
-                out[id(r)] = x
             if mb:
+                out.update(zip(map(id, mb), lp.split([len(r["response"]) for r in mb])))
                 stats.update(slots=stats["slots"] + b["slots"], max_slots=max(stats["max_slots"], b["slots"]),
                              real=stats["real"] + b["real"])
     finally:

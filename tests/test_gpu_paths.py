@@ -22,15 +22,15 @@ def test_shutdown_wakes_a_sleeping_engine_first(tiny_model_dir, monkeypatch):
                                 kv_cache_memory_bytes=32 * 2**20)
     engine.sleep_mode = True  # what a GPU engine has: vLLM's real sleep / wake_up calls now run (no-ops on CPU)
     calls = []
-    for name in ("vllm_sleep", "vllm_wake", "vllm_shutdown"):  # spies that call the real functions
-        real = getattr(rollout, name)
-        monkeypatch.setattr(rollout, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for obj, name in ((engine.llm, "sleep"), (engine.llm, "wake_up"), (engine.llm.llm_engine.engine_core, "shutdown")):
+        real = getattr(obj, name)  # spies that call the real methods
+        monkeypatch.setattr(obj, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     engine.sleep()
-    assert engine.state == "asleep" and calls == ["vllm_sleep"]
+    assert engine.state == "asleep" and calls == ["sleep"]
     engine.shutdown()
-    assert calls == ["vllm_sleep", "vllm_wake", "vllm_shutdown"] and engine.state == "closed"
+    assert calls == ["sleep", "wake_up", "shutdown"] and engine.state == "closed"
     engine.shutdown()  # idempotent
-    assert calls == ["vllm_sleep", "vllm_wake", "vllm_shutdown"]
+    assert calls == ["sleep", "wake_up", "shutdown"]
 
 
 def test_entropy_runs_only_when_the_bonus_needs_it(tiny_model_dir, monkeypatch):
