@@ -34,14 +34,12 @@ import torch.distributed as dist
 
 SHARD_BYTES = 4 * 2**30  # the serving weights are split into files of about this size
 
-
 def latest_checkpoint(run_dir: str):
     """The newest complete checkpoint (renamed into place only once fully written), or None."""
     root = os.path.join(run_dir, "checkpoints")
     done = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
     done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
     return os.path.join(root, done[-1]) if done else None
-
 
 def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict, keep_last: int, dtype=None):
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective. model: the FSDP2 policy.Policy (its `.lm` is
@@ -78,7 +76,6 @@ def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict,
             shutil.rmtree(os.path.join(root, old))  # keep the newest keep_last (at least 1)
     dist.barrier()
 
-
 def write_serving_weights(out: str, named_tensors, main: bool):
     """Rank 0 writes the gathered tensors as safetensors files of about SHARD_BYTES (others only join gathers)."""
     import safetensors.torch
@@ -110,14 +107,12 @@ def write_serving_weights(out: str, named_tensors, main: bool):
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
 
-
 def fsync_tree(path: str):
     """fsync every file under `path` and every directory's entry list (rename is durable only after this)."""
     for root, _, files in os.walk(path):
         for fd in [os.open(os.path.join(root, name), os.O_RDONLY) for name in files + ["."]]:
             os.fsync(fd)
             os.close(fd)
-
 
 def load_trainer_state(path: str, model, opt) -> dict:
     """Restore the fp32 masters and the optimizer (DCP, resharded to this world size) and this rank's RNG from

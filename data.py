@@ -43,7 +43,6 @@ def _masks(n):
     size = 1 << n
     return (1 << size) - 1, [sum(1 << a for a in range(size) if a >> i & 1) for i in range(n)]
 
-
 def _truth(stmt, n, full, knights):
     """Truth of one statement over all 2^n assignments, as a (2^n)-bit integer."""
     if not isinstance(stmt, (tuple, list)) or not stmt:
@@ -66,12 +65,10 @@ def _truth(stmt, n, full, knights):
         return full ^ (args[0] ^ args[1])
     raise ValueError(f"bad K&K statement {stmt!r}: unknown operator {op!r} or wrong number of operands")
 
-
 def _consistent(i, stmt, n):
     """The assignments in which person i's statement fits their role (kk_solve ANDs these over everyone)."""
     full, knights = _masks(n)
     return full ^ (knights[i] ^ _truth(stmt, n, full, knights))
-
 
 def kk_solve(statements, n):
     """Every assignment (tuple of bools, True = knight, person order) under which each knight's statement is
@@ -86,7 +83,6 @@ def kk_solve(statements, n):
         consistent &= _consistent(i, stmt, n)
     bits = bin(consistent)[:1:-1]  # bits[a] == "1": assignment a is consistent
     return [tuple(bool(a >> i & 1) for i in range(n)) for a, bit in enumerate(bits) if bit == "1"]
-
 
 # -------------------------------------------------- knights and knaves: generator (records in the public data's format)
 
@@ -108,13 +104,11 @@ _CONNECTIVE = {"and": "and", "or": "or", "<=>": "if and only if"}
 _ROLE = {"telling-truth": "knight", "lying": "knave"}
 MAX_PEOPLE = 12  # 2^12-bit masks are still instant; past that brute force and the name pool run thin
 
-
 def _sample_leaf(rng, speaker, n):
     while True:
         leaf = (rng.choice(("telling-truth", "lying")), rng.randrange(n))
         if leaf != ("lying", speaker):  # "I am a knave" has no consistent speaker: the public generator skips it
             return leaf
-
 
 def _sample_statement(rng, speaker, n):
     kind = rng.randrange(6)  # leaf, not, and, or, ->, <=> equally likely
@@ -126,7 +120,6 @@ def _sample_statement(rng, speaker, n):
     while b == a:
         b = _sample_leaf(rng, speaker, n)
     return (_BINARY[kind - 2], a, b)
-
 
 def _sample_statements(n, rng):
     """Statements with exactly one consistent assignment, and that assignment (rejection sampling)."""
@@ -142,7 +135,6 @@ def _sample_statements(n, rng):
             a = consistent.bit_length() - 1
             return tuple(statements), [bool(a >> i & 1) for i in range(n)]
 
-
 def _statement_text(stmt, names):
     op = stmt[0]
     if op in _ROLE:
@@ -154,10 +146,8 @@ def _statement_text(stmt, names):
         return f"If {a} then {b}"  # capital "If" even mid-sentence, as in the public data
     return f"{a} {_CONNECTIVE[op]} {b}"
 
-
 def _join(items):
     return " and ".join(items) if len(items) == 2 else ", ".join(items[:-1]) + ", and " + items[-1]
-
 
 def make_kk_puzzle(n, rng, index=0):
     """One n-person puzzle with a unique solution, as a record with the public data's fields.
@@ -175,19 +165,15 @@ def make_kk_puzzle(n, rng, index=0):
             "solution_text_format": "\n".join(f"({i + 1}) {r}" for i, r in enumerate(roles)),
             "statements": repr(statements), "index": index}
 
-
 EVAL_BUCKETS = 8  # 1 in 8 statement structures is reserved for evaluation
-
 
 def _split_of(key):
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return "eval" if int.from_bytes(digest, "little") % EVAL_BUCKETS == 0 else "train"
 
-
 def kk_split_of(n, statements):
     """"eval" or "train": the split a puzzle structure belongs to (stable across machines and Python runs)."""
     return _split_of(f"{n}:{statements if isinstance(statements, str) else repr(tuple(statements))}")
-
 
 def _examples(task, levels, per_level, seed, split, make):
     """`per_level` Examples for each n in `levels`, level by level; make(n, rng, count) -> (its split, Example).
@@ -206,13 +192,11 @@ def _examples(task, levels, per_level, seed, split, make):
                 count += 1
     return out
 
-
 def kk_example(record, id):
     """A K&K Example from a public-format record."""
     return {"task": "kk", "question": record["quiz"], "answer": record["solution_text_format"],
             "solution": [bool(s) for s in record["solution"]], "names": list(record["names"]),
             "level": f"PPL{len(record['names'])}", "id": id}
-
 
 def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
     """Generated K&K Examples, `per_level` puzzles for each n in `people`, split by statement structure (see
@@ -223,12 +207,10 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
 
     return _examples("kk", people, per_level, seed, split, make)
 
-
 # -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
 # Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
 # operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
 # end-of-sequence token; rewards.arith_score pays 1 for exactly n - 1 digits whose last one is right.
-
 
 def make_arith_problem(n, rng):
     """(question, answer) for n operands, e.g. ("3 + 5 - 7 =", "8 1")."""
@@ -245,7 +227,6 @@ def make_arith_problem(n, rng):
         running.append(str(value))
     return " ".join(question) + " =", " ".join(running)
 
-
 def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
     """Arithmetic Examples ({"task": "arith", "question", "answer", "level": "L{n}", "id"}), split as K&K's (see
     _examples) by a stable hash of the question (L2 has just 200 distinct problems)."""
@@ -255,7 +236,6 @@ def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
                                                 "level": f"L{n}", "id": f"arith-{split}-L{n}-{count}"}
 
     return _examples("arith", levels, per_level, seed, split, make)
-
 
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
 
@@ -287,7 +267,6 @@ def _rows(path):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}, line {lineno}", row
-
 
 def _hub_rows(path):
     """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train or
@@ -322,10 +301,8 @@ def _hub_rows(path):
     for i, row in enumerate(table.to_list()):
         yield f"hf:{name}{f' config {config}' if config else ''} split {split}, row {i}", row
 
-
 def _stem(path):
     return os.path.basename(path).split(".")[0]
-
 
 def load_kk(path):
     """K&K Examples from a public-format file (fields quiz, names, solution; solution_text_format optional)."""
@@ -345,7 +322,6 @@ def load_kk(path):
         out.append(kk_example({**row, "solution_text_format": text}, f"{_stem(path)}-{row.get('index', len(out))}"))
     return out
 
-
 def extract_boxed(text):
     """Content of the LAST \\boxed{...} (or \\fbox{...}) in text, braces matched, in linear time; None when there
     is none. An unclosed last box gives None (no answer), not an earlier box."""
@@ -364,13 +340,11 @@ def extract_boxed(text):
             return rest[1:j]
     return None
 
-
 def _field(row, key):
     """row[key], with dotted keys reaching into nested dicts ("reward_model.ground_truth")."""
     for part in key.split("."):
         row = row.get(part) if isinstance(row, dict) else None
     return row
-
 
 def _answer_string(value, where, key):
     if isinstance(value, bool) or value is None:
@@ -394,7 +368,6 @@ def _answer_string(value, where, key):
     if not value:
         raise ValueError(f"{where}: field {key!r} is empty")
     return value
-
 
 def load_math(path, question_key=None, answer_key=None, level=None):
     """Math Examples from .jsonl / .parquet. Fields found automatically unless given:
@@ -429,7 +402,6 @@ def load_math(path, question_key=None, answer_key=None, level=None):
         out.append({"task": "math", "question": question.strip(), "answer": answer, "level": level,
                     "id": f"{level}-{rid}"})
     return out
-
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "kk":

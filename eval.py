@@ -42,7 +42,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
-
 def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
     """Aggregate per-sample results, laid out problem by problem (`levels`: one per problem; `correct`, `rewards`:
     n per problem) into {level: {"count", "n", "mean_at_n", "pass_at_k": {k: v}, "mean_reward"}, ...,
@@ -79,7 +78,6 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
     }
     return summary
 
-
 # ----------------------------------------------------------------------------- sampling + scoring
 def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temperature: float = 0.6,
              top_p: float = 0.95, seed=0, ks=(1,), batch_size=None, progress: bool = False) -> dict:
@@ -111,7 +109,6 @@ def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temp
                         "temperature": temperature, "top_p": top_p, "seed": seed}
     return result
 
-
 def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, device, seed: int, order_seed: int,
                    n: int, **sampling) -> dict:
     """evaluate() on this rank's share of `examples`, merged across ranks (a collective: one all_reduce):
@@ -133,11 +130,9 @@ def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, 
     out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
     return out
 
-
 def _check_ks(n, ks):
     if n < 1 or not ks or max(ks) > n or min(ks) < 1:
         raise ValueError(f"need 1 <= k <= n for every k of Pass@k, got n={n}, ks={tuple(ks)}: raise n or lower k")
-
 
 def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> dict:
     """Score engine outputs and aggregate them: {"summary", "samples"}. prompts: tasks.prompt_ids's (prompt_ids,
@@ -167,7 +162,6 @@ def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> di
                         [s["reward"] for s in samples], n, ks)
     return {"summary": summary, "samples": samples}
 
-
 # ----------------------------------------------------------------------------- the paper's tables
 def format_table(summary: dict, name: str = "model") -> str:
     """The paper's table, one row named `name`, as Markdown: Mean@n per level and Avg as a fraction (K&K), or with
@@ -187,7 +181,6 @@ def format_table(summary: dict, name: str = "model") -> str:
         header += [f"{label} Mean@{n}"] + [f"{label} Pass@{k}" for k in ks]
         values += [f"{100 * summary[lv]['mean_at_n']:.1f}"] + [f"{100 * pk[k]:.1f}" for k in ks]
     return "\n".join([cells(header), cells(["---"] * len(header)), cells(values)])
-
 
 def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
     """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl; tools/show.py), a line per group train.py marked "log": prompt,
@@ -218,7 +211,6 @@ def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
-
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv):
@@ -266,7 +258,6 @@ def parse_args(argv):
         p.error(f"no {a.task} examples (--data {list(a.data)}, --split {a.split})")
     return p, a
 
-
 def main(argv=None):
     p, a = parse_args(sys.argv[1:] if argv is None else argv)
     from transformers import AutoConfig, AutoTokenizer
@@ -304,7 +295,6 @@ def main(argv=None):
                 f.writelines(line + "\n" for line in lines)
             print(f"wrote {path} ({len(lines)} lines)" if path == a.sft_out else f"wrote {path}", file=sys.stderr)
     print(format_table(result["summary"], name=os.path.basename(os.path.normpath(a.model))))
-
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,6 @@ than log_softmax per chunk: benchmarks/bench_rlad.py measures both (peak memory,
 """
 import torch
 
-
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log softmax(logits)[targets] without a float32 [T, V] tensor, in forward or backward. logits [..., V] (any
     float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits)."""
@@ -18,13 +17,11 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
     x = _rows(logits)  # [R, T, V]
     return _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size).reshape(targets.shape)
 
-
 def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     return _Entropy.apply(_rows(logits), chunk_size).reshape(logits.shape[:-1])
-
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
     """[..., T, V] -> [R, T, V], a view where the strides allow it (one long row when they do)."""
@@ -33,11 +30,9 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
     except RuntimeError:  # e.g. logits[:, :-1] of a [B, T, V] batch: keep the rows, no copy
         return logits.reshape(-1, logits.shape[-2], logits.shape[-1])  # [R, T, V]
 
-
 def _chunks(x: torch.Tensor, chunk_size: int):
     """(row, positions) of each chunk of x [R, T, V], row by row."""
     return ((r, slice(s, s + chunk_size)) for r in range(x.shape[0]) for s in range(0, x.shape[1], chunk_size))
-
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
@@ -67,7 +62,6 @@ class _TokenLogprobs(torch.autograd.Function):
             grad[r, s] = p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
             del p
         return grad, None, None
-
 
 class _Entropy(torch.autograd.Function):
     @staticmethod

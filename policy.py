@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 import rlad
 
-
 class Policy(torch.nn.Module):
     """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits. Sharded,
     forward is a collective: every rank calls it the same number of times (score() pads short ranks with dummies)."""
@@ -49,7 +48,6 @@ class Policy(torch.nn.Module):
                  for s in range(0, max(targets.shape[0], 1), self.chunk)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
 
-
 def device_mesh(device, world: int, shard_group: int = 0):
     """FSDP2's mesh over `world` ranks: flat when shard_group is 0 or the world size, else 2-D (replicate x shard),
     i.e. HSDP: every layer's all-gather and reduce-scatter stay inside a group of shard_group ranks (a node) and
@@ -61,7 +59,6 @@ def device_mesh(device, world: int, shard_group: int = 0):
     if shard == world:
         return init_device_mesh(device.type, (world,))
     return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
-
 
 def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
          trainable: bool = True, shard: bool = True, offload: bool = False, mesh=None) -> Policy:
@@ -119,7 +116,6 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
     # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
     return model.train() if trainable else model.eval().requires_grad_(False)
 
-
 @torch.no_grad()
 def full_params(model: Policy, dtype=None):
     """(hf_name, full tensor) per parameter, gathered one at a time (a collective: every rank iterates), no autograd.
@@ -127,7 +123,6 @@ def full_params(model: Policy, dtype=None):
     for name, p in model.lm.named_parameters():
         p = p.detach() if dtype is None else p.detach().to(dtype)  # a DTensor stays sharded through the cast
         yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
-
 
 # ----------------------------------------------------------------------------- rows -> micro-batches
 def pack(rows: list, budget: int) -> list:
@@ -140,11 +135,9 @@ def pack(rows: list, budget: int) -> list:
             out.append([r])
     return out
 
-
 # One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
 DUMMY = {"prompt": [0], "response": [0], "dummy": True,
          **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
-
 
 def collate(rows: list, device) -> dict:
     """Right-padded [B, L] inputs and [B, R] per-token tensors for one micro-batch (R = longest response); [] gives
@@ -177,13 +170,11 @@ def collate(rows: list, device) -> dict:
             out[key] = flat.index_copy(0, dst.to(flat.device), torch.cat([r[key] for r in rows])).view(len(rows), rmax)
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
 
-
 def forward(model: Policy, b: dict, entropy_grad=False, with_entropy=True):
     """Log-probs and entropies laid out [B, R] like b["mask"] (entropies 0 when with_entropy is False)."""
     lp, ent = model(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad, with_entropy)  # [n], [n]
     B, R = b["mask"].shape
     return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
-
 
 def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
     """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
@@ -192,7 +183,6 @@ def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
     t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
     return [int(x) for x in t.tolist()]
-
 
 @torch.no_grad()
 def score(model: Policy, rows: list, budget: int, device):

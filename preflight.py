@@ -8,6 +8,7 @@ measures the peaks) that check_plan refuses when it cannot fit. resolve_model: m
 """
 import dataclasses
 import os
+import tomllib
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,34 @@ RULES = [("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_b
 CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"), "loss_agg": rlad.LOSS_AGGS,
            "kd_kl": rlad.KL_KINDS}
 
+def parse_flags(Config, argv):
+    """A Config (train.py's dataclass) from its defaults < `--config FILE.toml` < `--key value` flags. Unknown keys,
+    bad booleans and values of the wrong type are one-line errors."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    args, values = list(argv), {}
+    if "--config" in args:
+        i = args.index("--config")
+        path = args[i + 1] if i + 1 < len(args) else ""
+        if not os.path.isfile(path):
+            raise SystemExit(f"--config {path!r}: no such file (presets are in configs/)")
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+        del args[i:i + 2]
+    if len(args) % 2 or not all(a.startswith("--") for a in args[::2]):
+        raise SystemExit(f"arguments must be --key value pairs; got {args}")
+    for key, raw in zip(args[::2], args[1::2]):
+        key = key[2:].replace("-", "_")
+        kind = kinds.get(key, str)
+        if kind is bool and raw.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--{key} takes true or false, got {raw!r}")
+        try:
+            values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
+        except ValueError:
+            raise SystemExit(f"--{key} {raw!r}: expected {kind.__name__}") from None
+    for key in values:
+        if key not in kinds:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(kinds)}")
+    return Config(**values)
 
 def check_config(cfg, world: int):
     """SystemExit with one line naming the flag, for any setting that would fail later (or silently do nothing)."""
@@ -73,11 +102,9 @@ def check_config(cfg, world: int):
         if local and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
 
-
 def needs_teacher(cfg) -> bool:
     """The teacher's weights live on these ranks: the method scores tokens with it, and not via --teacher_url."""
     return rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher_url
-
 
 # ----------------------------------------------------------------------------- 2. the memory plan
 def shapes(name: str) -> dict:
@@ -101,11 +128,9 @@ def shapes(name: str) -> dict:
             "intermediate": config.intermediate_size, "layers": len(layers), "vocab": config.vocab_size,
             "kv_bytes_per_token": rollout.kv_bytes_per_token(config)}  # bf16
 
-
 def shard_group(cfg, world: int) -> int:
     """Ranks sharding one model copy (HSDP replicates across them): --shard_group, else a node's (--plan_gpus: 8)."""
     return cfg.shard_group or (min(world, 8) if cfg.plan_gpus else int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
 
 def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> dict:
     """Bytes per GPU of each part and phase; the update's compute copy is FSDP2's bf16 root + two layers in flight."""
@@ -134,7 +159,6 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
             "rollout_seqs": -(-cfg.prompts_per_step // world) * cfg.group_size,
             "max_util": max(gpu_bytes - resident - GIB, 0) / gpu_bytes}  # and 1 GiB of allocator slack
 
-
 def format_plan(plan: dict, cfg) -> str:
     g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
     lines = [f"memory plan per GPU ({plan['world']} x {plan['gpu'] / GIB:.2f} GiB; student {cfg.model}, teacher "
@@ -150,7 +174,6 @@ def format_plan(plan: dict, cfg) -> str:
     lines.append(f"  gpu_memory_utilization {cfg.gpu_memory_utilization} (at most {plan['max_util']:.2f} leaves the "
                  "trainer room during rollouts)")
     return "\n".join(lines)
-
 
 def check_plan(plan: dict, cfg):
     """Refuse what cannot fit, naming the number and the flag to change (in this order: rollout, update, teacher)."""
@@ -170,7 +193,6 @@ def check_plan(plan: dict, cfg):
                          f"than one sequence ({plan['seq_tokens']}): raise --gpu_memory_utilization (now "
                          f"{cfg.gpu_memory_utilization}) or lower --max_tokens")
 
-
 def plan_for(cfg, world: int, paths: dict):
     """The plan for this run (or for --plan_gpus NxGIB), or None on a machine without GPUs."""
     if cfg.plan_gpus:
@@ -186,7 +208,6 @@ def plan_for(cfg, world: int, paths: dict):
     teacher = shapes(paths["teacher"]) if needs_teacher(cfg) else None
     return memory_plan(cfg, world, gpu_bytes, shapes(paths["model"]), teacher)
 
-
 def plan_run(cfg, world: int, say=print) -> bool:
     """Print the memory plan and refuse a config that cannot fit. False when --plan true asked for the plan alone.
     Without a GPU nothing is planned, unless --plan_gpus says for what (--plan alone: the paper's 8 x H200 node)."""
@@ -201,12 +222,10 @@ def plan_run(cfg, world: int, say=print) -> bool:
         check_plan(plan, cfg)
     return not cfg.plan
 
-
 # ----------------------------------------------------------------------------- 3. model names -> local directories
 TINY = {"tiny": dict(seed_offset=0), "tiny-teacher": dict(hidden_size=128, num_layers=4, num_heads=4,
                                                           num_kv_heads=2, intermediate_size=256, seed_offset=1)}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]  # no .bin / .pth duplicates
-
 
 def resolve_model(name: str, cfg, flag: str) -> str:
     """A local directory for `name`; a collective. Rank 0 writes tiny models to run_dir/models/NAME; the first rank of

@@ -34,23 +34,19 @@ ANSWER_RIGHT, ANSWER_WRONG, ANSWER_UNPARSED = 2.0, -1.5, -2.0
 KK_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _EMPHASIS = re.compile(r"[*_`#]")  # markdown emphasis / headers / code around names and roles
 
-
 def kk_format_ok(response):
     """Each of the four tags exactly once, in the order <think> </think> <answer> </answer>."""
     positions = [response.find(tag) for tag in KK_TAGS]
     return all(response.count(tag) == 1 for tag in KK_TAGS) and positions == sorted(positions)
 
-
 _WORD = re.compile(r"\w+")
 _ROLES = {"knight": True, "knights": True, "knave": False, "knaves": False}
-
 
 @lru_cache(maxsize=1024)
 def _names_pattern(folded):
     """For names that are not single words ("Mary Ann"): whole names and role words, longest names first."""
     words = sorted(set(folded), key=len, reverse=True)
     return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r"|knights?|knaves?)\b")
-
 
 def kk_parse(answer_text, names):
     """Roles (True = knight) in `names` order read from an answer block, or None when unparseable."""
@@ -74,7 +70,6 @@ def kk_parse(answer_text, names):
         return None
     return [roles[name] for name in folded]
 
-
 def kk_score(response, solution, names):
     """{"reward", "correct", "format_ok"} of a whole assistant turn (Logic-RL's values)."""
     response = _text(response)
@@ -90,28 +85,23 @@ def kk_score(response, solution, names):
         points = ANSWER_RIGHT if roles == [bool(s) for s in solution] else ANSWER_WRONG
     return {"reward": FORMAT_RIGHT + points, "correct": points == ANSWER_RIGHT, "format_ok": True}
 
-
 def kk_reward(response, solution, names):
     """Logic-RL's K&K reward of a whole assistant turn: 3, -0.5, -1 or -3."""
     return kk_score(response, solution, names)["reward"]
-
 
 # --------------------------------------------------------- math: math-verify, in worker processes (verifier.py)
 
 MATH_TIMEOUT_S = 10.0  # hard wall-clock limit per answer; past it the worker is killed and the answer scores 0
 MAX_ANSWER_CHARS = 1000  # a boxed answer longer than this is not an answer (no reference comes close)
 
-
 def _text(response):
     if not isinstance(response, str):
         raise TypeError(f"rewards: response must be a str (the decoded assistant turn), got {type(response).__name__}")
     return response
 
-
 def math_reward(response, answer, timeout_s=None):
     """1.0 when the last \\boxed{} of the response is equivalent to the reference answer, else 0.0."""
     return math_scores([response], [answer], timeout_s)[0]["reward"]
-
 
 def math_scores(responses, answers, timeout_s=None):
     """{"reward", "correct", "format_ok"} per (response, reference answer); answers checked in parallel."""
@@ -128,11 +118,9 @@ def math_scores(responses, answers, timeout_s=None):
     return [{"reward": 1.0 if verdicts.get(i) else 0.0, "correct": bool(verdicts.get(i)), "format_ok": p is not None}
             for i, p in enumerate(preds)]
 
-
 # --------------------------------------------------------------------------- arithmetic (data.py's running sums mod 10)
 
 _END_TOKENS = re.compile(r"(?:\s*(?:<\|[^<>|]{1,40}\|>|</s>|<eos>))+\s*$")  # a decoded end token, if kept
-
 
 def arith_score(response, answer):
     """{"reward", "correct", "format_ok"}. Format: the scratchpad's n - 1 digits separated by whitespace, nothing

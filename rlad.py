@@ -37,7 +37,6 @@ KL_KINDS = ("k1", "k2", "k3")
 MAX_LOG_RATIO = 20.0  # log-ratios are clamped to +-20 before exp(): float32 never overflows (e^20 ~ 5e8)
 TEACHER_LOGP_FLOOR = -100.0  # a teacher log-prob of -inf (token impossible for it) counts as e^-100: finite KD
 
-
 # ----------------------------------------------------------------------------- advantages (docs/algorithm.md)
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
@@ -45,12 +44,10 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
                          f"group (N = prompts x G); got shape {tuple(rewards.shape)}")
     return rewards.double().view(-1, group_size)  # [P, G] float64: exact zero spread for equal rewards
 
-
 def group_is_informative(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """bool [P]: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
     r = _groups(rewards, group_size)  # [P, G]
     return r.amax(-1) > r.amin(-1)  # [P]
-
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """A_i = (r_i - mean r) / (std r + 1e-6), population std; scale=False is Dr. GRPO (no std). [N] -> [N].
@@ -64,7 +61,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     adv = torch.where((r.amax(-1) > r.amin(-1))[:, None], adv, 0.0)  # [P, G]
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     return adv.reshape(-1).to(out_dtype)  # [N]
-
 
 # ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
 # Each takes the batch `b` (per-token [B, T] tensors, masked positions already zeroed: logp, old_logp, adv,
@@ -84,7 +80,6 @@ def clipped_surrogate(log_ratio, b, o, metrics):
         o.token_info["clipped"] = (low | high) & b.mask
     return surr
 
-
 def kd_term(b, o):
     """eq (2)'s per-token reverse KL to the teacher on the student's own samples (k2 by default), clamp, mask."""
     kd_tok = kl(_clamp(b.teacher_log_ratio, o.kd_clamp), 0.0, o.kd_kl)  # [B, T]
@@ -92,16 +87,13 @@ def kd_term(b, o):
         kd_tok = torch.where(b.kd_mask.bool(), kd_tok, 0.0)  # [B, T]
     return kd_tok
 
-
 def grpo(b, o, metrics):
     """eq (1): the PPO-clipped ratio against the policy that sampled."""
     return [("pg", 1.0, -clipped_surrogate(b.logp - b.old_logp, b, o, metrics))]
 
-
 def kdrl(b, o, metrics):
     """eq (2): GRPO plus kd_coef x the reverse KL to the teacher."""
     return grpo(b, o, metrics) + [("kd", o.kd_coef, kd_term(b, o))]
-
 
 def rlad(b, o, metrics):
     """eqs (3)-(4): TRRD, the ratio against the mixture anchor pi_old^alpha pi_T^(1 - alpha)."""
@@ -114,16 +106,13 @@ def rlad(b, o, metrics):
         metrics["teacher_clamp_frac"] = masked_mean(outside.float(), b.mask)
     return [("pg", 1.0, -clipped_surrogate(log_ratio, b, o, metrics))]
 
-
 def distill(b, o, metrics):
     """On-policy distillation: the KD term alone on the student's own samples, no reward."""
     return [("kd", 1.0, kd_term(b, o))]
 
-
 def sft(b, o, metrics):
     """The SFT baseline: negative log-likelihood of the (teacher's or the data's) response tokens."""
     return [("nll", 1.0, -b.logp)]
-
 
 # One table of methods. train.py reads what each needs from it: the teacher's log-probs of every sampled token,
 # pi_old's log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples
@@ -136,7 +125,6 @@ METHODS = {
     "distill": dict(objective=distill, teacher_logp=True, old_logp=False, advantages=False, samples="student"),
     "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="data"),
 }
-
 
 # The hyperparameters the objectives read (as o.<name>), with their defaults. train.py passes its Config as
 # `config`, whose fields of the same names override these: a new knob is a Config field your objective reads.
@@ -153,7 +141,6 @@ DEFAULTS = dict(
     loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm, see aggregate()
     max_len=None,           # Dr. GRPO's normaliser (the generation budget; default: the mask's width)
 )
-
 
 def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, num_tokens=None,
                 kd_mask=None, token_info=None, config=None, **options):
@@ -208,7 +195,6 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     metrics["loss"] = loss.detach()
     return loss, metrics
 
-
 # ----------------------------------------------------------------------------- aggregation and KL estimators
 def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean", num_tokens=None, max_len=None):
     """Reduce per-token values x [B, T] over mask [B, T] to a scalar (docs/algorithm.md, "aggregate").
@@ -233,7 +219,6 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean",
         return x.sum() / (denom * (mask.shape[-1] if max_len is None else max_len))
     raise ValueError(f"unknown loss_agg {loss_agg!r}: use one of {LOSS_AGGS}")
 
-
 def kl(logp: torch.Tensor, other_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token estimator of KL(pi || pi_other) from samples of pi, d = logp - other_logp (docs/algorithm.md).
 
@@ -249,17 +234,14 @@ def kl(logp: torch.Tensor, other_logp: torch.Tensor, kind: str) -> torch.Tensor:
         return torch.exp((-d).clamp(max=MAX_LOG_RATIO)) - 1 + d
     raise ValueError(f"unknown KL estimator {kind!r}: use one of {KL_KINDS}")
 
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over mask (0 for an empty mask); for logging, no host sync."""
     mask = mask.bool()
     return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
 
-
 def _range(rng):
     """None or 0: no clamp; c: (-c, c); (lo, hi) as is."""
     return (-rng, rng) if isinstance(rng, (int, float)) else rng
-
 
 def _clamp(x: torch.Tensor, rng) -> torch.Tensor:
     return x if not rng else x.clamp(*_range(rng))

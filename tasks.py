@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import data
 import rewards
 
-
 @dataclass
 class Source:
     """Where a task's examples come from (train.py's and eval.py's flags)."""
@@ -26,7 +25,6 @@ class Source:
     levels: tuple = ()    # generated levels (K&K people, arith operands); () = the task's default
     per_level: int = None  # generated problems per level (default 100); split "eval" from files: at most this many
     seed: int = 0         # the training generator's seed (the eval split is a fixed stream)
-
 
 def _from_files(loader, split, source):
     """Examples from every file; at split "eval" the first per_level of each level. Missing files fail first."""
@@ -41,7 +39,6 @@ def _from_files(loader, split, source):
                 examples.append(ex)
     return examples
 
-
 # ----------------------------------------------------------------------------- the built-in tasks
 KK_INSTRUCTION = (
     "Solve the logic puzzle below. First think it through step by step inside <think> </think> tags. Then give "
@@ -49,7 +46,6 @@ KK_INSTRUCTION = (
     "<answer>\n(1) Name is a knight\n(2) Name is a knave\n...\n</answer>\n\n"
 )
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
-
 
 class kk:
     """Knights and Knaves (Logic-RL's reward): generated puzzles, or files in the public K&K format."""
@@ -71,7 +67,6 @@ class kk:
     def score(examples, responses):
         return [rewards.kk_score(r, ex["solution"], ex["names"]) for ex, r in zip(examples, responses)]
 
-
 class math:
     """Competition math: the last \\boxed{} checked by math-verify. Files or hub datasets only."""
     prefill = ""  # thinking models open <think> by themselves; the reward reads only the last \boxed{}
@@ -91,7 +86,6 @@ class math:
     def score(examples, responses):
         return rewards.math_scores(responses, [ex["answer"] for ex in examples])
 
-
 class arith:
     """Running sums mod 10 ("3 + 5 - 7 =" -> "8 1"): small enough to learn on a CPU. Generated only."""
     prefill = ""
@@ -106,9 +100,7 @@ class arith:
     def score(examples, responses):
         return [rewards.arith_score(r, ex["answer"]) for ex, r in zip(examples, responses)]
 
-
 TASKS = {"kk": kk, "math": math, "arith": arith}
-
 
 # ----------------------------------------------------------------------------- loading a task, checked
 def load(spec):
@@ -148,7 +140,6 @@ def load(spec):
     return SimpleNamespace(name=spec, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
                            prompt=getattr(task, "prompt", lambda example: example["question"]))
 
-
 # ----------------------------------------------------------------------------- prompts
 def prompt_ids(task, example, tokenizer):
     """(prompt_ids, prefill): the task's user message through the tokenizer's chat template (generation prompt
@@ -166,7 +157,6 @@ def prompt_ids(task, example, tokenizer):
     if prefill.strip() and opened.endswith(prefill.strip()):  # a second tag would fail the format reward
         return tokenizer(text, add_special_tokens=False)["input_ids"], text[opened.rfind(prefill.strip()):]
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill  # the template wrote any BOS
-
 
 def build_prompts(task, examples, tokenizer, max_prompt_tokens: int):
     """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""

@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 import policy
 
-
 class Teacher:
     """A frozen causal LM (a path / hub name, or an nn.Module) scoring given response tokens. token_budget: most
     padded tokens in one forward pass; temperature divides the logits, as the student's do. After each call
@@ -67,11 +66,9 @@ class Teacher:
         parts = iter(flat.split([len(r["response"]) for r in todo]))
         return [next(parts) if r["response"] else torch.zeros(0) for r in rows]
 
-
 def _ids(ids) -> list:
     """Token ids as a list of ints, from a list or a 1-D tensor."""
     return ids.tolist() if torch.is_tensor(ids) else list(ids)
-
 
 # ---- a served teacher -----------------------------------------------------------------------------------------
 # vLLM's answer holds one `"logprob":<number>` per scored token; a JSON string cannot contain that text unescaped
@@ -79,14 +76,12 @@ def _ids(ids) -> list:
 # and a comprehension (measured: 3.6 ms against 19 ms for 9.4K tokens; benchmarks/bench_served_teacher.py).
 _LOGPROB = re.compile(rb'"logprob":(-?[0-9][0-9.eE+-]*)')
 
-
 def check_served_temperature(temperature: float) -> None:
     if temperature != 1.0:
         raise ValueError(f"--temperature {temperature} with --teacher_url: vLLM's prompt log-probs are raw (the "
                          "logits at temperature 1) while the student's and a local teacher's are scored at the rollout "
                          "temperature, so they would compare different distributions; use --temperature 1, or a "
                          "local teacher (--teacher, without --teacher_url)")
-
 
 class ServedTeacher:
     """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas), with Teacher's
@@ -186,7 +181,6 @@ class ServedTeacher:
                            "requests": len(batches), "seconds": time.perf_counter() - t}
         return [done.get(k, torch.zeros(0)) for k in range(len(rows))]
 
-
 # ---- tokenizer compatibility -------------------------------------------------------------------------------
 _PROBES = [
     "Alice is a knight and Bob is a knave. So who is a knight?",
@@ -195,7 +189,6 @@ _PROBES = [
     "Ünïcödé: café, naïve, 数学题, Ελληνικά, emoji \U0001F600, em-dash \u2014, tab\tand newline\n",
     "   leading spaces and trailing   ",
 ]
-
 
 def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
     """Raise ValueError unless both tokenizers turn the same text into the same ids and share the eos id: token-level
@@ -206,7 +199,6 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, te
     if student_tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
         raise ValueError(f"tokenizer mismatch: student {student_name!r} eos id {student_tokenizer.eos_token_id} "
                          f"!= teacher {teacher_name!r} eos id {teacher_tokenizer.eos_token_id}")
-
 
 def compare_encodings(student_tokenizer, teacher_encode, student_name: str, teacher_name: str) -> None:
     """Raise ValueError unless teacher_encode(text) (ids, no special tokens added) equals the student's ids on every

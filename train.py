@@ -34,7 +34,6 @@ import random
 import signal
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -54,7 +53,6 @@ import preflight  # noqa: E402
 import rlad  # noqa: E402
 import tasks  # noqa: E402
 
-
 @dataclass
 class Config:
     # run. The defaults are the paper's K&K RLAD run on 8 x H200 (= configs/kk_qwen3_0.6b_2k.toml)
@@ -67,7 +65,7 @@ class Config:
     teacher: str = "Qwen/Qwen3-8B"          # kdrl / rlad / distill; must share the student's tokenizer
     # task and data (tasks.py)
     task: str = "kk"                        # kk | math | arith, or module:name for a task of your own
-    train_data: str = ""                    # jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT, comma-separated; "" = generated
+    train_data: str = ""                    # jsonl/parquet files or hf:NAME[:CONFIG]:SPLIT, comma-separated
     eval_data: str = ""                     # idem; "" = held-out generated problems (K&K: PPL2..PPL8)
     train_levels: str = ""                  # generated levels (K&K people, arith operands), e.g. 3,4; "" = the task's
     eval_levels: str = ""                   # generated held-out levels; "" = every level (PPL2..PPL8, L2..L8)
@@ -141,39 +139,12 @@ class Config:
     plan: bool = False                      # print the memory plan (preflight.py) and exit
     plan_gpus: str = ""                     # plan for GPUSxGIB (e.g. 8x140: 8 H200) instead of this machine
 
-
 def parse_config(argv) -> Config:
-    """Config defaults < `--config FILE.toml` < `--key value` flags. Unknown keys are errors."""
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-    args, values = list(argv), {}
-    if "--config" in args:
-        i = args.index("--config")
-        path = args[i + 1] if i + 1 < len(args) else ""
-        if not os.path.isfile(path):
-            raise SystemExit(f"--config {path!r}: no such file (presets are in configs/)")
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-        del args[i:i + 2]
-    if len(args) % 2 or not all(a.startswith("--") for a in args[::2]):
-        raise SystemExit(f"arguments must be --key value pairs; got {args}")
-    for key, raw in zip(args[::2], args[1::2]):
-        key = key[2:].replace("-", "_")
-        kind = kinds.get(key, str)
-        if kind is bool and raw.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"--{key} takes true or false, got {raw!r}")
-        try:
-            values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
-        except ValueError:
-            raise SystemExit(f"--{key} {raw!r}: expected {kind.__name__}") from None
-    for key in values:
-        if key not in kinds:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(kinds)}")
-    return Config(**values)
-
+    """Config defaults < `--config FILE.toml` < `--key value` flags (preflight.parse_flags: unknown keys are errors)."""
+    return preflight.parse_flags(Config, argv)
 
 # ----------------------------------------------------------------------------- the loop
 STOP = {"signal": 0}  # set by SIGTERM: finish the step, write a checkpoint, exit
-
 
 def main(cfg: Config, task=None):
     """Train. A fork may pass its own task object (tasks.py's interface) instead of naming one in cfg.task."""
@@ -250,7 +221,6 @@ def main(cfg: Config, task=None):
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
 # ----------------------------------------------------------------------------- 1. prompts, and every seed of a run
 # The data order, the sampling streams and the mini-batch deal are functions of (seed, step, global position)
 # alone: the same numbers at any world size and after a resume, with no RNG state to carry.
@@ -264,7 +234,6 @@ def step_prompts(run, step: int) -> list:
         out.append(int(perms[epoch][pos]))
     return out
 
-
 def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
     """Seed of the prompt at GLOBAL `position` in a sampling stream (0: rollouts, 1: eval), n samples each.
 
@@ -273,11 +242,9 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
     """
     return (cfg.seed * 100_000_007 + stream * 2**30 + position * n) % (2**31 - 1)
 
-
 def deal_seed(cfg: Config, step: int, epoch: int) -> int:
     """The shuffle that deals a step's responses to mini-batches (7.)."""
     return cfg.seed * 7919 + step * 31 + epoch
-
 
 # ----------------------------------------------------------------------------- 2-3. sync and rollout
 def wake_engine(run, times: dict, m):
@@ -288,13 +255,11 @@ def wake_engine(run, times: dict, m):
         run.engine.wake()
     memory(run, m, "wake")
 
-
 def target_sample(tokenizer, example, prefill: str) -> dict:
     """sft's one "sample" of an example: its target text (or reference answer) after the prefill, then EOS."""
     text = (example.get("target") or example["answer"]).removeprefix(prefill)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"response_ids": ids, "finish_reason": "stop"}
-
 
 def make_rows(prompts: list, outs: list, offset: int, sampled: bool) -> list:
     """A row is one response and everything the step learns about it: prompt / response token ids; group (its
@@ -304,7 +269,6 @@ def make_rows(prompts: list, outs: list, offset: int, sampled: bool) -> list:
              "uid": (offset + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
              **({"engine": torch.tensor(o["logprobs"])} if sampled else {})}
             for p, group in enumerate(outs) for i, o in enumerate(group)]
-
 
 # ----------------------------------------------------------------------------- 5. advantages
 def select_rows(rows: list, reward: torch.Tensor, cfg: Config, m) -> list:
@@ -318,7 +282,6 @@ def select_rows(rows: list, reward: torch.Tensor, cfg: Config, m) -> list:
         r["adv"] = a
     m.add("groups_kept", sum(informative) if cfg.filter_groups else len(informative), len(informative))
     return [r for r in rows if r["response"] and (informative[r["group"]] or not cfg.filter_groups)]
-
 
 # ----------------------------------------------------------------------------- 6. frozen log-probs
 def frozen_logprobs(run, kept: list, m, times: dict):
@@ -338,7 +301,6 @@ def frozen_logprobs(run, kept: list, m, times: dict):
                 for r, lp in zip(kept, policy.score(model, kept, cfg.micro_batch_tokens, run.device)[0]):
                     r[key] = lp
 
-
 # ----------------------------------------------------------------------------- 7. the update
 def lr_at(step: int, cfg: Config) -> float:
     if step < cfg.warmup_steps:
@@ -347,7 +309,6 @@ def lr_at(step: int, cfg: Config) -> float:
         progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.lr
-
 
 def update(model, opt, rows, cfg, device, world, step, coefs, m) -> int:
     """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the count of skipped steps.
@@ -389,7 +350,6 @@ def update(model, opt, rows, cfg, device, world, step, coefs, m) -> int:
             opt.zero_grad(set_to_none=True)
     return skipped
 
-
 def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict, m, first_epoch: bool):
     """Forward + backward of one micro-batch; its loss is a share of the mini-batch loss (global `denom`)."""
     exact_entropy = coefs["ent"] > 0 or cfg.ent_target > 0  # the full-vocabulary entropy costs ~1.5x the LM head
@@ -419,7 +379,6 @@ def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict,
     m.add("entropy", rlad.masked_mean(ent.detach() if exact_entropy else -lp.detach(), mask) * w, w)
     m.add("pad_frac", (1.0 - b["real"] / b["slots"]) * b["slots"] if b["real"] else 0.0,
           b["slots"] if b["real"] else 0)
-
 
 # ----------------------------------------------------------------------------- 8. log, evaluate, checkpoint
 def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: float, bar) -> bool:
@@ -467,7 +426,6 @@ def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: flo
         print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
     return stop
 
-
 class Metrics:
     """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks at the end
     of the step by ONE collective: add(name, total, count) logs sum(total) / sum(count) over the step and the
@@ -499,7 +457,6 @@ class Metrics:
         out.update(zip(mnames, maxes))
         return out
 
-
 def memory(run, m, phase: str):
     """On GPU: free device memory and the peak allocated / reserved since the last phase, in GiB, logged as
     mem/<phase>/... (vLLM's CUDA graphs and the NCCL communicators are not in the memory plan: this shows them)."""
@@ -511,7 +468,6 @@ def memory(run, m, phase: str):
     m.max(f"mem/{phase}/peak_reserved_gib", torch.cuda.max_memory_reserved(run.device) / gib)
     torch.cuda.reset_peak_memory_stats(run.device)
 
-
 @contextlib.contextmanager
 def timed(times: dict, key: str):
     """Add the block's wall seconds to times[key] (the slowest rank's value is logged)."""
@@ -519,16 +475,13 @@ def timed(times: dict, key: str):
     yield
     times[key] = times.get(key, 0.0) + time.perf_counter() - t
 
-
 # ----------------------------------------------------------------------------- setup: distributed, data, models
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
-
 def print0(*args):
     if is_main():
         print(*args, flush=True)
-
 
 def setup_distributed(timeout_min: float = 120.0):
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port).
@@ -544,7 +497,6 @@ def setup_distributed(timeout_min: float = 120.0):
     elif not dist.is_initialized():  # vLLM reuses an existing default group; FSDP2 works the same at world size 1
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return rank, world, device
-
 
 def setup(cfg: Config, task=None) -> SimpleNamespace:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
@@ -591,9 +543,9 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
             run.wandb = wandb
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     print0(f"{cfg.method}: student {run.student_path}, teacher {run.teacher_path or '-'}, world {world}, "
-           f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps {run.start}..{cfg.max_steps}")
+           f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps {run.start}.."
+           f"{cfg.max_steps}")
     return run
-
 
 def load_data(run):
     """The training and eval examples (the task's, or sft_data's), their prompts, filtered by prompt length."""
@@ -621,7 +573,6 @@ def load_data(run):
     if not run.train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, sft_data "
                          f"{cfg.sft_data!r}, after the prompt length filter max_prompt_tokens={cfg.max_prompt_tokens})")
-
 
 def load_models(run):
     """The engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher, optimizer."""
@@ -652,7 +603,6 @@ def load_models(run):
         state = checkpoint.load_trainer_state(ckpt, run.student, run.opt)
         run.start, run.skipped, run.ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
         print0(f"resumed from {ckpt} at step {run.start}")
-
 
 if __name__ == "__main__":
     main(parse_config(sys.argv[1:]))

@@ -25,20 +25,17 @@ MATH_WORKERS = min(4, os.cpu_count() or 1)  # pool size, read when the pool star
 WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) on a loaded machine
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker: 10^(10^10) must fail, not swap
 
-
 # -- worker side: runs in a fresh interpreter, reads (key, pred, gold, seconds) and answers (key, bool) --
 
 def _send(fd, obj):
     payload = pickle.dumps(obj)
     os.write(fd, struct.pack("<I", len(payload)) + payload)
 
-
 def _recv(fd):
     """One framed message from fd, or None at end of file."""
     header = _read_exact(fd, 4)
     payload = None if header is None else _read_exact(fd, struct.unpack("<I", header)[0])
     return None if payload is None else pickle.loads(payload)
-
 
 def _read_exact(fd, size):
     data = b""
@@ -49,12 +46,10 @@ def _read_exact(fd, size):
         data += chunk
     return data
 
-
 @lru_cache(maxsize=4096)
 def _parse_gold(gold, seconds):
     from math_verify import parse
     return parse("\\boxed{" + gold + "}", parsing_timeout=seconds)
-
 
 def _verify(pred, gold, seconds):
     """math-verify on one pair, in this process's main thread (its timeouts are signal.alarm, whole seconds)."""
@@ -62,7 +57,6 @@ def _verify(pred, gold, seconds):
     gold_parsed = _parse_gold(gold, seconds)
     pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=seconds)
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
-
 
 def _worker_main():
     """Entry point of a worker process: stdin carries requests, a private copy of stdout carries results."""
@@ -83,7 +77,6 @@ def _worker_main():
             ok = False
         _send(out_fd, (key, ok))
 
-
 # -- parent side --
 
 class _Worker:
@@ -102,7 +95,6 @@ class _Worker:
                 stream.close()
         self.proc.kill()
         self.proc.wait()
-
 
 class VerifierPool:
     """Worker processes running math-verify; verify() fans a batch out and keeps the input order."""
@@ -173,9 +165,7 @@ class VerifierPool:
             w.kill()
         self.workers = []
 
-
 _POOL = None
-
 
 def start_pool(num_workers=None):
     """The shared pool, started if needed (workers import math-verify in the background; returns at once)."""
@@ -184,13 +174,11 @@ def start_pool(num_workers=None):
         _POOL = VerifierPool(num_workers)
     return _POOL
 
-
 def close_pool():
     """Stop the worker processes (also registered with atexit). The next math answer starts a new pool."""
     global _POOL
     if _POOL is not None and _POOL.pid == os.getpid():
         _POOL.close()
     _POOL = None
-
 
 atexit.register(close_pool)

@@ -110,7 +110,8 @@ def samples_html(groups) -> str:
                     f"responses</h2><div class=prompt>{html.escape(g['prompt'])}</div>"
                     + "".join(_response_html(s, g["method"]) for s in g["samples"]))
     return (f"<!doctype html><html><head><meta charset=utf-8><title>samples, step {groups[0]['step']}</title>"
-            f"<style>{CSS}</style></head><body>{head}{LEGEND.format(table=_imitation_table())}{''.join(body)}</body></html>")
+            f"<style>{CSS}</style></head><body>{head}{LEGEND.format(table=_imitation_table())}{''.join(body)}"
+            "</body></html>")
 
 
 def show(run_dir: str, step=None, out=None) -> str:
