@@ -1,6 +1,5 @@
 """Where examples come from: the Knights-and-Knaves generator and solver, the arithmetic generator, and loaders
 for K&K and math files (jsonl, parquet, hub datasets). tasks.py turns these into tasks (prompt, examples, scorer).
-
 An *Example* is a plain dict: {"task", "question", "answer", "level" ("PPL2".."PPL8", "L2".."L8", or a math
 benchmark's name), "id"}, plus "solution" and "names" for K&K.
 
@@ -17,11 +16,10 @@ truth is a few bitwise operations on those, and the assignments where everyone i
 
     consistent = AND_i  NOT(K_i XOR S_i)        (a knight says a true thing, a knave a false thing)
 
-The sampler follows the public generator (checked against the public files' statistics): statement kind uniform over
-{leaf, not, and, or, ->, <=>}, leaf person uniform but never "I am a knave" (a paradox), a binary statement's two
-leaves distinct; puzzles without exactly one solution are rejected. 10,000 eight-person puzzles, text included,
-take about 1 s of CPU on one core (benchmarks/bench_tasks.py). A stable hash of a puzzle's statement structure puts
-1 in EVAL_BUCKETS structures in the eval split: training puzzles never coincide with eval ones, whatever the seeds.
+The sampler follows the public generator (checked against the public files' statistics) and rejects puzzles without
+exactly one solution; 10,000 eight-person puzzles, text included, take about 1 s of one CPU core (bench_tasks.py).
+A stable hash of the statement structure puts 1 in EVAL_BUCKETS structures in the eval split: training puzzles
+never coincide with eval ones, whatever the seeds.
 
     python data.py kk 3 [N]     # print N generated 3-person puzzles with their solutions
 """
@@ -36,7 +34,6 @@ import re
 import sys
 
 # ------------------------------------------------------------------------------------------- knights and knaves: solver
-
 @functools.lru_cache(maxsize=None)
 def _masks(n):
     """FULL = all 2^n assignments; K_i = the assignments in which person i is a knight (bit i of a set)."""
@@ -55,10 +52,8 @@ def _truth(stmt, n, full, knights):
     args = [_truth(s, n, full, knights) for s in stmt[1:]]
     if op == "not" and len(args) == 1:
         return full ^ args[0]
-    if op == "and" and args:
-        return functools.reduce(operator.and_, args)
-    if op == "or" and args:
-        return functools.reduce(operator.or_, args)
+    if op in ("and", "or") and args:
+        return functools.reduce(operator.and_ if op == "and" else operator.or_, args)
     if op == "->" and len(args) == 2:
         return (full ^ args[0]) | args[1]
     if op == "<=>" and len(args) == 2:
@@ -71,18 +66,14 @@ def _consistent(i, stmt, n):
     return full ^ (knights[i] ^ _truth(stmt, n, full, knights))
 
 def kk_solve(statements, n):
-    """Every assignment (tuple of bools, True = knight, person order) under which each knight's statement is
-    true and each knave's false, in increasing order of the binary number whose bit i is person i.
-    `statements` is the public literal (a string) or the parsed tuple."""
+    """Every assignment (bools in person order, True = knight) under which each knight's statement is true and each
+    knave's false, in increasing order as binary numbers (bit i: person i). `statements`: public literal or tuple."""
     if isinstance(statements, str):
         statements = ast.literal_eval(statements)
     if len(statements) != n:
         raise ValueError(f"kk_solve: {len(statements)} statements for {n} people; need one statement per person")
-    consistent = _masks(n)[0]
-    for i, stmt in enumerate(statements):
-        consistent &= _consistent(i, stmt, n)
-    bits = bin(consistent)[:1:-1]  # bits[a] == "1": assignment a is consistent
-    return [tuple(bool(a >> i & 1) for i in range(n)) for a, bit in enumerate(bits) if bit == "1"]
+    consistent = functools.reduce(operator.and_, (_consistent(i, s, n) for i, s in enumerate(statements)), _masks(n)[0])
+    return [tuple(bool(a >> i & 1) for i in range(n)) for a in range(1 << n) if consistent >> a & 1]
 
 # -------------------------------------------------- knights and knaves: generator (records in the public data's format)
 
@@ -117,7 +108,7 @@ def _sample_statement(rng, speaker, n):
     if kind == 1:
         return ("not", _sample_leaf(rng, speaker, n))
     a, b = _sample_leaf(rng, speaker, n), _sample_leaf(rng, speaker, n)
-    while b == a:
+    while b == a:  # a binary statement's two leaves are distinct
         b = _sample_leaf(rng, speaker, n)
     return (_BINARY[kind - 2], a, b)
 
@@ -126,9 +117,8 @@ def _sample_statements(n, rng):
     while True:
         statements, consistent = [], _masks(n)[0]
         for i in range(n):
-            stmt = _sample_statement(rng, i, n)
-            statements.append(stmt)
-            consistent &= _consistent(i, stmt, n)
+            statements.append(_sample_statement(rng, i, n))
+            consistent &= _consistent(i, statements[-1], n)
             if not consistent:  # already no solution: restart (same distribution as sample-all-then-reject)
                 break
         if consistent and not consistent & (consistent - 1):  # exactly one bit set
@@ -154,8 +144,7 @@ def make_kk_puzzle(n, rng, index=0):
     rng: a random.Random (the whole puzzle is a function of its state), or an int seed."""
     if not isinstance(n, int) or not 2 <= n <= MAX_PEOPLE:
         raise ValueError(f"make_kk_puzzle: n={n!r} people; use an int in [2, {MAX_PEOPLE}]")
-    if not isinstance(rng, random.Random):
-        rng = random.Random(rng)
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     statements, solution = _sample_statements(n, rng)
     names = rng.sample(NAMES, n)
     said = [rng.choice(TEMPLATES).format(X=names[i], S=_statement_text(s, names)) for i, s in enumerate(statements)]
@@ -204,20 +193,16 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
     def make(n, rng, count):
         record = make_kk_puzzle(n, rng, index=count)
         return kk_split_of(n, record["statements"]), kk_example(record, f"kk-{split}-PPL{n}-{count}")
-
     return _examples("kk", people, per_level, seed, split, make)
 
 # -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
-# Level L{n} has n single-digit operands joined by + and -; the answer is the running value mod 10 after each
-# operation, a scratchpad of n - 1 digits: "3 + 5 - 7 =" -> "8 1". The response is that scratchpad, then the
-# end-of-sequence token; rewards.arith_score pays 1 for exactly n - 1 digits whose last one is right.
-
 def make_arith_problem(n, rng):
-    """(question, answer) for n operands, e.g. ("3 + 5 - 7 =", "8 1")."""
+    """(question, answer) for n single-digit operands joined by + and -; the answer is the running value mod 10 after
+    each operation, a scratchpad of n - 1 digits: ("3 + 5 - 7 =", "8 1"). The response is that scratchpad, then the
+    end-of-sequence token; rewards.arith_score pays 1 for exactly n - 1 digits whose last one is right."""
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"make_arith_problem: n={n!r} operands; use an int >= 2")
-    if not isinstance(rng, random.Random):
-        rng = random.Random(rng)
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     value = rng.randrange(10)
     question, running = [str(value)], []
     for _ in range(n - 1):
@@ -234,44 +219,40 @@ def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
         question, answer = make_arith_problem(n, rng)
         return _split_of(f"arith:{question}"), {"task": "arith", "question": question, "answer": answer,
                                                 "level": f"L{n}", "id": f"arith-{split}-L{n}-{count}"}
-
     return _examples("arith", levels, per_level, seed, split, make)
 
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
-
 def _rows(path):
     """(where, row) for each row of a .jsonl / .parquet file or hub dataset (hf:...); `where` is for error messages."""
     if path.startswith("hf:"):
         yield from _hub_rows(path)
-        return
-    if not os.path.exists(path):
+    elif not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    if path.endswith(".parquet"):
+    elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq  # only needed here; a plain install does without it
         except ImportError as e:
             raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}, row {i}", row
-        return
-    if not path.endswith((".jsonl", ".json")):
+    elif not path.endswith((".jsonl", ".json")):
         raise ValueError(f"{path}: unknown file type; use .jsonl (one JSON object per line) or .parquet")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not a JSON object ({e}); expected JSON lines") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}, line {lineno}", row
+    else:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {lineno}: not a JSON object ({e}); expected JSON lines") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                yield f"{path}, line {lineno}", row
 
 def _hub_rows(path):
-    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT, e.g. hf:openai/gsm8k:main:train or
-    hf:Skywork/Skywork-OR1-RL-Data:math (a slice such as train[:1000] works too), through the `datasets` library:
-    from the Hub, or when it is unreachable (HF_HUB_OFFLINE=1) from the hub cache's snapshot (`hf download`)."""
+    """(where, row) of a hub dataset hf:NAME[:CONFIG]:SPLIT (hf:openai/gsm8k:main:train; slices such as train[:1000]
+    too) through the `datasets` library: from the Hub, or when unreachable (HF_HUB_OFFLINE=1) from the hub cache."""
     head, bracket, tail = path[3:].partition("[")  # a slice such as train[:1000] has colons of its own
     parts = head.split(":")
     if len(parts) not in (2, 3) or not all(parts):
@@ -301,16 +282,12 @@ def _hub_rows(path):
     for i, row in enumerate(table.to_list()):
         yield f"hf:{name}{f' config {config}' if config else ''} split {split}, row {i}", row
 
-def _stem(path):
-    return os.path.basename(path).split(".")[0]
-
 def load_kk(path):
     """K&K Examples from a public-format file (fields quiz, names, solution; solution_text_format optional)."""
-    out = []
+    out, stem = [], os.path.basename(path).split(".")[0]
     for where, row in _rows(path):
-        for field in ("quiz", "names", "solution"):
-            if field not in row:
-                raise ValueError(f"{where}: missing field {field!r} (K&K rows need quiz, names, solution)")
+        if missing := [field for field in ("quiz", "names", "solution") if field not in row]:
+            raise ValueError(f"{where}: missing field {missing[0]!r} (K&K rows need quiz, names, solution)")
         names, solution = row["names"], row["solution"]
         if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
             raise ValueError(f"{where}: field 'names' must be a list of strings, got {names!r}")
@@ -319,15 +296,13 @@ def load_kk(path):
                              f"got {solution!r}")
         text = row.get("solution_text_format") or "\n".join(
             f"({i + 1}) {x} is a {'knight' if k else 'knave'}" for i, (x, k) in enumerate(zip(names, solution)))
-        out.append(kk_example({**row, "solution_text_format": text}, f"{_stem(path)}-{row.get('index', len(out))}"))
+        out.append(kk_example({**row, "solution_text_format": text}, f"{stem}-{row.get('index', len(out))}"))
     return out
 
 def extract_boxed(text):
     """Content of the LAST \\boxed{...} (or \\fbox{...}) in text, braces matched, in linear time; None when there
     is none. An unclosed last box gives None (no answer), not an earlier box."""
-    if not isinstance(text, str):
-        return None
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox")) if isinstance(text, str) else -1
     if start < 0:
         return None
     rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox").lstrip(" ")
@@ -360,10 +335,9 @@ def _answer_string(value, where, key):
     if "####" in value:  # GSM8K: worked solution, then "#### 42"
         value = value.rsplit("####", 1)[1]
     elif "\\boxed" in value or "\\fbox" in value:  # a MATH-style worked solution
-        boxed = extract_boxed(value)
-        if boxed is None:
+        value = extract_boxed(value)
+        if value is None:
             raise ValueError(f"{where}: field {key!r} has an unclosed \\boxed{{}}")
-        value = boxed
     value = value.strip().strip("$").strip()
     if not value:
         raise ValueError(f"{where}: field {key!r} is empty")
@@ -378,7 +352,7 @@ def load_math(path, question_key=None, answer_key=None, level=None):
     if level is None and path.startswith("hf:"):  # a hub dataset's level is its name: hf:openai/gsm8k:main -> gsm8k
         level = path[3:].split(":")[0].split("/")[-1]
     if level is None:
-        level = _stem(path).split("_")[0].split("-")[0]
+        level = re.split(r"[._-]", os.path.basename(path))[0]
         if level.lower() in ("train", "test", "validation", "val", "dev"):  # HF layout: name/test-0000.parquet
             level = os.path.basename(os.path.dirname(os.path.abspath(path))) or level
     out = []
@@ -406,7 +380,6 @@ def load_math(path, question_key=None, answer_key=None, level=None):
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] != "kk":
         sys.exit("usage: python data.py kk N_PEOPLE [COUNT]")
-    count = int(sys.argv[3]) if len(sys.argv) > 3 else 1
-    for i in range(count):
+    for i in range(int(sys.argv[3]) if len(sys.argv) > 3 else 1):
         record = make_kk_puzzle(int(sys.argv[2]), random.Random(i))
         print(record["quiz"], "\n", record["solution_text_format"], "\n", record["statements"], "\n", sep="")

@@ -1,5 +1,4 @@
-"""Evaluation: Mean@n, unbiased Pass@k and accuracy per level (K&K's PPL2..PPL8, a math benchmark), for any
-checkpoint and any task (tasks.py's, or module:name); the SFT baseline's teacher samples.
+"""Evaluation: Mean@n and unbiased Pass@k per level, for any checkpoint and task; the SFT baseline's teacher samples.
 
 For every problem we draw `n` samples (temperature 0.6, top-p 0.95, the paper's evaluation), score each with
 the task's scorer, and report per level
@@ -7,8 +6,9 @@ the task's scorer, and report per level
     Mean@n   = 1/(P n) sum_p c_p                 mean correctness over all samples (= average Pass@1)
     Pass@k   = 1/P sum_p [1 - C(n - c_p, k) / C(n, k)]   unbiased estimator (Chen et al. 2021), c_p of n correct
 
-and their average over levels, as the paper does (the sample-weighted mean beside it). train.py's periodic
-evaluation calls evaluate_ranks with its running engine; the command line:
+and their average over levels as the paper does (sample-weighted beside it). Tasks: tasks.py's or module:name.
+train.py calls evaluate_ranks with its running engine; the command line prints the paper's table (Markdown) and
+writes the summary and every sample as JSON (curves: tools/plot.py):
 
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
     python eval.py --model PATH --task kk --data people3_test.jsonl   # the public K&K test files
@@ -16,8 +16,6 @@ evaluation calls evaluate_ranks with its running engine; the command line:
     python eval.py --model TEACHER --task kk --split train --levels 3,4,5,6,7 --limit 2000 --n 4 \
         --sft_out teacher_kk.jsonl    # the SFT baseline's data: the teacher's correct samples, then
     python train.py --method sft --sft_data teacher_kk.jsonl ...
-
-It prints the paper's table (Markdown) and writes the summary and every sample as JSON. Curves: tools/plot.py.
 """
 import argparse
 import json
@@ -29,18 +27,13 @@ import sys
 
 # ----------------------------------------------------------------------------- metrics
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased Pass@k for one problem with `c` correct among `n` samples (Chen et al. 2021).
-
-    1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i): the product form never builds the huge
-    binomials (C(1000, 500) overflows a float) and is exact at the edges: c = 0 -> 0, and n - c < k -> 1
-    (every k-subset then holds a correct sample).
-    """
+    """Unbiased Pass@k for one problem with `c` correct among `n` samples (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)
+    = 1 - prod_{i=n-c+1}^{n} (1 - k/i). The product never builds the huge binomials (C(1000, 500) overflows a float)
+    and is exact at the edges: c = 0 -> 0, and n - c < k -> 1 (every k-subset then holds a correct sample)."""
     n, c, k = map(operator.index, (n, c, k))  # ints, numpy ints; a float count is a caller's bug: TypeError
     if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
     """Aggregate per-sample results, laid out problem by problem (`levels`: one per problem; `correct`, `rewards`:
@@ -68,14 +61,11 @@ def summarize(levels, correct, rewards, n: int, ks=(1,)) -> dict:
     counts = [r["count"] for r in rows]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (the paper's average: every level counts the same)
     weighted = lambda xs: sum(x * c for x, c in zip(xs, counts)) / sum(counts)  # noqa: E731  (every problem does)
-    summary["average"] = {
-        "count": sum(counts), "n": n,
-        "mean_at_n": mean([r["mean_at_n"] for r in rows]),
-        "pass_at_k": {k: mean([r["pass_at_k"][k] for r in rows]) for k in ks},
-        "mean_reward": mean([r["mean_reward"] for r in rows]),
-        "mean_at_n_weighted": weighted([r["mean_at_n"] for r in rows]),
-        "pass_at_k_weighted": {k: weighted([r["pass_at_k"][k] for r in rows]) for k in ks},
-    }
+    at_n, at_k = [r["mean_at_n"] for r in rows], {k: [r["pass_at_k"][k] for r in rows] for k in ks}
+    summary["average"] = {"count": sum(counts), "n": n, "mean_at_n": mean(at_n),
+                          "pass_at_k": {k: mean(v) for k, v in at_k.items()},
+                          "mean_reward": mean([r["mean_reward"] for r in rows]), "mean_at_n_weighted": weighted(at_n),
+                          "pass_at_k_weighted": {k: weighted(v) for k, v in at_k.items()}}
     return summary
 
 # ----------------------------------------------------------------------------- sampling + scoring
@@ -91,16 +81,15 @@ def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temp
     _check_ks(n, ks)
     prompts = [tasks.prompt_ids(task, ex, tokenizer) for ex in examples]  # (prompt_ids, prefill) per example
     batch_size = batch_size or len(examples)
-    bar = tqdm(total=len(examples) * n, desc="sampling", unit="sample", disable=not progress)
     outputs = []  # per prompt: list of n sample dicts
-    for start in range(0, len(examples), batch_size):
-        chunk = [ids for ids, _ in prompts[start:start + batch_size]]
-        # rollout.py seeds prompt i of a call with seed + i * n (vLLM: its sample j with seed + i * n + j), so
-        # this offset makes the chunks' streams those of one big call: batch_size changes no vLLM result.
-        outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
-                                       top_p=top_p, seed=None if seed is None else seed + start * n))
-        bar.update(len(chunk) * n)
-    bar.close()
+    with tqdm(total=len(examples) * n, desc="sampling", unit="sample", disable=not progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = [ids for ids, _ in prompts[start:start + batch_size]]
+            # rollout.py seeds prompt i of a call with seed + i * n (vLLM: its sample j with seed + i * n + j), so
+            # this offset makes the chunks' streams those of one big call: batch_size changes no vLLM result.
+            outputs.extend(engine.generate(chunk, n=n, max_tokens=max_tokens, temperature=temperature,
+                                           top_p=top_p, seed=None if seed is None else seed + start * n))
+            bar.update(len(chunk) * n)
     if len(outputs) != len(examples) or any(len(o) != n for o in outputs):
         raise RuntimeError(f"engine returned {len(outputs)} prompts with sample counts "
                            f"{sorted(set(len(o) for o in outputs))}, expected {len(examples)} x {n}")
@@ -111,10 +100,9 @@ def evaluate(engine, tokenizer, examples, task, *, n: int, max_tokens: int, temp
 
 def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, device, seed: int, order_seed: int,
                    n: int, **sampling) -> dict:
-    """evaluate() on this rank's share of `examples`, merged across ranks (a collective: one all_reduce):
-    {"eval/LEVEL": Mean@n, ..., "eval_accuracy": the average over levels}. Each rank takes a contiguous slice of one
-    seeded shuffle of the problems (levels mixed: balanced work), seeded by the slice's global offset (seed + offset
-    * n): problem k is sampled alike at any world size and every eval."""
+    """evaluate() on this rank's share of `examples`, merged across ranks (a collective: one all_reduce): {"eval/LEVEL":
+    Mean@n, ..., "eval_accuracy": the average over levels}. A rank's share, a contiguous slice of one seeded shuffle
+    (levels mixed: balanced work), is seeded by its global offset: problem k is sampled alike at any world size."""
     import torch
     import torch.distributed as dist
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(order_seed)).tolist()
@@ -143,8 +131,7 @@ def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> di
                          "outputs: expected one prompt and n samples per example")
     ks = tuple(sorted(set(int(k) for k in ks)))
     _check_ks(n, ks)
-    # What is scored is the whole assistant turn: the pre-filled opening (e.g. "<think>") + the generated
-    # text. Special tokens (the EOS that ends a finished sample) are dropped, as verl / Logic-RL do.
+    # Scored: the whole assistant turn, prefill (e.g. "<think>") + the text, special tokens (EOS) dropped as verl does.
     responses = [prefill + tokenizer.decode(out["response_ids"], skip_special_tokens=True)
                  for (_, prefill), outs in zip(prompts, outputs) for out in outs]
     scores = task.score([ex for ex in examples for _ in range(n)], responses)
@@ -158,9 +145,8 @@ def score_outputs(tokenizer, examples, prompts, outputs, task, *, ks=(1,)) -> di
                             "response": responses[p * n + i], "answer": ex.get("answer"), "reward": float(s["reward"]),
                             "correct": bool(s["correct"]), "format_ok": bool(s["format_ok"]),
                             "finish_reason": out["finish_reason"], "response_tokens": len(out["response_ids"])})
-    summary = summarize([ex["level"] for ex in examples], [s["correct"] for s in samples],
-                        [s["reward"] for s in samples], n, ks)
-    return {"summary": summary, "samples": samples}
+    return {"summary": summarize([ex["level"] for ex in examples], [s["correct"] for s in samples],
+                                 [s["reward"] for s in samples], n, ks), "samples": samples}
 
 # ----------------------------------------------------------------------------- the paper's tables
 def format_table(summary: dict, name: str = "model") -> str:
@@ -280,9 +266,8 @@ def main(argv=None):
                                  gpu_memory_utilization=a.gpu_memory_utilization,
                                  kv_cache_memory_bytes=a.kv_cache_memory_bytes)
     print(f"eval: {len(a.examples)} problems x {a.n} samples, {a.engine} engine, model {a.model}", file=sys.stderr)
-    result = evaluate(engine, tokenizer, a.examples, a.task_obj, n=a.n, max_tokens=max_tokens,
-                      temperature=a.temperature, top_p=a.top_p, seed=a.seed, ks=a.ks, batch_size=a.batch_size,
-                      progress=True)
+    result = evaluate(engine, tokenizer, a.examples, a.task_obj, n=a.n, max_tokens=max_tokens, ks=a.ks, seed=a.seed,
+                      temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, progress=True)
     engine.shutdown()
     result["config"].update(model=a.model, task=a.task, data=list(a.data), split=a.split, engine=a.engine,
                             limit=a.limit)

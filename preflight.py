@@ -1,7 +1,7 @@
 """preflight.py: what a run checks before any weights load, so that a bad setting costs seconds, not hours.
-check_config: each flag's type, range and what the method needs. memory_plan: per-GPU bytes of every part and phase
-from the model configs alone, an estimate (activations by a per-token formula, vLLM's overhead 2 GiB; gpu_check.py
-measures the peaks) that check_plan refuses when it cannot fit. resolve_model: model names as local directories.
+check_config: each flag's type, range and what the method needs. memory_plan: per-GPU bytes of every part and phase,
+estimated from the model configs alone (gpu_check.py measures the peaks); check_plan refuses what cannot fit.
+resolve_model: model names as local directories.
 
     python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true                    # this machine's GPUs
     python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true --plan_gpus 8x140  # 8 GPUs of 140 GiB
@@ -16,9 +16,8 @@ import torch.distributed as dist
 import rlad
 
 GIB = 2**30
-# Per-GPU memory no tensor of ours holds (read from source, not measured; docs/scale.md cites it): NCCL's buffers,
-# ~0.6 GiB per communicator x up to 3 (world, HSDP shard, replicate) = ~1.8 GiB; the CUDA context, ~0.5 GiB; vLLM's
-# CUDA-graph pool, which sleep keeps unless sleep_mode_offload_cudagraph is set.
+# Per-GPU memory no tensor of ours holds (from source, not measured; docs/scale.md): NCCL, ~0.6 GiB per communicator
+# x up to 3 (world, HSDP shard, replicate); the CUDA context, ~0.5 GiB; vLLM's CUDA-graph pool, which sleep keeps.
 OUTSIDE_TENSORS = 3 * GIB
 
 # ----------------------------------------------------------------------------- 1. the config's types and ranges
@@ -59,9 +58,8 @@ def parse_flags(Config, argv):
             values[key] = raw.lower() in ("true", "1") if kind is bool else kind(raw)
         except ValueError:
             raise SystemExit(f"--{key} {raw!r}: expected {kind.__name__}") from None
-    for key in values:
-        if key not in kinds:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(kinds)}")
+    if unknown := [key for key in values if key not in kinds]:
+        raise SystemExit(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(kinds)}")
     return Config(**values)
 
 def check_config(cfg, world: int):
@@ -114,11 +112,11 @@ def shapes(name: str) -> dict:
         config = AutoConfig.from_pretrained(name)
     except OSError as e:  # not cached and no hub (offline, no network, gated): one line that says what to do
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        raise SystemExit(f"memory plan: no config.json for {name} in the Hugging Face cache"
-                         f"{' (HF_HUB_OFFLINE=1: the hub is not asked)' if offline else ' or on the hub'}: run "
+        where = " (HF_HUB_OFFLINE=1: the hub is not asked)" if offline else " or on the hub"
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise SystemExit(f"memory plan: no config.json for {name} in the Hugging Face cache{where}: run "
                          f"`huggingface-cli download {name}` where there is network (HF_HUB_OFFLINE=1 then reads the "
-                         f"cache alone), or pass a local directory ({type(e).__name__}: {str(e).splitlines()[0]})") \
-            from None
+                         f"cache alone), or pass a local directory ({detail})") from None
     with torch.device("meta"):  # no memory, no weights: the module tree alone
         lm = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
@@ -166,11 +164,11 @@ def format_plan(plan: dict, cfg) -> str:
     lines += [f"  {name:34s} {g(b)}" for name, b in plan["parts"].items() if b]
     lines += [f"  phase {name:28s} {g(b)}  {'ok' if b <= plan['gpu'] else 'DOES NOT FIT'}"
               for name, b in plan["phases"].items()]
-    batch = plan["rollout_seqs"] * plan["seq_tokens"]
-    at_once = min(int(plan["kv_tokens"] // plan["seq_tokens"]), cfg.max_num_seqs, plan["rollout_seqs"])
-    lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is "
-                 f"{plan['rollout_seqs']} sequences x {plan['seq_tokens']} = {batch / 1e6:.2f}M tokens at full length: "
-                 f"{at_once} run at once ({100 * at_once / plan['rollout_seqs']:.0f}%)")
+    seqs, seq_tokens = plan["rollout_seqs"], plan["seq_tokens"]
+    at_once = min(int(plan["kv_tokens"] // seq_tokens), cfg.max_num_seqs, seqs)
+    lines.append(f"  vLLM KV cache: ~{plan['kv_tokens'] / 1e6:.2f}M tokens; one rollout batch is {seqs} sequences x "
+                 f"{seq_tokens} = {seqs * seq_tokens / 1e6:.2f}M tokens at full length: {at_once} run at once "
+                 f"({100 * at_once / seqs:.0f}%)")
     lines.append(f"  gpu_memory_utilization {cfg.gpu_memory_utilization} (at most {plan['max_util']:.2f} leaves the "
                  "trainer room during rollouts)")
     return "\n".join(lines)
@@ -216,8 +214,7 @@ def plan_run(cfg, world: int, say=print) -> bool:
     # hub names stay names: AutoConfig reads their config.json only; a served teacher is not planned at all
     names = {k: resolve_model(getattr(cfg, k), cfg, k) if getattr(cfg, k) in TINY else getattr(cfg, k)
              for k in ("model", "teacher") if k == "model" or needs_teacher(cfg)}
-    plan = plan_for(cfg, world, names)
-    if plan is not None:
+    if (plan := plan_for(cfg, world, names)) is not None:
         say(format_plan(plan, cfg))
         check_plan(plan, cfg)
     return not cfg.plan
@@ -250,8 +247,8 @@ def resolve_model(name: str, cfg, flag: str) -> str:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if policy.agree([1 if error else 0], dist.ReduceOp.SUM)[0]:  # a barrier that also tells every rank about a failure
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub"
-                         f"{' or in its cache (HF_HUB_OFFLINE=1)' if offline else ''} ({error or 'on another node'}): "
-                         f"check the name, run `huggingface-cli download {name}` where there is network, or pass a "
-                         "local directory")
+        where = " or in its cache (HF_HUB_OFFLINE=1)" if offline else ""
+        raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub{where} "
+                         f"({error or 'on another node'}): check the name, run `huggingface-cli download {name}` where "
+                         "there is network, or pass a local directory")
     return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True)

@@ -19,10 +19,10 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
     | teacher agrees (gap < 1) | ~0    | ordinary PPO step             | ordinary PPO step                      |
     | any, A = 0               |       | no gradient: the teacher acts only through the advantage       |
 
-alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is pure on-policy
-distillation (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy.
-Your own objective: a function below, a row in METHODS, a train.py Config field per new knob (read as o.<name>;
-docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's (rlad.token_logprobs).
+alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is on-policy distillation
+(the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. Your own objective: a
+function below, a row in METHODS, a train.py Config field per new knob (read as o.<name>; docs/algorithm.md has an
+example). The chunked log-prob / entropy kernels are kernels.py's (rlad.token_logprobs).
 
     .venv/bin/python -m pytest -q tests/test_rlad.py;  python benchmarks/bench_rlad.py
 """
@@ -50,23 +50,18 @@ def group_is_informative(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     return r.amax(-1) > r.amin(-1)  # [P]
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
-    """A_i = (r_i - mean r) / (std r + 1e-6), population std; scale=False is Dr. GRPO (no std). [N] -> [N].
-
-    A group of equal rewards gets exactly 0 (never NaN, never a rounding residue / 1e-6).
-    """
+    """A_i = (r_i - mean r) / (std r + 1e-6), population std; scale=False is Dr. GRPO (no std). [N] -> [N]."""
     r = _groups(rewards, group_size)  # [P, G]
     adv = r - r.mean(-1, keepdim=True)  # [P, G]
     if scale:
         adv = adv / (r.std(-1, unbiased=False, keepdim=True) + 1e-6)  # [P, G]
-    adv = torch.where((r.amax(-1) > r.amin(-1))[:, None], adv, 0.0)  # [P, G]
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return adv.reshape(-1).to(out_dtype)  # [N]
+    adv = torch.where((r.amax(-1) > r.amin(-1))[:, None], adv, 0.0)  # [P, G] equal rewards: exactly 0, never NaN
+    return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)  # [N]
 
 # ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
-# Each takes the batch `b` (per-token [B, T] tensors, masked positions already zeroed: logp, old_logp, adv,
-# teacher_log_ratio = logp - logp_T, mask, kd_mask), the options `o` (policy_loss's keywords) and a metrics dict
-# to fill, and returns its loss terms as (name, coefficient, per-token loss [B, T]): policy_loss aggregates each
-# term (logged as "loss/<name>") and minimises the sum of coefficient x aggregate.
+# Each takes the batch `b` (per-token [B, T], masked positions zeroed: logp, old_logp, adv, teacher_log_ratio =
+# logp - logp_T, mask, kd_mask), the options `o` and a metrics dict to fill, and returns its loss terms as (name,
+# coefficient, per-token loss [B, T]); policy_loss minimises the sum of coefficient x aggregate ("loss/<name>").
 def clipped_surrogate(log_ratio, b, o, metrics):
     """min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, eqs (1) / (4), and what the clip removed."""
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
@@ -101,8 +96,7 @@ def rlad(b, o, metrics):
     # eq (3); alpha = 1 multiplies the teacher term by exactly 0: GRPO bit for bit
     log_ratio = o.alpha * (b.logp - b.old_logp) + (1 - o.alpha) * teacher_term  # [B, T]
     if o.teacher_clamp:
-        lo, hi = _range(o.teacher_clamp)
-        outside = (b.teacher_log_ratio < lo) | (b.teacher_log_ratio > hi)  # [B, T]
+        outside = teacher_term != b.teacher_log_ratio  # [B, T] moved by the clamp
         metrics["teacher_clamp_frac"] = masked_mean(outside.float(), b.mask)
     return [("pg", 1.0, -clipped_surrogate(log_ratio, b, o, metrics))]
 
@@ -114,10 +108,10 @@ def sft(b, o, metrics):
     """The SFT baseline: negative log-likelihood of the (teacher's or the data's) response tokens."""
     return [("nll", 1.0, -b.logp)]
 
-# One table of methods. train.py reads what each needs from it: the teacher's log-probs of every sampled token,
-# pi_old's log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples
-# are trained on ("student": the engine's rollouts; "data": each example's target text, e.g. the teacher's
-# correct samples that `eval.py --sft_out` wrote: the SFT baseline).
+# One table of methods; train.py reads what each needs: the teacher's log-probs of every sampled token, pi_old's
+# log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples are trained on
+# ("student": the engine's rollouts; "data": each example's target text, e.g. the teacher's correct samples that
+# `eval.py --sft_out` wrote: the SFT baseline).
 METHODS = {
     "grpo": dict(objective=grpo, teacher_logp=False, old_logp=True, advantages=True, samples="student"),
     "kdrl": dict(objective=kdrl, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
@@ -126,8 +120,7 @@ METHODS = {
     "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="data"),
 }
 
-# The hyperparameters the objectives read (as o.<name>), with their defaults. train.py passes its Config as
-# `config`, whose fields of the same names override these: a new knob is a Config field your objective reads.
+# The hyperparameters the objectives read (as o.<name>); fields of the same names in train.py's Config override them.
 DEFAULTS = dict(
     alpha=0.5,              # TRRD: weight of the old policy in the mixture anchor, eq (3); 1 = GRPO exactly
     eps_low=0.2,            # clip range [1 - eps_low, 1 + eps_high] of the ratio, eqs (1) / (4)
@@ -158,9 +151,8 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     o = SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
                         token_info=token_info)
     spec, mask = METHODS[method], mask.bool()  # [B, T]
-    given = {"teacher_logp": teacher_logp, "old_logp": old_logp, "advantages": advantages}
-    for name in ("teacher_logp", "old_logp", "advantages"):
-        if spec[name] and given[name] is None:
+    for name, given in (("teacher_logp", teacher_logp), ("old_logp", old_logp), ("advantages", advantages)):
+        if spec[name] and given is None:
             raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
     if o.kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
@@ -239,9 +231,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.bool()
     return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
 
-def _range(rng):
-    """None or 0: no clamp; c: (-c, c); (lo, hi) as is."""
-    return (-rng, rng) if isinstance(rng, (int, float)) else rng
-
 def _clamp(x: torch.Tensor, rng) -> torch.Tensor:
-    return x if not rng else x.clamp(*_range(rng))
+    """rng None or 0: no clamp; c: [-c, c]; (lo, hi) as is."""
+    return x if not rng else x.clamp(*((-rng, rng) if isinstance(rng, (int, float)) else rng))

@@ -1,12 +1,9 @@
-"""Rollouts: sample G responses per prompt from the current policy, with the sampled tokens' log-probs.
-
-Two engines with one interface:
+"""Rollouts: G responses per prompt from the current policy, with the sampled tokens' log-probs; one interface:
 
     engine.generate(prompt_token_ids, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
-        -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float],
-                                "finish_reason": "stop" | "length"}
+        -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float], "finish_reason": "stop" | "length"}
     engine.load_weights(named_tensors)    # push the trainer's new weights in place (train.py, step 2)
-    engine.sleep() / engine.wake()         # free / restore accelerator memory between rollouts
+    engine.sleep() / engine.wake()         # free memory between rollouts (weights too: load_weights before wake)
     engine.shutdown()                      # explicit, idempotent
 
 - VLLMEngine: an in-process vLLM `LLM` per rank (tensor parallel 1). Fast; what training uses.
@@ -16,13 +13,11 @@ Two engines with one interface:
 "raw_logprobs", before temperature and top-p): the trainer only logs them beside its own (`logprob_mismatch`).
 temperature=0 means greedy. `response_ids` end with the EOS token when finish_reason == "stop".
 
-Weight sync (VLLMEngine.load_weights) is vLLM's in-place path, the worker's `reload_weights(weights_iterator=...)`:
-Hugging Face names streamed from the caller's iterator (no second full copy), vLLM's post-processing re-run, the
-prefix cache reset (no KV from old weights). sleep() discards the weights: load_weights(...) must come before wake().
+Weight sync (VLLMEngine.load_weights) is vLLM's in-place `reload_weights(weights_iterator=...)`: Hugging Face names
+streamed from the caller's iterator (no second full copy), post-processing re-run, prefix cache reset.
 
 In a trainer: init torch.distributed *before* building VLLMEngine, on every rank at once; its shutdown() destroys
-the default process group, so do every collective first. vLLM's process-wide side effects (environment, torch's
-thread count) are undone after construction. docs/cpu.md has the CPU background (why each setting, measurements).
+the default process group, so do every collective first. docs/cpu.md has the CPU background (settings, measurements).
 """
 import contextlib
 import json
@@ -31,7 +26,6 @@ import os
 import torch
 
 # -------------------------------------------------------------------------------------------- Shared checks and helpers
-
 def _check_model_dir(model_path: str) -> None:
     if not os.path.isdir(model_path) or not os.path.exists(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(
@@ -97,9 +91,8 @@ def kv_bytes_per_token(hf_config, elem_bytes: int = 2) -> int:
     return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * elem_bytes
 
 def _cpu_kv_cache_bytes(hf_config, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
-    """KV cache size on CPU: room for max_num_seqs full sequences, capped at a quarter of the free memory
-    shared among the node's ranks (vLLM's CPU default reserves a fraction of *total* memory per engine,
-    which fails as soon as two ranks share a machine)."""
+    """KV cache bytes on CPU: max_num_seqs full sequences, capped at a quarter of the free memory shared by the node's
+    ranks (vLLM's CPU default reserves a fraction of *total* memory per engine: two ranks on one machine fail)."""
     per_token = kv_bytes_per_token(hf_config, 4 if dtype in ("float32", torch.float32) else 2)
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     cap = free // (4 * int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -120,11 +113,9 @@ class VLLMEngine:
                  enable_sleep_mode=None, max_num_seqs: int = 256, kv_cache_memory_bytes=None):
         import torch.distributed as dist
         from transformers import AutoConfig, AutoModelForCausalLM
-
         _check_model_dir(model_path)
         hf_config = AutoConfig.from_pretrained(model_path)
-        self.model_path = model_path
-        self.max_model_len = max_model_len
+        self.model_path, self.max_model_len = model_path, max_model_len
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tied:  # the model's own name for its embedding (model.embed_tokens, GPT-2's transformer.wte, ...)
             with torch.device("meta"):  # the module tree alone: no memory, no weights
@@ -134,31 +125,26 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
-            raise RuntimeError(
-                f"WORLD_SIZE={world} (torchrun) but torch.distributed is not initialised: call "
-                "dist.init_process_group(...) before building VLLMEngine, on every rank (otherwise vLLM creates "
-                "its own 1-rank default group and the trainer's init_process_group fails)")
+            raise RuntimeError(f"WORLD_SIZE={world} (torchrun) but torch.distributed is not initialised: call "
+                               "dist.init_process_group(...) before building VLLMEngine, on every rank (otherwise "
+                               "vLLM creates its own 1-rank default group and the trainer's init_process_group fails)")
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
-                      enforce_eager=enforce_eager)
+                      enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_memory_bytes)
         if dist.is_initialized() and dist.get_world_size() > 1:
             # One engine per rank in the trainer's world, its device from LOCAL_RANK ("uni" would put all on cuda:0)
             kwargs["distributed_executor_backend"] = "external_launcher"
         if on_gpu:
             kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
-            if kv_cache_memory_bytes is not None:
-                kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         else:  # CPU (docs/cpu.md): no sleep mode, eager, an explicit KV cache, no chunked prefill (seeded batches
             # crash: "CPU Generator does not use offset"), so every prompt is prefilled in one step
             kwargs.update(enable_sleep_mode=False, enforce_eager=True, enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(max_model_len, 4096),
-                          kv_cache_memory_bytes=kv_cache_memory_bytes or _cpu_kv_cache_bytes(
-                              hf_config, dtype, max_model_len, max_num_seqs))
+                          max_num_batched_tokens=max(max_model_len, 4096), kv_cache_memory_bytes=kv_cache_memory_bytes
+                          or _cpu_kv_cache_bytes(hf_config, dtype, max_model_len, max_num_seqs))
         self.sleep_mode = kwargs["enable_sleep_mode"]
         # generate() runs with vLLM's serving thread count (1 unless OMP_NUM_THREADS), the rest of the process keeps
         # its own: 2 spinning OpenMP threads made CPU generation up to 20x slower on a busy 2-core machine.
         self.engine_threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
-
         # Undo vLLM's process-wide side effects that would surprise the trainer (environment, torch's threads).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         env_before = dict(os.environ)
@@ -209,15 +195,12 @@ class VLLMEngine:
                                  detokenize=False) for i in range(len(prompt_token_ids))]
         with torch_threads(self.engine_threads):
             outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
-        results = []
-        for out in outs:
-            samples = sorted(out.outputs, key=lambda c: c.index)
-            for c in samples:
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
-            results.append([{"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
-                             "finish_reason": c.finish_reason} for c in samples for _ in range(copies)])
-        return results
+        for c in (c for out in outs for c in out.outputs):
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
+        return [[{"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
+                  "finish_reason": c.finish_reason} for c in sorted(out.outputs, key=lambda c: c.index)
+                 for _ in range(copies)] for out in outs]
 
     def load_weights(self, named_tensors) -> None:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
@@ -228,7 +211,6 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])  # maps fresh memory for the weights only; the KV cache stays freed
         self.state = "broken-asleep" if asleep else "broken"  # until the whole stream went in
         seen = set()
-
         def stream():  # tied: the embedding is fed as lm_head too (vLLM on CPU keeps a repacked copy that goes stale)
             for name, tensor in named_tensors:
                 if self.tied and name == "lm_head.weight":
@@ -237,7 +219,6 @@ class VLLMEngine:
                 yield name, tensor
                 if self.tied and name == self.embedding:
                     yield "lm_head.weight", tensor
-
         # Never call reload_weights without an iterator: it reloads from disk and silently undoes every sync.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
         self.llm.reset_prefix_cache()
@@ -289,11 +270,9 @@ class VLLMEngine:
         del self.llm
 
 # -------------------------------------------------------------------------------------------------- transformers engine
-
 class HFEngine:
-    """The same interface on transformers' generate: batched, left-padded. Simple and slow. `model` is a path
-    (loaded here) or an nn.Module (shared: the trainer's own, so load_weights skips tensors that already are its
-    parameters). Log-probs: one forward pass over prompt + response, the raw log_softmax before temperature."""
+    """The same interface on transformers' generate. `model`: a path, or an nn.Module (the trainer's own: load_weights
+    skips tensors that are its parameters). Log-probs: one forward over prompt + response, raw log_softmax."""
 
     def __init__(self, model, *, dtype=None, device=None, batch_size: int = 64):
         from transformers import AutoModelForCausalLM
@@ -305,9 +284,8 @@ class HFEngine:
             raise TypeError(f"HFEngine takes a model directory or an nn.Module, got {type(model).__name__}")
         elif dtype is not None or device is not None:
             model = model.to(device=device, dtype=dtype)
-        self.model = model
+        self.model, self.batch_size = model, batch_size
         self.device = next(model.parameters()).device
-        self.batch_size = batch_size
         config, gen = model.config, getattr(model, "generation_config", None)
         first = lambda *values: next((v for v in values if v is not None), None)  # noqa: E731
         eos = first(getattr(gen, "eos_token_id", None), config.eos_token_id)
@@ -330,7 +308,6 @@ class HFEngine:
             top_p=1.0 if greedy else top_p, top_k=0, min_p=None, repetition_penalty=1.0,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         rows = [list(p) for p in prompt_token_ids for _ in range(n)]  # the n samples of a prompt are adjacent
-        samples = []
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training  # a shared trainer module gets its mode back
         self.model.eval()
@@ -338,8 +315,8 @@ class HFEngine:
             with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the trainer's RNG be
                 if seed is not None:
                     torch.manual_seed(seed)
-                for start in range(0, len(rows), self.batch_size):
-                    samples.extend(self._generate_batch(rows[start:start + self.batch_size], gen_config))
+                samples = [s for start in range(0, len(rows), self.batch_size)
+                           for s in self._generate_batch(rows[start:start + self.batch_size], gen_config)]
         finally:
             self.model.train(was_training)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
@@ -362,9 +339,8 @@ class HFEngine:
         logits = self.model(input_ids=out, attention_mask=full_mask, position_ids=positions,
                             logits_to_keep=gen.shape[1] + 1).logits[:, :-1]  # [B, R, V]
         logp = rlad.token_logprobs(logits, gen)  # [B, R] float32
-        gen, logp, lengths, has_eos = gen.tolist(), logp.tolist(), lengths.tolist(), has_eos.tolist()
-        return [{"response_ids": gen[b][:lengths[b]], "logprobs": logp[b][:lengths[b]],
-                 "finish_reason": "stop" if has_eos[b] else "length"} for b in range(len(rows))]
+        return [{"response_ids": g[:n], "logprobs": lp[:n], "finish_reason": "stop" if eos else "length"}
+                for g, lp, n, eos in zip(gen.tolist(), logp.tolist(), lengths.tolist(), has_eos.tolist())]
 
     @torch.no_grad()
     def load_weights(self, named_tensors) -> None:

@@ -38,7 +38,7 @@ class Teacher:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
-        self.token_budget = token_budget
+        self.token_budget, self.last_stats = token_budget, {}
         if shard and not dist.is_initialized():
             raise RuntimeError("Teacher(shard=True) needs torch.distributed initialised (run under torchrun and call "
                                "dist.init_process_group first), or use shard=False")
@@ -46,7 +46,6 @@ class Teacher:
         self.model = policy.load(model, self.device, world, chunk_size, temperature, trainable=False, shard=shard,
                                  offload=offload, mesh=mesh)
         self.vocab_size = self.model.lm.get_output_embeddings().weight.shape[0]
-        self.last_stats = {}
 
     def logprobs(self, sequences) -> list:
         """log pi_T(y_t | x, y_<t) for each (prompt_ids, response_ids): a list of float32 [len(response_ids)]."""
@@ -87,10 +86,9 @@ class ServedTeacher:
     """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas), with Teacher's
     interface and tensors. A batch of this rank's rows (<= token_budget tokens) is one POST /completions of their
     ids with prompt_logprobs 0 (each prompt token's log-prob given those before it; the response part is kept).
-    Batch i goes to replica (rank + i) mod n, max_in_flight at once; a timeout or refused connection is retried with
-    backoff on the next replica for timeout_s in all, then every rank stops together (SystemExit, one line) before
-    the update. At construction, before any weights load: each server answers, encodes the student's probes to the
-    student's ids (/tokenize) and takes max_len tokens; temperature must be 1."""
+    Batch i goes to replica (rank + i) mod n, max_in_flight at once; a failure (after _request's retries) stops every
+    rank together before the update. At construction, before any weights load: each server answers, encodes the
+    student's probes to the student's ids (/tokenize) and takes max_len tokens; temperature must be 1."""
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
                  token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student"):
@@ -182,13 +180,11 @@ class ServedTeacher:
         return [done.get(k, torch.zeros(0)) for k in range(len(rows))]
 
 # ---- tokenizer compatibility -------------------------------------------------------------------------------
-_PROBES = [
-    "Alice is a knight and Bob is a knave. So who is a knight?",
-    "0 1 2 3 42 100 2026 3.14159 -7 1e-6 123456789",
-    "Let x = \\frac{1}{2}; then \\boxed{\\sqrt{2}} and <think>reasoning</think> <answer>(1)</answer>",
-    "Ünïcödé: café, naïve, 数学题, Ελληνικά, emoji \U0001F600, em-dash \u2014, tab\tand newline\n",
-    "   leading spaces and trailing   ",
-]
+_PROBES = ["Alice is a knight and Bob is a knave. So who is a knight?",
+           "0 1 2 3 42 100 2026 3.14159 -7 1e-6 123456789",
+           "Let x = \\frac{1}{2}; then \\boxed{\\sqrt{2}} and <think>reasoning</think> <answer>(1)</answer>",
+           "Ünïcödé: café, naïve, 数学题, Ελληνικά, emoji \U0001F600, em-dash \u2014, tab\tand newline\n",
+           "   leading spaces and trailing   "]
 
 def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
     """Raise ValueError unless both tokenizers turn the same text into the same ids and share the eos id: token-level
@@ -203,12 +199,11 @@ def check_tokenizers(student_tokenizer, teacher_tokenizer, student_name: str, te
 def compare_encodings(student_tokenizer, teacher_encode, student_name: str, teacher_name: str) -> None:
     """Raise ValueError unless teacher_encode(text) (ids, no special tokens added) equals the student's ids on every
     probe: _PROBES, the student's chat template (its special tokens) and each special token on its own."""
-    chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
     probes = list(_PROBES)
     if getattr(student_tokenizer, "chat_template", None):
+        chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
         probes.append(student_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
-    probes.extend(student_tokenizer.all_special_tokens)
-    for text in probes:
+    for text in probes + list(student_tokenizer.all_special_tokens):
         s = student_tokenizer(text, add_special_tokens=False)["input_ids"]
         t = teacher_encode(text)
         if s != t:

@@ -12,39 +12,18 @@ trainer's __main__ and its torch / vLLM imports). rewards.py starts the shared p
 import atexit
 import contextlib
 import os
-import pickle
-import select
-import struct
 import subprocess
 import sys
 import threading
 import time
 from functools import lru_cache
+from multiprocessing.connection import Connection, wait
 
 MATH_WORKERS = min(4, os.cpu_count() or 1)  # pool size, read when the pool starts
 WORKER_START_TIMEOUT_S = 120.0  # importing math-verify (sympy) on a loaded machine
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker: 10^(10^10) must fail, not swap
 
 # -- worker side: runs in a fresh interpreter, reads (key, pred, gold, seconds) and answers (key, bool) --
-
-def _send(fd, obj):
-    payload = pickle.dumps(obj)
-    os.write(fd, struct.pack("<I", len(payload)) + payload)
-
-def _recv(fd):
-    """One framed message from fd, or None at end of file."""
-    header = _read_exact(fd, 4)
-    payload = None if header is None else _read_exact(fd, struct.unpack("<I", header)[0])
-    return None if payload is None else pickle.loads(payload)
-
-def _read_exact(fd, size):
-    data = b""
-    while len(data) < size:
-        chunk = os.read(fd, size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 @lru_cache(maxsize=4096)
 def _parse_gold(gold, seconds):
@@ -54,28 +33,28 @@ def _parse_gold(gold, seconds):
 def _verify(pred, gold, seconds):
     """math-verify on one pair, in this process's main thread (its timeouts are signal.alarm, whole seconds)."""
     from math_verify import parse, verify
-    gold_parsed = _parse_gold(gold, seconds)
     pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=seconds)
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
+    return bool(verify(_parse_gold(gold, seconds), pred_parsed, timeout_seconds=seconds))
 
 def _worker_main():
     """Entry point of a worker process: stdin carries requests, a private copy of stdout carries results."""
     import logging
     import resource
-    out_fd, in_fd = os.dup(1), os.dup(0)
+    inp, out = Connection(os.dup(0), writable=False), Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # a stray print from a library goes to stderr, not into the result channel
     with contextlib.suppress(ValueError, OSError):  # a platform without the limit still has the kill-on-timeout
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout warnings would flood the log
     _verify("\\frac{1}{2}", "0.5", 30)  # sympy's lazy imports take ~1 s on first use: before "ready", not on an answer
-    _send(out_fd, ("ready", None))
-    while (message := _recv(in_fd)) is not None:  # None: the parent closed the pipe or died
-        key, pred, gold, seconds = message
-        try:
-            ok = _verify(pred, gold, seconds)
-        except Exception:  # MemoryError, RecursionError, sympy internals: not equivalent
-            ok = False
-        _send(out_fd, (key, ok))
+    out.send(("ready", None))
+    with contextlib.suppress(EOFError):  # the parent closed the pipe or died
+        while True:
+            key, pred, gold, seconds = inp.recv()
+            try:
+                ok = _verify(pred, gold, seconds)
+            except Exception:  # MemoryError, RecursionError, sympy internals: not equivalent
+                ok = False
+            out.send((key, ok))
 
 # -- parent side --
 
@@ -83,16 +62,17 @@ class _Worker:
     def __init__(self):
         here = os.path.dirname(os.path.abspath(__file__))
         code = f"import sys; sys.path.insert(0, {here!r}); import verifier; verifier._worker_main()"
+        (req_r, req_w), (res_r, res_w) = os.pipe(), os.pipe()  # Connections frame pickles over these pipes
         # start_new_session: Ctrl-C in a terminal reaches the trainer, which then closes the pool.
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
-        self.out, self.inp = self.proc.stdout.fileno(), self.proc.stdin.fileno()
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=req_r, stdout=res_w, start_new_session=True)
+        os.close(req_r)
+        os.close(res_w)
+        self.inp, self.out = Connection(req_w, readable=False), Connection(res_r, writable=False)
         self.ready, self.key, self.deadline = False, None, WORKER_START_TIMEOUT_S + time.monotonic()
 
     def kill(self):
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):  # a dead worker's pipe may already be broken
-                stream.close()
+        self.inp.close()
+        self.out.close()
         self.proc.kill()
         self.proc.wait()
 
@@ -128,27 +108,27 @@ class VerifierPool:
                     key = todo.pop()
                     w.key, w.deadline = key, time.monotonic() + timeout_s
                     try:
-                        _send(w.inp, (key, pairs[key][0], pairs[key][1], inner))
+                        w.inp.send((key, pairs[key][0], pairs[key][1], inner))
                     except OSError:  # died while idle: the answer was never seen, give it to another
                         todo.append(key)
                         self._replace(w)
             waiting = [w for w in self.workers if w.key is not None or not w.ready]
-            wait = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-            readable, _, _ = select.select([w.out for w in waiting], [], [], wait)
+            readable = wait([w.out for w in waiting], max(0.0, min(w.deadline for w in waiting) - time.monotonic()))
             for w in waiting:
                 if w.out in readable:
-                    message = _recv(w.out)
-                    if message is None:  # the worker died (a crash on this answer, or at start-up)
+                    try:
+                        key, ok = w.out.recv()
+                    except (EOFError, OSError):  # the worker died (a crash on this answer, or at start-up)
                         if not w.ready:
                             raise RuntimeError("rewards: a math-verify worker died while starting; see its "
-                                               "error above (is math-verify installed in this Python?)")
+                                               "error above (is math-verify installed in this Python?)") from None
                         self.killed += 1
                         self._replace(w)
-                    elif message[0] == "ready":
+                        continue
+                    if key == "ready":
                         w.ready = True
                     else:
-                        results[message[0]] = message[1]
-                        w.key = None
+                        results[key], w.key = ok, None
                 elif time.monotonic() >= w.deadline:
                     if not w.ready:
                         raise RuntimeError(f"rewards: a math-verify worker did not start within "
