@@ -21,7 +21,7 @@ exactly one solution; 10,000 eight-person puzzles, text included, take about 1 s
 A stable hash of the statement structure puts 1 in EVAL_BUCKETS structures in the eval split: training puzzles
 never coincide with eval ones, whatever the seeds.
 
-    python data.py kk 3 [N]     # print N generated 3-person puzzles with their solutions
+    python tools/puzzles.py 3 [N]     # print N generated 3-person puzzles with their solutions
 """
 import ast
 import functools
@@ -31,7 +31,6 @@ import operator
 import os
 import random
 import re
-import sys
 
 # ------------------------------------------------------------------------------------------- knights and knaves: solver
 @functools.lru_cache(maxsize=None)
@@ -376,10 +375,3 @@ def load_math(path, question_key=None, answer_key=None, level=None):
         out.append({"task": "math", "question": question.strip(), "answer": answer, "level": level,
                     "id": f"{level}-{rid}"})
     return out
-
-if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "kk":
-        sys.exit("usage: python data.py kk N_PEOPLE [COUNT]")
-    for i in range(int(sys.argv[3]) if len(sys.argv) > 3 else 1):
-        record = make_kk_puzzle(int(sys.argv[2]), random.Random(i))
-        print(record["quiz"], "\n", record["solution_text_format"], "\n", record["statements"], "\n", sep="")

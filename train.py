@@ -235,21 +235,14 @@ def step_prompts(run, step: int) -> list:
     return out
 
 def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
-    """Seed of the prompt at GLOBAL `position` in a sampling stream (0: rollouts, 1: eval), n samples each.
-
-    The engines seed prompt i of a call with seed + i * n (vLLM's sample j with seed + i * n + j), so every global
-    prompt gets its own streams. The modulo keeps seeds in vLLM's range (below 2**31).
-    """
+    """Seed of the prompt at GLOBAL `position` in a stream (0: rollouts, 1: eval); the engines give prompt i of a call
+    seed + i * n, so every global prompt has streams of its own. The modulo keeps seeds below 2**31 (vLLM's range)."""
     return (cfg.seed * 100_000_007 + stream * 2**30 + position * n) % (2**31 - 1)
-
-def deal_seed(cfg: Config, step: int, epoch: int) -> int:
-    """The shuffle that deals a step's responses to mini-batches (7.)."""
-    return cfg.seed * 7919 + step * 31 + epoch
 
 # ----------------------------------------------------------------------------- 2-3. sync and rollout
 def wake_engine(run, times: dict, m):
-    """2. Stream the student's weights into the sleeping engine (a collective: one full_tensor per parameter; bf16
-    on GPU), then wake it. The engine sleeps at level 2, which discards its weights, so every wake syncs first."""
+    """2. Stream the student's weights into the sleeping engine (a collective; bf16 on GPU), then wake it: sleep
+    discards the engine's weights, so every wake syncs first."""
     with timed(times, "sync"):
         run.engine.load_weights(policy.full_params(run.student, torch.bfloat16 if run.device.type == "cuda" else None))
         run.engine.wake()
@@ -272,8 +265,7 @@ def make_rows(prompts: list, outs: list, offset: int, sampled: bool) -> list:
 
 # ----------------------------------------------------------------------------- 5. advantages
 def select_rows(rows: list, reward: torch.Tensor, cfg: Config, m) -> list:
-    """Set each row's group advantage; keep what is trained on: informative groups (when filtering) and non-empty
-    responses (sft: every target)."""
+    """Set each row's group advantage; keep informative groups (when filtering) with non-empty responses."""
     if rlad.METHODS[cfg.method]["samples"] == "data":
         return [r for r in rows if r["response"]]
     adv = rlad.group_advantages(reward, cfg.group_size, scale=cfg.adv_scale)  # [N]
@@ -311,12 +303,9 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr
 
 def update(model, opt, rows, cfg, device, world, step, coefs, m) -> int:
-    """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the count of skipped steps.
-
-    Every micro-batch loss is divided by its mini-batch's GLOBAL token (or sequence) count, and multiplied by the
-    world size because FSDP averages gradients over ranks: the accumulated gradient is the full-batch gradient.
-    Every rank runs the same number of forward/backward passes: empty micro-batches pad the short ranks.
-    """
+    """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the count of skipped steps. Each
+    micro-batch loss is divided by its mini-batch's GLOBAL token (or sequence) count and multiplied by the world size
+    (FSDP averages over ranks): the full-batch gradient. Empty micro-batches keep every rank's passes equal."""
     M, skipped = cfg.mini_batches, 0
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -324,7 +313,7 @@ def update(model, opt, rows, cfg, device, world, step, coefs, m) -> int:
         # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches: mini-batch k holds
         # the same responses whatever the world size (ranks just hold different parts of it).
         uids = policy.agree([max((r["uid"] for r in rows), default=0) + 1])[0]
-        deal = (torch.randperm(uids, generator=torch.Generator().manual_seed(deal_seed(cfg, step, epoch))) % M)
+        deal = (torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M)
         deal = deal.tolist()
         minis = [[r for r in rows if deal[r["uid"]] == k] for k in range(M)]
         plans = [policy.pack(mb, cfg.micro_batch_tokens) for mb in minis]
@@ -427,9 +416,8 @@ def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: flo
     return stop
 
 class Metrics:
-    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks at the end
-    of the step by ONE collective: add(name, total, count) logs sum(total) / sum(count) over the step and the
-    ranks; max(name, value) the largest value. Every rank records the same names (it runs the same code)."""
+    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks by ONE
+    collective: add(name, total, count) logs sum(total) / sum(count); max(name, value) the largest value."""
 
     def __init__(self):
         self.sums, self.maxes = {}, {}
@@ -458,8 +446,8 @@ class Metrics:
         return out
 
 def memory(run, m, phase: str):
-    """On GPU: free device memory and the peak allocated / reserved since the last phase, in GiB, logged as
-    mem/<phase>/... (vLLM's CUDA graphs and the NCCL communicators are not in the memory plan: this shows them)."""
+    """On GPU: free memory and peak allocated / reserved since the last phase, GiB, as mem/<phase>/... (shows what
+    the memory plan leaves out: vLLM's CUDA graphs, NCCL communicators)."""
     if run.device.type != "cuda":
         return
     free, gib = torch.cuda.mem_get_info(run.device)[0], 2**30
@@ -484,8 +472,7 @@ def print0(*args):
         print(*args, flush=True)
 
 def setup_distributed(timeout_min: float = 120.0):
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port).
-    timeout_min bounds every collective (gloo and NCCL alike): see Config.dist_timeout_min."""
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port)."""
     from datetime import timedelta
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -542,7 +529,8 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
             wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
             run.wandb = wandb
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
-    print0(f"{cfg.method}: student {run.student_path}, teacher {run.teacher_path or '-'}, world {world}, "
+    teacher = f"{cfg.teacher} ({run.teacher_path})" if run.teacher_path else cfg.teacher_url or "-"
+    print0(f"{cfg.method}: student {cfg.model} ({run.student_path}), teacher {teacher}, world {world}, "
            f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps {run.start}.."
            f"{cfg.max_steps}")
     return run
