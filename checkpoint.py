@@ -18,10 +18,6 @@ Resume: at the same world size it is exact (final weights byte-identical to an u
 masters and optimizer are resharded exactly, rank r takes rank r % saved-world's RNG state (which train.py does not
 draw from: its sampling seeds follow each prompt's global position) and the gradient reduction order changes, so
 weights agree to float rounding only.
-
-    path = checkpoint.latest_checkpoint(run_dir)          # newest complete step_NNNNNN, or None
-    checkpoint.save_checkpoint(run_dir, step, model, opt, tokenizer, state, keep_last, dtype)   # a collective
-    state = checkpoint.load_trainer_state(path, model, opt)   # restores masters, optimizer and RNG; returns the rest
 """
 import copy
 import json

@@ -19,9 +19,7 @@ truth is a few bitwise operations on those, and the assignments where everyone i
 The sampler follows the public generator (checked against the public files' statistics) and rejects puzzles without
 exactly one solution; 10,000 eight-person puzzles, text included, take about 1 s of one CPU core (bench_tasks.py).
 A stable hash of the statement structure puts 1 in EVAL_BUCKETS structures in the eval split: training puzzles
-never coincide with eval ones, whatever the seeds.
-
-    python tools/puzzles.py 3 [N]     # print N generated 3-person puzzles with their solutions
+never coincide with eval ones, whatever the seeds (tools/puzzles.py prints some).
 """
 import ast
 import functools

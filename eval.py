@@ -13,9 +13,7 @@ writes the summary and every sample as JSON (curves: tools/plot.py):
     python eval.py --model PATH --task kk                        # 100 held-out puzzles per PPL2..PPL8
     python eval.py --model PATH --task kk --data people3_test.jsonl   # the public K&K test files
     python eval.py --model PATH --task math --data aime.jsonl amc.jsonl --n 32 --k 1,8,32 --max_tokens 30000
-    python eval.py --model TEACHER --task kk --split train --levels 3,4,5,6,7 --limit 2000 --n 4 \
-        --sft_out teacher_kk.jsonl    # the SFT baseline's data: the teacher's correct samples, then
-    python train.py --method sft --sft_data teacher_kk.jsonl ...
+    python eval.py --model TEACHER --task kk --split train --n 4 --sft_out kk.jsonl  # SFT data (train.py --sft_data)
 """
 import argparse
 import json

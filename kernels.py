@@ -2,9 +2,7 @@
 T = 32768, V = 151936). Both save only the logits (in their own dtype) and one float per token, and backward
 recomputes the softmax chunk by chunk: O(chunk x V) extra memory beyond the [.., V] gradient autograd needs anyway.
 policy.py calls them on each chunk of the LM head's logits; rlad.py re-exports both. Why hand-written autograd rather
-than log_softmax per chunk: benchmarks/bench_rlad.py measures both (peak memory, time; the README has the numbers).
-
-    python benchmarks/bench_rlad.py --sizes 4096x151936
+than log_softmax per chunk: `python benchmarks/bench_rlad.py` measures both (peak memory, time; numbers in README).
 """
 import torch
 

@@ -1,20 +1,16 @@
-"""policy.py: a model as the trainer holds it. The trainable student, the frozen reference and the frozen teacher
-are all a `Policy`: an FSDP2-sharded (or plain) Hugging Face model that returns per-token log-probs of given
-tokens, never full logits, plus the batching of rows into padded micro-batches for it.
+"""policy.py: a model as the trainer holds it. Student, frozen reference and frozen teacher are all a `Policy`: an
+FSDP2-sharded (or plain) HF model returning per-token log-probs of given tokens (never full logits); and micro-batches.
 
     student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
     teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
-    for mb in policy.pack(rows, budget=16384):                # rows: {"prompt": ids, "response": ids, ...}
-        b = policy.collate(mb, device)                        # right-padded [B, L] inputs, [B, R] fields
-        logp, entropy = policy.forward(student, b)            # [B, R] each, laid out like b["mask"]
+    logp, entropy = policy.forward(student, policy.collate(policy.pack(rows, 16384)[0], device))   # [B, R] each
     logps, stats = policy.score(teacher, rows, 16384, device) # no_grad, one [len(response)] tensor per row
     engine.load_weights(policy.full_params(student))          # full tensors, one at a time (a collective)
 
 The memory rule: the LM head runs on response positions only, one chunk of rows at a time under activation
 checkpointing, so no [T, V] logits tensor exists in forward or backward. Rows are sorted longest first and
-right-padded per micro-batch; collate counts padded slots and real tokens for train.py's `pad_frac`. Sequence
-packing (one row, restarting positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost
-1.3-2x the padded layout (measured), and no GPU number exists yet to show it pays there.
+right-padded per micro-batch (collate counts the padding for train.py's `pad_frac`). Sequence packing (restarting
+positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.3-2x the padded layout (measured).
 """
 import torch
 import torch.distributed as dist
@@ -140,8 +136,7 @@ DUMMY = {"prompt": [0], "response": [0], "dummy": True,
          **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
 
 def collate(rows: list, device) -> dict:
-    """Right-padded [B, L] inputs and [B, R] per-token tensors for one micro-batch (R = longest response); [] gives
-    DUMMY."""
+    """Right-padded [B, L] inputs and [B, R] per-token tensors of one micro-batch (R: longest response; [] -> DUMMY)."""
     rows = rows or [DUMMY]
     lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
     width, rmax = max(lens), max(len(r["response"]) for r in rows)

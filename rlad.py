@@ -23,8 +23,6 @@ alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "
 (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. Your own objective: a
 function below, a row in METHODS, a train.py Config field per new knob (read as o.<name>; docs/algorithm.md has an
 example). The chunked log-prob / entropy kernels are kernels.py's (rlad.token_logprobs).
-
-    .venv/bin/python -m pytest -q tests/test_rlad.py;  python benchmarks/bench_rlad.py
 """
 from types import SimpleNamespace
 

@@ -308,11 +308,11 @@ class HFEngine:
             top_p=1.0 if greedy else top_p, top_k=0, min_p=None, repetition_penalty=1.0,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         rows = [list(p) for p in prompt_token_ids for _ in range(n)]  # the n samples of a prompt are adjacent
-        devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.model.training  # a shared trainer module gets its mode back
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the trainer's RNG be
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                       enabled=seed is not None):  # leave the trainer's RNG be
                 if seed is not None:
                     torch.manual_seed(seed)
                 samples = [s for start in range(0, len(rows), self.batch_size)
@@ -353,7 +353,7 @@ class HFEngine:
             if params[name].data_ptr() != tensor.data_ptr():  # a shared trainer module needs no copy
                 params[name].copy_(tensor)
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self) -> None:
         """Nothing to free, restore or tear down: the model is the trainer's or small (drop the engine to free it)."""
 
     wake = shutdown = sleep

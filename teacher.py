@@ -3,11 +3,8 @@ token, and nothing more, plus the start-up checks that student and teacher share
 
 KDRL (eq 2) and TRRD (eqs 3-5) need the teacher only through `logp_T[t]`, the log-probability of the token the
 student sampled (docs/algorithm.md). So the local teacher is a frozen `policy.Policy`, scored by the same code as the
-KL reference at the rollout temperature; ServedTeacher asks vLLM OpenAI servers for the same numbers.
-
-    teacher = Teacher("Qwen/Qwen3-8B", device=device, world=world, shard=True)   # bf16 on GPU, frozen
-    check_tokenizers(student_tok, teacher_tok, "Qwen3-1.7B", "Qwen3-8B")          # once, at start-up
-    logp_T = teacher.logprobs([(prompt_ids, response_ids), ...])                  # float32 [len(response)] each
+KL reference at the rollout temperature; ServedTeacher asks vLLM OpenAI servers for the same numbers. Both:
+`teacher.logprobs([(prompt_ids, response_ids), ...])` -> one float32 [len(response_ids)] tensor per row.
 
 Sharded (`shard=True`, under torchrun), `logprobs` is a collective: every rank calls it the same number of times,
 even with an empty list. Offload (`offload=True`): the weights live in CPU memory between passes.
@@ -77,18 +74,15 @@ _LOGPROB = re.compile(rb'"logprob":(-?[0-9][0-9.eE+-]*)')
 
 def check_served_temperature(temperature: float) -> None:
     if temperature != 1.0:
-        raise ValueError(f"--temperature {temperature} with --teacher_url: vLLM's prompt log-probs are raw (the "
-                         "logits at temperature 1) while the student's and a local teacher's are scored at the rollout "
-                         "temperature, so they would compare different distributions; use --temperature 1, or a "
+        raise ValueError(f"--temperature {temperature} with --teacher_url: vLLM's prompt log-probs are raw (at 1), the "
+                         "student's at the rollout temperature: different distributions. Use --temperature 1, or a "
                          "local teacher (--teacher, without --teacher_url)")
 
 class ServedTeacher:
-    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1", comma-separated replicas), with Teacher's
-    interface and tensors. A batch of this rank's rows (<= token_budget tokens) is one POST /completions of their
-    ids with prompt_logprobs 0 (each prompt token's log-prob given those before it; the response part is kept).
-    Batch i goes to replica (rank + i) mod n, max_in_flight at once; a failure (after _request's retries) stops every
-    rank together before the update. At construction, before any weights load: each server answers, encodes the
-    student's probes to the student's ids (/tokenize) and takes max_len tokens; temperature must be 1."""
+    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1,..."). A batch of this rank's rows (<= token_budget
+    tokens) is one POST /completions of their ids with prompt_logprobs 0; batch i goes to replica (rank + i) mod n,
+    max_in_flight at once; a failure stops every rank together before the update. Checked at construction, before
+    any weights load: each server answers, tokenizes the student's probes alike (/tokenize), takes max_len tokens."""
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
                  token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student"):

@@ -222,8 +222,8 @@ def main(cfg: Config, task=None):
         dist.destroy_process_group()
 
 # ----------------------------------------------------------------------------- 1. prompts, and every seed of a run
-# The data order, the sampling streams and the mini-batch deal are functions of (seed, step, global position)
-# alone: the same numbers at any world size and after a resume, with no RNG state to carry.
+# Data order, sampling streams, mini-batch deal: functions of (seed, step, position), so any world size and a resume
+# draw the same numbers with no RNG state to carry.
 def step_prompts(run, step: int) -> list:
     """Indices of this rank's share of the step's prompts: the data is read in passes, each a seeded permutation."""
     n, per_rank = len(run.train_examples), run.cfg.prompts_per_step // run.world
@@ -427,8 +427,8 @@ class Metrics:
         self.sums[name] = (s + total, c + count)
 
     def max(self, name: str, value):
-        old = self.maxes.get(name)
-        self.maxes[name] = value if old is None else torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
+        old = self.maxes.get(name, value)
+        self.maxes[name] = torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
 
     def reduce(self, device) -> dict:
         names, mnames = sorted(self.sums), sorted(self.maxes)
@@ -531,8 +531,7 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     teacher = f"{cfg.teacher} ({run.teacher_path})" if run.teacher_path else cfg.teacher_url or "-"
     print0(f"{cfg.method}: student {cfg.model} ({run.student_path}), teacher {teacher}, world {world}, "
-           f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, steps {run.start}.."
-           f"{cfg.max_steps}")
+           f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, from step {run.start}")
     return run
 
 def load_data(run):
