@@ -1,5 +1,6 @@
 """policy.py: a model as the trainer holds it. Student, frozen reference and frozen teacher are all a `Policy`: an
-FSDP2-sharded (or plain) HF model returning per-token log-probs of given tokens (never full logits); and micro-batches.
+FSDP2-sharded (or plain) HF model returning per-token log-probs of given tokens (never full logits). Also: rows into
+micro-batches, and the loop's small collectives (agree; Metrics, a step's metrics merged in one all-gather).
 
     student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
     teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
@@ -178,6 +179,36 @@ def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
     t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
     return [int(x) for x in t.tolist()]
+
+class Metrics:
+    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks by ONE
+    collective: add(name, total, count) logs sum(total) / sum(count); max(name, value) the largest value."""
+
+    def __init__(self):
+        self.sums, self.maxes = {}, {}
+
+    def add(self, name: str, total, count):
+        s, c = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (s + total, c + count)
+
+    def max(self, name: str, value):
+        old = self.maxes.get(name, value)
+        self.maxes[name] = torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
+
+    def reduce(self, device) -> dict:
+        names, mnames = sorted(self.sums), sorted(self.maxes)
+        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+                             for n in names for x in self.sums[n]] +
+                            [torch.as_tensor(self.maxes[n], dtype=torch.float64, device=device).reshape(())
+                             for n in mnames] + [torch.zeros((), dtype=torch.float64, device=device)])  # [K]
+        every = local.new_empty(dist.get_world_size() * local.numel())  # [world * K]
+        # all_gather_single is torch 2.13's name; 2.11 (and older) has all_gather_into_tensor, same collective
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, local)
+        every = every.view(dist.get_world_size(), -1)  # [world, K]
+        sums, maxes = every[:, :2 * len(names)].sum(0).tolist(), every[:, 2 * len(names):-1].amax(0).tolist()
+        out = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, n in enumerate(names)}
+        out.update(zip(mnames, maxes))
+        return out
 
 @torch.no_grad()
 def score(model: Policy, rows: list, budget: int, device):

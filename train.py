@@ -154,7 +154,7 @@ def main(cfg: Config, task=None):
         return
     bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
     for step in range(run.start, cfg.max_steps):
-        m, times, t_step = Metrics(), {"sync": 0.0}, time.perf_counter()
+        m, times, t_step = policy.Metrics(), {"sync": 0.0}, time.perf_counter()
         for k in ("loss", "grad_norm"):  # present (0) even in a step without an update (everything filtered)
             m.add(k, 0.0, 0.0)
 
@@ -394,7 +394,7 @@ def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: flo
         delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta
         run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
     if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-        wake_engine(run, {}, Metrics())
+        wake_engine(run, {}, policy.Metrics())
         out.update(evaluation.evaluate_ranks(
             run.engine, run.tokenizer, run.eval_examples, run.task, rank=run.rank, world=run.world,
             device=run.device, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1), order_seed=cfg.seed, n=cfg.eval_n,
@@ -414,36 +414,6 @@ def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: flo
     if stop:
         print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
     return stop
-
-class Metrics:
-    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks by ONE
-    collective: add(name, total, count) logs sum(total) / sum(count); max(name, value) the largest value."""
-
-    def __init__(self):
-        self.sums, self.maxes = {}, {}
-
-    def add(self, name: str, total, count):
-        s, c = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + total, c + count)
-
-    def max(self, name: str, value):
-        old = self.maxes.get(name, value)
-        self.maxes[name] = torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
-
-    def reduce(self, device) -> dict:
-        names, mnames = sorted(self.sums), sorted(self.maxes)
-        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
-                             for n in names for x in self.sums[n]] +
-                            [torch.as_tensor(self.maxes[n], dtype=torch.float64, device=device).reshape(())
-                             for n in mnames] + [torch.zeros((), dtype=torch.float64, device=device)])  # [K]
-        every = local.new_empty(dist.get_world_size() * local.numel())  # [world * K]
-        # all_gather_single is torch 2.13's name; 2.11 (and older) has all_gather_into_tensor, same collective
-        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, local)
-        every = every.view(dist.get_world_size(), -1)  # [world, K]
-        sums, maxes = every[:, :2 * len(names)].sum(0).tolist(), every[:, 2 * len(names):-1].amax(0).tolist()
-        out = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, n in enumerate(names)}
-        out.update(zip(mnames, maxes))
-        return out
 
 def memory(run, m, phase: str):
     """On GPU: free memory and peak allocated / reserved since the last phase, GiB, as mem/<phase>/... (shows what

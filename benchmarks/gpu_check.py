@@ -383,7 +383,7 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
             seconds, _ = timed(lambda: teach.logprobs(seqs), device)
             out["teacher_pass"] = dict(peaks(device), seconds=round(seconds, 3), resident_before_gib=gib(base),
                                        pad_fraction=round(teach.last_stats["pad_fraction"], 4))
-        m = train.Metrics()
+        m = policy.Metrics()
         base = reset_peak(device)
         seconds, skipped = timed(lambda: train.update(student, opt, rows, ucfg, device, 1, step,
                                                       {"kd": 0.0, "ent": 0.0}, m), device)

@@ -47,7 +47,7 @@ def test_entropy_runs_only_when_the_bonus_needs_it(tiny_model_dir, monkeypatch):
                            ent_target=ent_target)
         student = policy.load(tiny_model_dir, device, 1)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-        m, counted[:] = train.Metrics(), []
+        m, counted[:] = policy.Metrics(), []
         train.update(student, opt, rows, cfg, device, 1, 0, {"kd": 0.0, "ent": ent_coef}, m)
         assert bool(counted) == want_calls, (ent_coef, ent_target, len(counted))
         entropy = m.reduce(device)["entropy"]

@@ -67,7 +67,7 @@ def update_case(out_path, model_dir, shard_group=0):
     mesh = policy.device_mesh(device, world, shard_group)  # shard_group < world: HSDP (replicate x shard)
     student = policy.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature, mesh=mesh)
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
-    m = train.Metrics()
+    m = policy.Metrics()
     kept = train.select_rows(my_rows, rewards[mine], cfg, m)
     for r, lp in zip(kept, policy.score(student, kept, cfg.micro_batch_tokens, device)[0]):
         r["old"] = lp
