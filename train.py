@@ -164,10 +164,11 @@ def main(cfg: Config, task=None):
         first = step * cfg.prompts_per_step + offset
         exs, prompts = [run.train_examples[i] for i in idx], [run.prompts[i] for i in idx]  # (prompt_ids, prefill)
 
-        # 2-3. sync the engine and sample (sft: the examples' target texts)
+        # 2. sync: the sleeping engine takes the student's weights and wakes; 3. rollout (sft: the targets)
+        if run.spec["samples"] == "student":
+            wake_engine(run, times, m)
         with timed(times, "rollout"):
             if run.spec["samples"] == "student":
-                wake_engine(run, times, m)
                 outs = run.engine.generate([ids for ids, _ in prompts], n=cfg.group_size, max_tokens=cfg.max_tokens,
                                            temperature=cfg.temperature, top_p=cfg.top_p,
                                            seed=sample_seed(cfg, first, cfg.group_size))
@@ -241,8 +242,7 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
 
 # ----------------------------------------------------------------------------- 2-3. sync and rollout
 def wake_engine(run, times: dict, m):
-    """2. Stream the student's weights into the sleeping engine (a collective; bf16 on GPU), then wake it: sleep
-    discards the engine's weights, so every wake syncs first."""
+    """2. The student's weights into the sleeping engine (a collective; bf16 on GPU), then wake: sleep discards them."""
     with timed(times, "sync"):
         run.engine.load_weights(policy.full_params(run.student, torch.bfloat16 if run.device.type == "cuda" else None))
         run.engine.wake()
