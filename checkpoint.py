@@ -76,12 +76,10 @@ def write_serving_weights(out: str, named_tensors, main: bool):
     """Rank 0 writes the gathered tensors as safetensors files of about SHARD_BYTES (others only join gathers)."""
     import safetensors.torch
     files, part, size = [], {}, 0  # files: (path, tensor names) of each part written
-
     def flush():
         name = os.path.join(out, f"part{len(files)}.safetensors")
         safetensors.torch.save_file(part, name, metadata={"format": "pt"})
         files.append((name, list(part)))
-
     for name, tensor in named_tensors:  # every rank iterates: each item is an all-gather
         if main:
             part[name] = tensor.cpu().contiguous()

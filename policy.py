@@ -93,7 +93,7 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
             if device.type == "cuda" and trainable else MixedPrecisionPolicy()  # frozen: already in compute dtype
         kw = dict(mesh=mesh or device_mesh(device, world), mp_policy=mp,
                   **({"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if offload else {}))
-        for layer in lm.get_decoder().layers:
+        for layer in decoder_layers(lm):
             fully_shard(layer, **kw)
         fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
     else:
@@ -112,6 +112,9 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
         model.to("cpu")
     # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
     return model.train() if trainable else model.eval().requires_grad_(False)
+
+def decoder_layers(lm):  # the decoder's blocks: `layers` (Qwen, Llama, Mistral, ...) or `h` (GPT-2)
+    return lm.get_decoder().layers if hasattr(lm.get_decoder(), "layers") else lm.get_decoder().h
 
 @torch.no_grad()
 def full_params(model: Policy, dtype=None):

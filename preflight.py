@@ -13,6 +13,7 @@ import tomllib
 import torch
 import torch.distributed as dist
 
+import policy
 import rlad
 
 GIB = 2**30
@@ -120,11 +121,11 @@ def shapes(name: str) -> dict:
     with torch.device("meta"):  # no memory, no weights: the module tree alone
         lm = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in lm.parameters())  # tied embeddings count once
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in lm.get_decoder().layers]
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in policy.decoder_layers(lm)]
     import rollout
     return {"params": total, "layer": max(layers), "root": total - sum(layers), "hidden": config.hidden_size,
-            "intermediate": config.intermediate_size, "layers": len(layers), "vocab": config.vocab_size,
-            "kv_bytes_per_token": rollout.kv_bytes_per_token(config)}  # bf16
+            "intermediate": getattr(config, "intermediate_size", None) or config.n_inner or 4 * config.hidden_size,
+            "layers": len(layers), "vocab": config.vocab_size, "kv_bytes_per_token": rollout.kv_bytes_per_token(config)}
 
 def shard_group(cfg, world: int) -> int:
     """Ranks sharding one model copy (HSDP replicates across them): --shard_group, else a node's (--plan_gpus: 8)."""

@@ -42,10 +42,10 @@ def _check_prompts(prompt_token_ids, n: int, max_tokens: int, max_model_len: int
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         if len(p) + max_tokens > max_model_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} that exceeds the engine's "
-                f"max_model_len={max_model_len}. Build the engine with max_model_len >= {len(p) + max_tokens}, "
-                "lower max_tokens, or filter out prompts longer than max_model_len - max_tokens")
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} that exceeds the "
+                             f"engine's max_model_len={max_model_len}. Build the engine with max_model_len >= "
+                             f"{len(p) + max_tokens}, lower max_tokens, or filter out prompts longer than "
+                             "max_model_len - max_tokens")
 
 @contextlib.contextmanager
 def torch_threads(n: int):
@@ -224,11 +224,11 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         missing = self.expected_names - seen - ({"lm_head.weight"} if self.tied else set())
         if not seen or missing:
-            raise ValueError(
-                f"load_weights got no tensor for {sorted(missing)[:5]} ({len(missing)} of "
-                f"{len(self.expected_names)} checkpoint tensors missing): the engine now holds a mix of weights. "
-                "Send every parameter under its Hugging Face name, e.g. model.named_parameters() (FSDP2: "
-                "full_tensor() of each), without wrapper prefixes such as 'module.' or '_orig_mod.'")
+            raise ValueError(f"load_weights got no tensor for {sorted(missing)[:5]} ({len(missing)} of "
+                             f"{len(self.expected_names)} checkpoint tensors missing): the engine now holds a mix "
+                             "of weights. Send every parameter under its Hugging Face name, e.g. "
+                             "model.named_parameters() (FSDP2: full_tensor() of each), without wrapper prefixes "
+                             "such as 'module.' or '_orig_mod.'")
         self.state = "synced" if asleep else "awake"
 
     def sleep(self) -> None:

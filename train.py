@@ -366,8 +366,7 @@ def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict,
         m.add(k, v, 0.0) if k == "loss" or k.startswith("loss/") else m.add(k, v * w, w)
     # entropy: exact when the bonus or its control needs it, else its unbiased sample estimate, mean -log p
     m.add("entropy", rlad.masked_mean(ent.detach() if exact_entropy else -lp.detach(), mask) * w, w)
-    m.add("pad_frac", (1.0 - b["real"] / b["slots"]) * b["slots"] if b["real"] else 0.0,
-          b["slots"] if b["real"] else 0)
+    m.add("pad_frac", (1.0 - b["real"] / b["slots"]) * b["slots"] if b["real"] else 0.0, b["slots"] if b["real"] else 0)
 
 # ----------------------------------------------------------------------------- 8. log, evaluate, checkpoint
 def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: float, bar) -> bool:
@@ -472,13 +471,12 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
     run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if preflight.needs_teacher(cfg) else None
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
     run.teacher = None
+    import teacher as teacher_lib
     if cfg.teacher_url and run.spec["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
-        import teacher as teacher_lib
         run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
                                                 max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
                                                 token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s)
     if run.teacher_path:
-        import teacher as teacher_lib
         try:
             teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
                                          cfg.teacher)

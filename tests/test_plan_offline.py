@@ -1,5 +1,6 @@
-"""A new user's first command on a machine that has neither the models cached nor the hub: `--plan true` on a GPU
-preset must end in one line that says how to get the models, not in transformers' tracebacks."""
+"""The memory plan offline. A new user's first command on a machine that has neither the models cached nor the hub:
+`--plan true` on a GPU preset must end in one line that says how to get the models, not in transformers'
+tracebacks. And the plan's model shapes for a family that names things its own way (GPT-2)."""
 import os
 import subprocess
 import sys
@@ -18,3 +19,14 @@ def test_plan_without_cache_or_hub_is_one_line(tmp_path):
     assert "Traceback" not in out, out
     lines = [line for line in out.splitlines() if "huggingface-cli download Qwen/Qwen3-" in line]
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0], out
+
+
+def test_memory_plan_shapes_of_a_gpt2_model(tmp_path):
+    """GPT-2 names its blocks `h` and has no intermediate_size: the plan still counts layers and the MLP width."""
+    import preflight
+    import tiny
+    path = tiny.save_tiny(str(tmp_path / "gpt2"), tiny.make_arith_tokenizer(), family="gpt2", hidden_size=64,
+                          num_layers=3, num_heads=2)
+    shapes = preflight.shapes(path)
+    assert shapes["layers"] == 3 and shapes["intermediate"] == 256 and shapes["hidden"] == 64
+    assert shapes["params"] == shapes["root"] + 3 * shapes["layer"] and shapes["vocab"] == 18
