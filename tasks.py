@@ -87,8 +87,10 @@ class math:
         return rewards.math_scores(responses, [ex["answer"] for ex in examples])
 
 class arith:
-    """Running sums mod 10 ("3 + 5 - 7 =" -> "8 1"): small enough to learn on a CPU. Generated only."""
-    prefill = ""
+    """Running sums mod 10 ("3 + 5 - 7 =" -> "8 1"), generated. The prompt is filled with "_ _" per operand short of
+    `width` ("3 + 5 _ _ _ _ =" at 4): operand j and answer digit t sit at the same positions at every level."""
+    prefill, width = "", 8
+    prompt = staticmethod(lambda ex: ex["question"].replace("=", "_ _ " * (arith.width - int(ex["level"][1:])) + "="))
 
     @staticmethod
     def examples(split, source):
@@ -121,7 +123,6 @@ def load(spec):
     if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "score", None))):
         raise ValueError(f"--task {spec}: needs examples(split, source) and score(examples, responses) "
                          "(docs/own_task.md)")
-
     def score(examples, responses):
         if len(examples) != len(responses):
             raise ValueError(f"score: {len(examples)} examples but {len(responses)} responses; pair them one to one")
@@ -136,7 +137,6 @@ def load(spec):
             raise SystemExit(f"--task {spec}: score() must return one {{reward, correct, format_ok}} dict per "
                              f"response ({len(responses)}), got {got}")
         return list(out)
-
     return SimpleNamespace(name=spec, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
                            prompt=getattr(task, "prompt", lambda example: example["question"]))
 

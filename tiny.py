@@ -58,34 +58,34 @@ def make_tokenizer(corpus: str = _CORPUS, vocab_size: int = 512):
     return tok
 
 
-ARITH_WORDS = [str(d) for d in range(10)] + [f"{sign}{d}" for sign in "+-" for d in range(10)] + ["="]
+ARITH_WORDS = [str(d) for d in range(10)] + ["+", "-", "=", "_"]
 
 
 def make_arith_tokenizer():
-    """A word-level tokenizer for data.py's arithmetic task: a token per digit, per signed operand, and "=" (35).
+    """A word-level tokenizer for data.py's arithmetic task: a token per digit, per sign, "=" and the filler "_" (18).
 
-    "3 + 5 - 7 =" -> <|im_start|> 3 +5 -7 = (a BOS, then one token per operand), the answer "8 1" -> 8 1.
-    Why this shape: each answer digit is "the previous digit (the current input token) plus the operand a fixed
-    distance back", and the BOS anchors the start of the problem; byte-level BPE would merge pieces like " 8"
-    and "8 1" and spend a 0.1M-param model on spellings. Measured on CPU (0.37M-param Qwen3, SFT, batch 64,
-    lr 3e-3): on L2..L8 mixed, neither this tokenizer nor one token per character (no BOS) left chance level in
-    1,000-2,500 steps; on L2..L4 this one left the plateau after ~1,500 steps and had 82% of L4 answers fully
-    right (teacher-forced) at 2,500. One token per character was not tried on L2..L4.
+    "3 + 5 - 7 =" -> <|im_start|> 3 + 5 - 7 = (a BOS, then one token per character), the answer "8 1" -> 8 1. The
+    arith task fills its prompt with "_ _" per missing operand up to a fixed width (tasks.arith), so operand j is
+    always token 2j - 1 and answer digit t always sits at the same position. Why this shape, measured on CPU with
+    the study's GPT-2 models (SFT on L2..L8 mixed, batch 128, lr 2e-3; experiments/mini_repro/README.md): with the
+    fill, a 0.35M model learns every level at once (all 1.00 by step 200-300); without it, level by level (L7 0.78
+    after 850 steps).
+    A sign and its digit as one token ("+5") made the student's crossing from chance to 1.00 take ~10 steps for
+    every level at once; as two tokens it takes ~125, hardest levels last, which leaves partial students to study.
+    Byte-level BPE would merge pieces like " 8" and "8 1" and spend a 0.1M-param model on spellings.
 
-    Whitespace separates words, digits split one by one (12 -> 1 2), "+ 5" and "+5" are the same token; anything
-    else maps to <|unk|>. Decoding joins tokens with spaces ("8 1"), how rewards.py reads the scratchpad. Same
-    special tokens as make_tokenizer (eos "<|im_end|>", pad "<|endoftext|>", BOS "<|im_start|>", added to every
-    encoded text unless add_special_tokens=False), no chat template: data.py prompts with the bare problem.
+    Whitespace separates words and every character is its own token (12 -> 1 2); anything else maps to <|unk|>.
+    Decoding joins tokens with spaces ("8 1"), how rewards.py reads the scratchpad. Same special tokens as
+    make_tokenizer (eos "<|im_end|>", pad "<|endoftext|>", BOS "<|im_start|>", added to every encoded text unless
+    add_special_tokens=False), no chat template: data.py prompts with the bare problem.
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + ["<|unk|>"] + ARITH_WORDS)}
     words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    words.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\+\s+"), "+"),
-                                             normalizers.Replace(Regex(r"-\s+"), "-")])
     words.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                   pre_tokenizers.Split(Regex(r"[+-]?\d|\D"), "isolated")])
+                                                   pre_tokenizers.Split(Regex(r"."), "isolated")])
     bos = "<|im_start|>"
     words.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
     return PreTrainedTokenizerFast(tokenizer_object=words, bos_token=bos, eos_token="<|im_end|>",
@@ -110,10 +110,33 @@ def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads:
     return Qwen3ForCausalLM(config).float().eval()
 
 
-def save_tiny(out_dir: str, tokenizer=None, **model_kwargs) -> str:
-    """Write a tiny model + tokenizer to `out_dir` in Hugging Face format (vLLM and from_pretrained load it)."""
+def make_gpt2(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
+              tie_word_embeddings: bool = False, max_position_embeddings: int = 64, init_std: float = 0.1,
+              seed: int = 0):
+    """A randomly initialised GPT2LMHeadModel (fp32): learned absolute positions, pre-LayerNorm, a GELU MLP of 4x
+    hidden_size, biases. The study's family: with the arith task's fixed-width prompts a learned position table
+    gives each operand and each answer digit its own slot. hidden_size / num_heads must be a head_dim vLLM's CPU
+    attention takes (32 here). init_std: the weights' initial standard deviation. GPT-2's own 0.02 left both study
+    models at chance for 1,500 SFT steps on the arith task; 0.1 (about PyTorch's default for these widths) had them
+    solve L2..L8 in under 300 (measured; experiments/mini_repro/README.md)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                        n_positions=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+                        initializer_range=init_std,  # no dropout: the trainer's pi_old must equal the sampler's pi
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).float().eval()
+
+
+def save_tiny(out_dir: str, tokenizer=None, family: str = "qwen3", **model_kwargs) -> str:
+    """Write a tiny model (family "qwen3": make_model, "gpt2": make_gpt2) + tokenizer to `out_dir` in Hugging Face
+    format (vLLM and from_pretrained load it)."""
     tokenizer = tokenizer or make_tokenizer()
-    model = make_model(tokenizer, **model_kwargs)
+    model = {"qwen3": make_model, "gpt2": make_gpt2}[family](tokenizer, **model_kwargs)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

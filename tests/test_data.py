@@ -385,12 +385,16 @@ def test_arith_problems_and_split():
         data.make_arith_problem(1, 0)
 
 
-def test_arith_prompt_is_the_bare_problem_without_chat_template(tiny_tokenizer):
+def test_arith_prompt_is_the_filled_problem_without_chat_template(tiny_tokenizer):
+    """The problem filled with "_ _" per operand short of the width (8): every level's prompt has the same length."""
     example = {"task": "arith", "question": "3 + 5 - 7 =", "answer": "8 1", "level": "L3", "id": "x"}
+    filled = "3 + 5 - 7" + " _ _" * 5 + " ="
     plain = copy.deepcopy(tiny_tokenizer)
     plain.chat_template = None
     arith = tasks.load("arith")
     ids, prefill = tasks.prompt_ids(arith, example, plain)
-    assert prefill == "" and plain.decode(ids, skip_special_tokens=True) == "3 + 5 - 7 ="
+    assert prefill == "" and plain.decode(ids, skip_special_tokens=True) == filled
     ids, _ = tasks.prompt_ids(arith, example, tiny_tokenizer)
-    assert tiny_tokenizer.decode(ids) == "<|im_start|>user\n3 + 5 - 7 =<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.decode(ids) == f"<|im_start|>user\n{filled}<|im_end|>\n<|im_start|>assistant\n"
+    full = {"task": "arith", "question": " + ".join("1" * 8) + " =", "answer": "2 3 4 5 6 7 8", "level": "L8", "id": "y"}
+    assert arith.prompt(full) == full["question"]  # the widest level needs no fill
