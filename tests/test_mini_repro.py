@@ -1,9 +1,10 @@
 """The miniature study end to end, shrunk to a few steps (experiments/mini_repro/mini_repro.py --quick, run from
-the repository root the way its README says): real train.py subprocesses (SFT from ground truth for a teacher and a
-smaller student, grpo / kdrl / rlad / rlad_self / distill with vLLM CPU rollouts, one run on the transformers
-engine), students chosen by their accuracy profile, diagnose.py and eval.py subprocesses, the results files, the
-curves; then a rerun that must skip every job. Also diagnose.py's gradient cosine on real tiny models, the
-word-level arithmetic tokenizer and the aggregation arithmetic."""
+the repository root the way its README says): real train.py subprocesses (SFT from ground truth for a GPT-2 teacher
+and a smaller GPT-2 student, grpo / kdrl / rlad / rlad_weak / rlad_self / distill with vLLM CPU rollouts, the
+per-difference runs with one on the transformers engine), the student and the weak teacher chosen by their accuracy
+profile, diagnose.py and eval.py subprocesses, the results files, the curves; then a rerun that must skip every job.
+Also diagnose.py's gradient cosine on real tiny models, the arithmetic tokenizer and fixed-width prompt, and the
+aggregation arithmetic."""
 import json
 import os
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_DIR = os.path.join(ROOT, "experiments", "mini_repro")  # mini_repro.py, diagnose.py and configs/
 SCRIPT = os.path.join("experiments", "mini_repro", "mini_repro.py")  # relative to ROOT, as a user types it
-METHODS = ["grpo", "kdrl", "rlad", "rlad_self", "distill"]
-PROFILES = ["first", "last"]  # the [quick] profiles
-LEVELS = ["L2", "L3", "L4"]  # report_levels: the trained levels
+METHODS = ["grpo", "kdrl", "rlad", "rlad_weak", "rlad_self", "distill"]
+PROFILES = ["crossing"]
+LEVELS = ["L2", "L3"]  # [quick] report_levels
 
 
 def study_module(name):
@@ -25,23 +26,30 @@ def study_module(name):
     return __import__(name)
 
 
-def test_arith_tokenizer_round_trip_and_reward():
+def test_arith_tokenizer_fixed_width_prompt_and_reward():
+    """Every level's prompt is 17 tokens: operand j is token 2j - 1 and the answer starts at the same position."""
     import data
     import tasks
     import tiny
     tok = tiny.make_arith_tokenizer()
-    assert len(tok) == 35 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert len(tok) == 18 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     ex = {"task": "arith", "question": "3 + 5 - 7 =", "answer": "8 1", "level": "L3", "id": "x"}
     arith = tasks.load("arith")
     ids, prefill = tasks.prompt_ids(arith, ex, tok)
-    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "3", "+5", "-7", "="] and prefill == ""
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "3", "+", "5", "-", "7"] + ["_"] * 10 + ["="]
+    assert prefill == ""
+    for level in range(2, 9):
+        ex2 = data.arith_examples([level], per_level=1, seed=level)[0]
+        ids2 = tasks.prompt_ids(arith, ex2, tok)[0]
+        digits = ex2["question"].split()[:-1][0::2]  # the operands
+        assert len(ids2) == 17 and [tok.convert_ids_to_tokens(ids2[2 * j + 1]) for j in range(level)] == digits
     answer = tok("8 1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.convert_ids_to_tokens(answer) == ["8", "1", "<|im_end|>"]
     assert tok.decode(answer, skip_special_tokens=True) == "8 1"
     assert arith.score([ex], [tok.decode(answer, skip_special_tokens=True)])[0]["correct"]
     assert not arith.score([ex], [tok.decode(answer[1:], skip_special_tokens=True)])[0]["correct"]
     plain = lambda text: tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    assert plain("12 +  3-4") == ["1", "2", "+3", "-4"]  # digits one by one; a sign binds to its digit
+    assert plain("12 +  3-4") == ["1", "2", "+", "3", "-", "4"]  # one token per character
     assert plain("x") == ["<|unk|>"]
 
 
@@ -60,10 +68,9 @@ def test_aggregate_paired_differences_and_prediction():
     assert d["average"]["mean"] == pytest.approx(0.125)  # (0.5 - 0.3 + 0.45 - 0.4) / 2
     assert out["rlad"]["diff_vs_kdrl"]["L3"]["per_seed"] == pytest.approx([0.1, -0.1])
     assert "diff_vs_grpo" not in out["grpo"] and "diff_vs_kdrl" not in out["kdrl"]
-    rule = {"min_accuracy": 0.2, "max_accuracy": 0.9, "min_disagree": 0.3}
-    diag = {"L2": {"disagree": 0.5}, "L3": {"disagree": 0.5}, "L4": {"disagree": 0.1}, "L5": {"disagree": 0.9}}
-    start = {"L2": 0.1, "L3": 0.4, "L4": 0.4, "L5": 0.95}  # chance / partial+disagree / agree / solved
-    assert mini_repro.predict(diag, start, rule) == {"L2": "none", "L3": "gain", "L4": "none", "L5": "none"}
+    rule = {"min_gain": 0.05}  # every seed must gain: a mean gain with one losing seed fails
+    assert mini_repro.verdict({"average": {"per_seed": [0.06, 0.11]}}, rule) == "held"
+    assert mini_repro.verdict({"average": {"per_seed": [0.2, 0.04]}}, rule) == "failed"
 
 
 def test_diagnose_cosine_is_one_against_itself_and_not_against_another_teacher(tmp_path):
@@ -117,93 +124,113 @@ def test_quick_study_results(quick_study):
         res = json.load(f)
     assert res["seeds"] == [1] and res["quick"] is True and res["levels"] == LEVELS
     assert list(res["profiles"]) == PROFILES and list(res["teacher"]) == LEVELS
-    for name, prof in res["profiles"].items():
-        assert list(prof["methods"]) == METHODS
-        for m, entry in prof["methods"].items():
+    prof = res["profiles"]["crossing"]
+    for kind in ("greedy", "sampled"):
+        assert list(prof[kind]) == METHODS
+        for m, entry in prof[kind].items():
             acc = entry["seeds"]["1"]
-            assert list(acc) == LEVELS + ["average"] and all(0.0 <= v <= 1.0 for v in acc.values()), (name, m)
+            assert list(acc) == LEVELS + ["average"] and all(0.0 <= v <= 1.0 for v in acc.values()), (kind, m)
             assert acc["average"] == pytest.approx(sum(acc[lv] for lv in LEVELS) / len(LEVELS))
             assert entry["mean"] == acc and all(v == 0.0 for v in entry["std"].values())
-        assert prof["methods"]["rlad"]["diff_vs_kdrl"]["average"]["mean"] == pytest.approx(
-            prof["methods"]["rlad"]["mean"]["average"] - prof["methods"]["kdrl"]["mean"]["average"])
-        assert set(prof["diagnostics"]) == {"start", "grpo", "rlad"}
-        for per_level in prof["diagnostics"].values():
-            assert list(per_level) == LEVELS
-            assert all(0.0 <= per_level[lv][k] <= 1.0 for lv in LEVELS
-                       for k in ("accuracy", "informative", "disagree", "masked_pos", "masked_neg"))
-        assert set(prof["prediction"].values()) <= {"gain", "none"}
-        assert list(prof["noise"]) == LEVELS and all(v["std"] >= 0 for v in prof["noise"].values())
-    ec = res["engine_control"]
-    assert ec["profile"] == "last" and set(ec) >= {"vllm", "hf"}
-    for engine in ("vllm", "hf"):  # both engines' log-probs agree with the trainer's (fp32 here)
-        assert 0 <= ec[engine]["logprob_mismatch"] < 1e-3 and list(ec[engine]["final"]) == LEVELS + ["average"]
+        d = prof[kind]["rlad"]["diff_vs_kdrl"]["average"]
+        assert d["mean"] == pytest.approx(prof[kind]["rlad"]["mean"]["average"] - prof[kind]["kdrl"]["mean"]["average"])
+    assert prof["prediction"] in ("held", "failed")
+    assert set(prof["diagnostics"]) == {"start", "grpo", "rlad"}
+    for per_level in prof["diagnostics"].values():
+        assert list(per_level) == LEVELS
+        assert all(0.0 <= per_level[lv][k] <= 1.0 for lv in LEVELS
+                   for k in ("accuracy", "informative", "disagree", "masked_pos", "masked_neg"))
+        assert all(per_level[lv]["student_nll"] > 0 and per_level[lv]["teacher_nll"] > 0 for lv in LEVELS)
+    assert list(prof["noise"]) == LEVELS and all(v["std"] >= 0 for v in prof["noise"].values())
+    assert set(prof["differences"]) == {"reference", "engine_hf"}
+    for diff in prof["differences"].values():
+        assert set(diff) == {"grpo", "rlad"} and all(0 <= v <= 1 for r in diff.values() for v in r.values())
+    hf = json.load(open(os.path.join(out, "differences", "crossing", "engine_hf_rlad", "config.json")))
+    assert hf["engine"] == "hf" and hf["method"] == "rlad" and hf["seed"] == 0
     table = open(os.path.join(out, "results.md")).read()
-    for name in PROFILES:
-        assert f"### Profile `{name}`" in table
+    assert "### Profile `crossing`" in table and "One difference at a time" in table and "Prediction" in table
     names = [r.split("|")[1].strip() for r in table.splitlines() if r.startswith("| ")]
     for m in METHODS:
         assert m in names and (m == "grpo" or f"{m} - grpo" in names), m
-    assert "rlad - kdrl" in names and "### Engine control" in table
+    assert "rlad - kdrl" in names and "engine_hf" in names
     for path in res["curves"]:
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 
 
-def test_quick_study_chooses_students_by_profile(quick_study):
-    """Each profile's student is the kept SFT checkpoint whose evaluation is nearest to the target."""
+def test_quick_study_chooses_student_and_weak_teacher_by_profile(quick_study):
+    """The student is the kept SFT checkpoint whose evaluation is nearest to the target; the weak teacher the
+    teacher's checkpoint nearest to [weak_teacher]; the controls get the teachers they name."""
     out, _ = quick_study
     mini_repro = study_module("mini_repro")
+    study = mini_repro.load_study(mini_repro.STUDY, quick=True)
     profiles = json.load(open(os.path.join(out, "profiles.json")))
-    evals = mini_repro.evaluations(os.path.join(out, "student_sft"))
-    assert sorted(evals) == [1, 2, 3]  # eval_every 1 = save_every 1 in [quick.student_sft]
-    targets = {"first": 0.0, "last": 1.0}  # [quick.profiles.*]: L2 only
-    for name, target in targets.items():
-        best = min(abs(evals[s]["L2"] - target) for s in evals)
-        chosen = profiles[name]
-        assert abs(evals[chosen["step"]]["L2"] - target) == best and chosen["distance"] == pytest.approx(best)
-        assert chosen["checkpoint"] == os.path.join(out, "student_sft", "checkpoints", f"step_{chosen['step']:06d}")
-        for m in METHODS:
-            cfg = json.load(open(os.path.join(out, "runs", name, f"{m}_seed1", "config.json")))
-            assert cfg["model"] == chosen["checkpoint"] and cfg["seed"] == 1
-            assert cfg["method"] == ("rlad" if m == "rlad_self" else m)
-            teacher = os.path.join(out, "teacher_sft", "checkpoints", "step_000004")
-            assert cfg["teacher"] == (chosen["checkpoint"] if m == "rlad_self" else teacher)
+    for run, chosen, target in (("student_sft", profiles["crossing"], study["profiles"]["crossing"]),
+                                ("teacher_sft", json.load(open(os.path.join(out, "weak_teacher.json"))),
+                                 study["weak_teacher"])):
+        evals = mini_repro.evaluations(os.path.join(out, run))
+        assert sorted(evals) == ([1, 2, 3] if run == "student_sft" else [2, 4])  # eval_every = save_every
+        dist = {s: sum(abs(evals[s][lv] - v) for lv, v in target.items()) for s in evals}
+        assert chosen["distance"] == pytest.approx(min(dist.values())) and dist[chosen["step"]] == min(dist.values())
+        assert chosen["checkpoint"] == os.path.join(out, run, "checkpoints", f"step_{chosen['step']:06d}")
+    student, weak = profiles["crossing"]["checkpoint"], json.load(open(os.path.join(out, "weak_teacher.json")))
+    teacher = os.path.join(out, "teacher_sft", "checkpoints", "step_000004")
+    for m in METHODS:
+        cfg = json.load(open(os.path.join(out, "runs", "crossing", f"{m}_seed1", "config.json")))
+        assert cfg["model"] == student and cfg["seed"] == 1
+        assert cfg["method"] == ("rlad" if m.startswith("rlad") else m)
+        assert cfg["teacher"] == {"rlad_self": student, "rlad_weak": weak["checkpoint"]}.get(m, teacher)
 
 
 def test_quick_study_runs_logged_and_checkpointed(quick_study):
     out, _ = quick_study
-    for name in PROFILES:
-        for m in METHODS:
-            run = os.path.join(out, "runs", name, f"{m}_seed1")
-            lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl")) if ln.strip()]
-            assert [r["step"] for r in lines] == [1, 2]
-            assert all(0.0 <= r["accuracy"] <= 1.0 for r in lines)
-            # eval_levels "2,3,4" (mini_rl.toml): the held-out problems of the trained levels only
-            assert "eval_accuracy" in lines[-1] and "eval/L4" in lines[-1] and "eval/L5" not in lines[-1]
-            assert os.path.isfile(os.path.join(run, "checkpoints", "step_000002", "model.safetensors"))
-    hf = json.load(open(os.path.join(out, "runs", "last", "rlad_seed1_hf", "config.json")))
-    assert hf["engine"] == "hf" and hf["method"] == "rlad"
+    for m in METHODS:
+        run = os.path.join(out, "runs", "crossing", f"{m}_seed1")
+        lines = [json.loads(ln) for ln in open(os.path.join(run, "metrics.jsonl")) if ln.strip()]
+        assert [r["step"] for r in lines] == [1, 2]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in lines)
+        assert "eval_accuracy" in lines[-1] and "eval/L8" in lines[-1]  # eval_levels 2..8 (mini_rl.toml)
+        assert os.path.isfile(os.path.join(run, "checkpoints", "step_000002", "model.safetensors"))
+        sampled = json.load(open(os.path.join(run, "sampled_eval.json")))
+        assert sampled["config"]["temperature"] == 1.0 and set(LEVELS) <= set(sampled["summary"])
 
 
 def test_quick_study_rerun_skips_finished_jobs(quick_study):
     out, cmd = quick_study
-    runs = [os.path.join(out, "runs", p, f"{m}_seed1", "metrics.jsonl") for p in PROFILES for m in METHODS]
+    runs = [os.path.join(out, "runs", "crossing", f"{m}_seed1", "metrics.jsonl") for m in METHODS]
     before = {path: os.path.getmtime(path) for path in runs}
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "] start " not in again.stdout and "jobs to do" not in again.stdout  # nothing launched
     assert {path: os.path.getmtime(path) for path in runs} == before
     seconds = json.load(open(os.path.join(out, "results.json")))["seconds"]["jobs"]
-    assert {"teacher_sft", "student_sft", "engine_control_hf", "last/diagnose_start", "teacher/noise_seed101"} \
-        <= set(seconds)
+    assert {"teacher_sft", "student_sft", "crossing/difference_engine_hf_rlad", "crossing/diagnose_start",
+            "teacher/noise_seed101", "crossing/rlad_seed1/sampled"} <= set(seconds)
     assert all(0 < s < 900 for s in seconds.values())  # the first invocation's wall times, read back
 
 
 def test_study_config_errors_are_one_line(tmp_path):
     mini_repro = study_module("mini_repro")
     study = mini_repro.load_study(mini_repro.STUDY, quick=False)
-    with pytest.raises(SystemExit, match="teacher = 'nobody': use 'teacher' or 'student'"):
-        mini_repro.rl_job(study, str(tmp_path), "mid", "rlad", 1, {"method": "rlad", "teacher": "nobody"})
+    with pytest.raises(SystemExit, match="teacher = 'nobody': use 'teacher', 'weak' or 'student'"):
+        mini_repro.rl_job(study, str(tmp_path), "crossing", "rlad", 1, {"method": "rlad", "teacher": "nobody"})
     partial = tmp_path / "study.toml"
     partial.write_text("seeds = [1]\n")
     with pytest.raises(SystemExit, match="missing .*'profiles'"):
         mini_repro.load_study(str(partial), quick=False)
+
+
+def test_quick_demo_reuses_the_pair_and_prints_trrd_at_work(quick_study):
+    """--demo on the study's directory: the pair and the start diagnostics are reused, grpo and rlad run on the tune
+    seed, and the printed table has the diagnostics per level and the masked share of rlad's tokens."""
+    out, _ = quick_study
+    demo = subprocess.run([sys.executable, SCRIPT, "--out", out, "--quick", "--demo"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "start teacher_sft" not in demo.stdout and "start crossing/grpo_seed0" in demo.stdout
+    text = open(os.path.join(out, "demo.md")).read()
+    assert text in demo.stdout and "masked_pos" in text and "rlad masked" in text
+    rows = [ln.split() for ln in text.splitlines() if ln[:4].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [2] and all(0.0 <= float(x) <= 1.0 for x in rows[0][1:])
+    for m in ("grpo", "rlad"):
+        cfg = json.load(open(os.path.join(out, "runs", "crossing", f"{m}_seed0", "config.json")))
+        assert cfg["method"] == m and cfg["seed"] == 0 and cfg["max_steps"] == 2

@@ -10,6 +10,8 @@ For each arith level it samples one batch the way an RL step of the study does (
     masked_neg     share of tokens with A < 0 whose gradient TRRD's clip removes (the teacher prefers them)
     cosine         cosine between the GRPO and the RLAD gradients of this level's batch (all parameters), on
                    the first PPO epoch (pi_S = pi_old), through rlad.policy_loss: 1 means TRRD changes nothing
+    student_nll    the student's mean per-token NLL of its own samples (low: it is confident in them)
+    teacher_nll    the teacher's mean per-token NLL of the same samples (high: the teacher rejects them)
 
 The losses are the project's own (`rlad.policy_loss` with the study's alpha, clip range and teacher clamp), the
 log-probs `rlad.token_logprobs` of one forward pass over prompt + response, as train.py computes them.
@@ -47,7 +49,7 @@ def sequence_logprobs(model, prompts: list, responses: list) -> tuple:
         targets[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
         starts.append(len(p) - 1)  # the logits at position len(p) - 1 predict the first response token
-    logits = model(input_ids=ids).logits  # [B, L, V] (V = 35 here)
+    logits = model(input_ids=ids).logits  # [B, L, V] (V = 18 here)
     index = torch.tensor(starts)[:, None] + torch.arange(longest)[None]  # [B, R]
     index = index.clamp(max=width - 1)
     picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, R, V]
@@ -95,6 +97,9 @@ def batch_diagnostics(student, teacher, prompt_ids: list, response_ids: list, re
         "masked_pos": m["clip_frac_high"].item() * n_tok / max(pos, 1),
         "masked_neg": m["clip_frac_low"].item() * n_tok / max(neg, 1),
         "cosine": (g_grpo @ g_rlad / norm).item() if norm > 0 else float("nan"),
+        # per-token NLL of the student's own samples: low for the student and high for the teacher = confidently wrong
+        "student_nll": -(logp.detach() * mask).sum().item() / n_tok,
+        "teacher_nll": -(teacher_logp * mask).sum().item() / n_tok,
     }
 
 

@@ -1,34 +1,38 @@
-"""mini_repro.py: the miniature study on CPU: where does RLAD beat GRPO and KDRL, where not, and why.
+"""mini_repro.py: the miniature study on CPU: does RLAD beat GRPO through train.py where TRRD should act?
 
-Hypothesis, stated before the runs (configs/mini_study.toml, [predict]): RLAD beats GRPO and KDRL on a level
-where the student has partial skill (clearly above chance, not solved) and a stronger, different teacher
-disagrees with it on many of its sampled tokens; it does not where the student is at chance or solves the level.
+Prediction, stated before the runs (configs/mini_study.toml, [predict]): with a student stopped in the middle of
+its SFT crossing from chance to solved (confidently wrong) and a teacher that solves every level, RLAD - GRPO is
+at least +0.05 in the greedy average over the levels on every paired seed.
 
-The task is data.py's "arith" (running sums mod 10; level Ln = n operands; "3 + 5 - 7 =" -> "8 1"; the reward
-checks the length and the last value), the tokenizer tiny.make_arith_tokenizer. Everything runs through the
-project's own train.py, eval.py and rlad.py, as subprocesses, the way a user runs them:
+The task is the project's "arith" (running sums mod 10; level Ln = n operands; "3 + 5 - 7 =" -> "8 1"; the prompt
+filled to a fixed width; the reward checks the length and the last value), the tokenizer tiny.make_arith_tokenizer.
+Everything runs through the project's own train.py, eval.py and rlad.py, as subprocesses, the way a user runs them:
 
-    1. models      a random teacher (~0.37M params) and a smaller random student (~0.22M), other seeds
-    2. SFT         each trained separately on ground-truth solutions (train.py --method sft);
-                   the student's run keeps a checkpoint and an evaluation every few hundred steps
-    3. profiles    starting students chosen by their accuracy profile, not by a step number: for each target
-                   profile ([profiles.*]) the student checkpoint whose evaluation is nearest to it (OUT/profiles.json)
-    4. diagnose    per profile and level, on one batch sampled like an RL step (diagnose.py): rollout accuracy,
-                   informative groups, share of tokens with |logp_S - logp_T| >= 1, TRRD's masked shares, and the
-                   cosine between the GRPO and RLAD gradients; again after RL, on the seed-1 GRPO and RLAD weights
-    5. noise       each starting student evaluated by eval.py under several sampling seeds: the noise of one
-                   evaluation, per level
-    6. RL          from each profile's student, per seed: grpo, kdrl, rlad and two controls
+    1. models      a random GPT-2 teacher (~0.35M params) and a smaller random GPT-2 student (~0.11M), other seeds
+    2. SFT         each trained separately on ground-truth solutions of L2..L8 (train.py --method sft); the runs
+                   keep a checkpoint and an evaluation every few steps
+    3. profile     the starting student chosen by its accuracy profile, not by a step number: the student
+                   checkpoint whose evaluation is nearest to [profiles.*] (OUT/profiles.json); the weak teacher of a
+                   control likewise from the teacher's run ([weak_teacher], OUT/weak_teacher.json)
+    4. diagnose    per level, on one batch sampled like an RL step (diagnose.py): rollout accuracy, informative
+                   groups, share of tokens with |logp_S - logp_T| >= 1, TRRD's masked shares, the cosine between
+                   the GRPO and RLAD gradients, the student's and the teacher's NLL of the samples; again after RL,
+                   on the first seed's GRPO and RLAD weights
+    5. noise       the starting student and the teacher evaluated by eval.py under several sampling seeds
+    6. RL          from the student, per seed: grpo, kdrl, rlad and three controls
+                     rlad_weak  RLAD with the weak teacher (a teacher checkpoint as good as the student)
                      rlad_self  RLAD with the student's own starting weights as the "teacher" (clipping, no knowledge)
                      distill    on-policy distillation, the KD term alone, no reward
-                   plus one run with `--engine hf` next to its vLLM twin (engine mismatch ruled out by a number)
-    7. report      OUT/results.json, OUT/results.md (per profile: accuracy, paired differences, diagnostics, the
-                   prediction against the outcome; the noise; the engine control), OUT/curves_PROFILE.png
-                   (accuracy per level vs RL step)
+                   each evaluated greedy (train.py) and sampled (eval.py on the final weights)
+    7. differences grpo and rlad on the tuning seed, as configured and with one pipeline difference at a time
+                   ([differences.*]: the transformers rollout engine, AdamW's defaults, several mini-batches)
+    8. report      OUT/results.json, OUT/results.md (accuracy greedy and sampled, paired per-seed differences, the
+                   prediction's reading, diagnostics, the per-difference table), OUT/curves_PROFILE.png
 
 From the repository root (this script lives in experiments/mini_repro/, its presets in configs/ next to it):
 
-    python experiments/mini_repro/mini_repro.py --out runs/mini          # the study (46 min on 2 cores)
+    python experiments/mini_repro/mini_repro.py --out runs/mini          # the study (about an hour on 2 cores)
+    python experiments/mini_repro/mini_repro.py --out runs/demo --demo   # a few minutes: TRRD at work
     python experiments/mini_repro/mini_repro.py --out runs/mini_tune --tune  # per-method sweeps, tuning seed only
     python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick  # a smoke version (the test suite's)
 
@@ -54,8 +58,8 @@ SFT_PRESET = os.path.join(HERE, "configs", "mini_sft.toml")
 RL_PRESET = os.path.join(HERE, "configs", "mini_rl.toml")
 DIAGNOSE = os.path.join(HERE, "diagnose.py")
 BASELINE = "grpo"  # the paired differences are taken against this method (and rlad against kdrl)
-SECTIONS = ("teacher_model", "student_model", "teacher_sft", "student_sft", "profiles", "rl", "methods", "seeds",
-            "report_levels", "predict", "noise_seeds", "engine_control")
+SECTIONS = ("teacher_model", "student_model", "teacher_sft", "student_sft", "profiles", "weak_teacher", "rl", "methods",
+            "seeds", "report_levels", "predict", "noise_seeds", "sampled_eval", "differences")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -70,10 +74,11 @@ def load_study(path: str, quick: bool) -> dict:
         raise SystemExit(f"{path}: [methods.{BASELINE}] is the baseline of the paired differences; keep it")
     if quick:
         q = study.get("quick", {})
-        for section in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "engine_control"):
-            study[section] = {**study[section], **q.get(section, {})}
-        for key in ("seeds", "noise_seeds", "profiles", "diagnose"):
+        for section in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "sampled_eval", "demo"):
+            study[section] = {**study.get(section, {}), **q.get(section, {})}
+        for key in ("seeds", "noise_seeds", "profiles", "diagnose", "differences", "report_levels"):
             study[key] = q.get(key, study.get(key))
+        study["weak_teacher"] = {lv: v for lv, v in study["weak_teacher"].items() if lv in study["report_levels"]}
     return study
 
 
@@ -217,31 +222,45 @@ def evaluations(run_dir: str) -> dict:
     return out
 
 
-def select_profiles(study: dict, out: str) -> dict:
-    """For each [profiles.NAME] target, the kept student checkpoint whose evaluation is nearest to it (sum of
-    absolute differences over the target's levels; the earliest on a tie). Chosen once, kept in
-    OUT/profiles.json, so every later job and rerun starts from the same students."""
-    p = paths_of(study, out)
-    if os.path.isfile(p["profiles"]):
-        return json.load(open(p["profiles"]))
-    ckpt_dir = os.path.join(p["student_run"], "checkpoints")
+def nearest_checkpoint(run_dir: str, target: dict) -> dict:
+    """The kept checkpoint of a train.py run whose evaluation is nearest to `target` ({level: accuracy}; sum of
+    absolute differences, the earliest on a tie): {"step", "checkpoint", "target", "sft_eval", "distance"}."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     kept = {int(d.split("_")[1]) for d in os.listdir(ckpt_dir)
             if os.path.isfile(os.path.join(ckpt_dir, d, "trainer_state.pt"))}
-    evals = {s: acc for s, acc in evaluations(p["student_run"]).items() if s in kept}
+    evals = {s: acc for s, acc in evaluations(run_dir).items() if s in kept}
     if not evals:
-        raise SystemExit(f"{p['student_run']}: no kept checkpoint has an evaluation; set [student_sft] eval_every "
-                         "equal to save_every and keep_last high enough to keep them all")
-    chosen = {}
-    for name, target in study["profiles"].items():
-        dist = lambda s: sum(abs(evals[s][lv] - v) for lv, v in target.items())  # noqa: E731
-        step = min(sorted(evals), key=dist)
-        chosen[name] = {"step": step, "checkpoint": os.path.join(ckpt_dir, f"step_{step:06d}"), "target": target,
-                        "sft_eval": {lv: evals[step][lv] for lv in study["report_levels"]},
-                        "distance": dist(step)}
-    with open(p["profiles"] + ".tmp", "w") as f:
-        json.dump(chosen, f, indent=1)
-    os.replace(p["profiles"] + ".tmp", p["profiles"])
-    return chosen
+        raise SystemExit(f"{run_dir}: no kept checkpoint has an evaluation; set eval_every equal to save_every and "
+                         "keep_last high enough to keep them all")
+    dist = lambda s: sum(abs(evals[s][lv] - v) for lv, v in target.items())  # noqa: E731
+    step = min(sorted(evals), key=dist)
+    return {"step": step, "checkpoint": os.path.join(ckpt_dir, f"step_{step:06d}"), "target": target,
+            "sft_eval": evals[step], "distance": dist(step)}
+
+
+def chosen(path: str, choose):
+    """choose() once, kept in the JSON file `path`, so every later job and rerun uses the same checkpoints."""
+    if os.path.isfile(path):
+        return json.load(open(path))
+    value = choose()
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return value
+
+
+def select_profiles(study: dict, out: str) -> dict:
+    """For each [profiles.NAME] target, the student's kept checkpoint nearest to it (OUT/profiles.json)."""
+    p = paths_of(study, out)
+    return chosen(p["profiles"], lambda: {name: nearest_checkpoint(p["student_run"], target)
+                                          for name, target in study["profiles"].items()})
+
+
+def weak_teacher(study: dict, out: str) -> dict:
+    """The teacher's kept SFT checkpoint nearest to [weak_teacher] (OUT/weak_teacher.json)."""
+    p = paths_of(study, out)
+    return chosen(os.path.join(out, "weak_teacher.json"),
+                  lambda: nearest_checkpoint(p["teacher_run"], study["weak_teacher"]))
 
 
 def rl_run_dir(out: str, profile: str, method: str, seed: int, suffix: str = "") -> str:
@@ -252,16 +271,16 @@ def rl_job(study: dict, out: str, profile: str, method: str, seed: int, settings
     """One RL run from a profile's student; its flags are made when it starts (after the profiles are chosen)."""
     p = paths_of(study, out)
     settings = dict(settings)
-    who = settings.pop("teacher", "teacher")  # "student": the control with the student's own weights as teacher
-    if who not in ("teacher", "student"):
-        raise SystemExit(f"[methods.{method}] teacher = {who!r}: use 'teacher' or 'student'")
+    who = settings.pop("teacher", "teacher")  # "student" / "weak": the controls' teachers
+    if who not in ("teacher", "student", "weak"):
+        raise SystemExit(f"[methods.{method}] teacher = {who!r}: use 'teacher', 'weak' or 'student'")
     run_dir = run_dir or rl_run_dir(out, profile, method, seed)
 
     def args():
         student = select_profiles(study, out)[profile]["checkpoint"]
-        return (["--config", RL_PRESET, "--run_dir", run_dir, "--model", student,
-                 "--teacher", p["teacher"] if who == "teacher" else student, "--seed", str(seed)]
-                + train_args({**study["rl"], **settings}))
+        teacher = {"teacher": p["teacher"], "student": student}.get(who) or weak_teacher(study, out)["checkpoint"]
+        return (["--config", RL_PRESET, "--run_dir", run_dir, "--model", student, "--teacher", teacher,
+                 "--seed", str(seed)] + train_args({**study["rl"], **settings}))
     uses_teacher = who == "teacher" and settings.get("method", study["rl"].get("method")) != "grpo"
     return train_job(name or f"{profile}/{method}_seed{seed}", run_dir, study["rl"]["max_steps"], args,
                      after=("teacher_sft", "student_sft") if uses_teacher else ("student_sft",),
@@ -287,37 +306,61 @@ def diagnose_job(study: dict, out: str, profile: str, which: str, after=()) -> d
                       after=("teacher_sft", "student_sft") + tuple(after))
 
 
+def eval_args(study: dict, model: str, seed: int) -> list:
+    """eval.py flags: the [sampled_eval] settings on the report levels' held-out problems."""
+    e, rl = study["sampled_eval"], rl_settings(study)
+    return ["--model", model, "--task", "arith", "--levels", ",".join(lv[1:] for lv in study["report_levels"]),
+            "--n", str(e["n"]), "--limit", str(e["per_level"]), "--temperature", str(e["temperature"]),
+            "--top_p", "1.0", "--max_tokens", str(rl.get("max_tokens", 10)),
+            "--kv_cache_memory_bytes", str(16 << 20), "--seed", str(seed)]
+
+
 def noise_job(study: dict, out: str, who: str, seed: int) -> dict:
-    """eval.py on a profile's starting student (or on the teacher, who = "teacher") with the RL runs' evaluation
+    """eval.py on a profile's starting student (or on the teacher, who = "teacher") at the sampled evaluation's
     settings, under one sampling seed: the same weights under several seeds give the noise of one evaluation."""
-    rl = rl_settings(study)
     output = os.path.join(out, "noise", f"{who}_seed{seed}.json")
 
     def args():
         model = paths_of(study, out)["teacher"] if who == "teacher" else select_profiles(study, out)[who]["checkpoint"]
-        return ["--model", model, "--task", "arith", "--n", str(rl["eval_n"]), "--limit", str(rl["eval_per_level"]),
-                "--temperature", str(rl["eval_temperature"]), "--top_p", str(rl["eval_top_p"]), "--max_tokens",
-                str(rl.get("max_tokens", 10)), "--kv_cache_memory_bytes", str(16 << 20), "--seed", str(seed)]
+        return eval_args(study, model, seed)
     return output_job(f"{who}/noise_seed{seed}", os.path.join(ROOT, "eval.py"), output, args,
                       after=("teacher_sft",) if who == "teacher" else ("student_sft",))
 
 
+def sampled_job(study: dict, out: str, run: dict) -> dict:
+    """eval.py on an RL run's final weights with sampling; the evaluation seed is the run's seed, so the methods of
+    a seed are scored on the same problems with the same sampling stream."""
+    output = os.path.join(run["run_dir"], "sampled_eval.json")
+    model = final_checkpoint(run["run_dir"], study["rl"]["max_steps"])
+    return output_job(run["name"] + "/sampled", os.path.join(ROOT, "eval.py"), output,
+                      eval_args(study, model, 500 + run["seed"]), after=(run["name"],))
+
+
 def study_jobs(study: dict, out: str, seeds: list, methods: list) -> list:
-    """SFT, then per profile: the RL runs of every (method, seed), diagnostics, noise, and the engine control."""
+    """SFT, then per profile: the RL runs of every (method, seed) and their sampled evaluations, diagnostics,
+    noise; then the per-difference runs (grpo and rlad on the tune seed, one difference each, and their twins)."""
     jobs = sft_jobs(study, out) + [noise_job(study, out, "teacher", s) for s in study["noise_seeds"]]
     for profile in study["profiles"]:
         jobs += [noise_job(study, out, profile, s) for s in study["noise_seeds"]]
         jobs.append(diagnose_job(study, out, profile, "start"))
         for seed in seeds:
-            jobs += [rl_job(study, out, profile, m, seed, study["methods"][m]) for m in methods]
+            runs = [rl_job(study, out, profile, m, seed, study["methods"][m]) for m in methods]
+            jobs += runs + [sampled_job(study, out, r) for r in runs]
         jobs += [diagnose_job(study, out, profile, m, after=(f"{profile}/{m}_seed{seeds[0]}",))
                  for m in ("grpo", "rlad") if m in methods]
-    control = study["engine_control"]
-    if control["profile"] in study["profiles"] and control["method"] in methods and control["seed"] in seeds:
-        jobs.append(rl_job(study, out, control["profile"], control["method"], control["seed"],
-                           {**study["methods"][control["method"]], "engine": "hf"},
-                           name="engine_control_hf",
-                           run_dir=rl_run_dir(out, control["profile"], control["method"], control["seed"], "_hf")))
+        jobs += difference_jobs(study, out, profile)
+    return jobs
+
+
+def difference_jobs(study: dict, out: str, profile: str) -> list:
+    """grpo and rlad on the tune seed, as configured ("reference") and with each [differences.NAME] applied."""
+    jobs, seed = [], study.get("tune_seed", 0)
+    for name, overrides in {"reference": {}, **study.get("differences", {})}.items():
+        for method in ("grpo", "rlad"):
+            run = rl_job(study, out, profile, method, seed, {**study["methods"][method], **overrides},
+                         name=f"{profile}/difference_{name}_{method}",
+                         run_dir=os.path.join(out, "differences", profile, f"{name}_{method}"))
+            jobs += [{**run, "difference": name}, sampled_job(study, out, run)]
     return jobs
 
 
@@ -394,43 +437,51 @@ def noise_summary(outputs: list, levels: list) -> dict:
             for lv in levels}
 
 
-def predict(diag_start: dict, start_acc: dict, rule: dict) -> dict:
-    """The hypothesis per level, from what is known before RL: 'gain' where the student is partial (start
-    accuracy in [min_accuracy, max_accuracy]) and the teacher disagrees (share >= min_disagree), else 'none'."""
-    out = {}
-    for lv, d in diag_start.items():
-        partial = rule["min_accuracy"] <= start_acc[lv] <= rule["max_accuracy"]
-        out[lv] = "gain" if partial and d["disagree"] >= rule["min_disagree"] else "none"
+def sampled_eval(run_dir: str, levels: list) -> dict:
+    """{level: Mean@n, "average"} of eval.py's sampled evaluation of a run's final weights."""
+    summary = json.load(open(os.path.join(run_dir, "sampled_eval.json")))["summary"]
+    out = {lv: summary[lv]["mean_at_n"] for lv in levels}
+    out["average"] = statistics.fmean(out.values())
     return out
+
+
+def verdict(diff: dict, rule: dict) -> str:
+    """The prediction read against the paired greedy averages: held if every seed gained at least min_gain."""
+    per_seed = diff["average"]["per_seed"]
+    return "held" if min(per_seed) >= rule["min_gain"] else "failed"
 
 
 def collect(study: dict, out: str, seeds: list, methods: list, jobs: list) -> dict:
     """Everything the report needs, from what the jobs wrote."""
     levels, steps = study["report_levels"], study["rl"]["max_steps"]
-    p, profiles = paths_of(study, out), select_profiles(study, out)
     noise_of = lambda who: noise_summary([os.path.join(out, "noise", f"{who}_seed{s}.json")  # noqa: E731
                                           for s in study["noise_seeds"]], levels)
-    result = {"task": "arith", "seeds": seeds, "levels": levels, "profiles": {}, "teacher": noise_of("teacher")}
-    for name, prof in profiles.items():
-        per_run = {(j["method"], j["seed"]): final_eval(j["run_dir"], steps, levels) for j in jobs
-                   if j.get("profile") == name and j["name"] != "engine_control_hf"}
+    result = {"task": "arith", "seeds": seeds, "levels": levels, "profiles": {}, "teacher": noise_of("teacher"),
+              "weak_teacher": weak_teacher(study, out) if any(
+                  study["methods"][m].get("teacher") == "weak" for m in methods) else None}
+    for name, prof in select_profiles(study, out).items():
+        runs = [j for j in jobs if j.get("profile") == name and "resume" in j and j["resume"]
+                and "difference" not in j]
+        greedy = {(j["method"], j["seed"]): final_eval(j["run_dir"], steps, levels) for j in runs}
+        sampled = {(j["method"], j["seed"]): sampled_eval(j["run_dir"], levels) for j in runs}
         noise = noise_of(name)
-        start = {lv: noise[lv]["mean"] for lv in levels}
         diag = {which: json.load(open(os.path.join(out, "diagnostics", f"{name}_{which}.json")))
                 for which in ("start", "grpo", "rlad") if os.path.isfile(os.path.join(out, "diagnostics",
                                                                                      f"{name}_{which}.json"))}
-        result["profiles"][name] = {
-            "student_step": prof["step"], "target": prof["target"], "start": start, "noise": noise,
-            "methods": aggregate(per_run, methods, seeds), "diagnostics": diag,
-            "prediction": predict(diag["start"], start, study["predict"])}
-    control = study["engine_control"]
-    hf_dir = rl_run_dir(out, control["profile"], control["method"], control["seed"], "_hf")
-    if os.path.isdir(hf_dir):
-        vllm_dir = rl_run_dir(out, control["profile"], control["method"], control["seed"])
-        keys = ["logprob_mismatch", "grad_norm", "reward", "time/step"]
-        result["engine_control"] = {
-            **control, **{engine: {**run_means(d, keys), "final": final_eval(d, steps, levels)}
-                          for engine, d in (("vllm", vllm_dir), ("hf", hf_dir))}}
+        start_greedy = {lv: prof["sft_eval"][lv] for lv in levels}
+        start_greedy["average"] = statistics.fmean(start_greedy.values())
+        entry = {"student_step": prof["step"], "target": prof["target"], "start_greedy": start_greedy,
+                 "start_sampled": {lv: noise[lv]["mean"] for lv in levels}, "noise": noise,
+                 "greedy": aggregate(greedy, methods, seeds), "sampled": aggregate(sampled, methods, seeds),
+                 "diagnostics": diag, "differences": {}}
+        if "rlad" in methods:
+            entry["prediction"] = verdict(entry["greedy"]["rlad"]["diff_vs_grpo"], study["predict"])
+        for j in jobs:
+            if j.get("profile") == name and "difference" in j:
+                d = entry["differences"].setdefault(j["difference"], {})
+                d[j["method"]] = {"greedy": final_eval(j["run_dir"], steps, levels)["average"],
+                                  "sampled": sampled_eval(j["run_dir"], levels)["average"]}
+        result["profiles"][name] = entry
     return result
 
 
@@ -439,56 +490,69 @@ def fmt_diff(d: dict, n: int) -> str:
 
 
 def format_tables(results: dict, study: dict) -> str:
-    """Markdown: per profile the accuracy table, the paired differences, the diagnostics and the prediction;
-    then the engine control."""
-    levels, n = results["levels"], len(results["seeds"])
+    """Markdown: per profile the greedy and sampled accuracy, the paired per-seed differences, the diagnostics and
+    the prediction's reading; then the per-difference table."""
+    levels, n, seeds = results["levels"], len(results["seeds"]), results["seeds"]
     row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
     header = ["model"] + levels + ["Avg"]
-    rl = rl_settings(study)
-    lines = [f"Accuracy: Mean@{rl['eval_n']} over {rl['eval_per_level']} held-out problems per level (temperature "
-             f"{rl['eval_temperature']}, top-p {rl['eval_top_p']}), the final step; mean +- std over {n} seed"
-             f"{'s' * (n > 1)}. Paired differences: same seed = same student, data order and evaluation samples; "
-             "(k/n) = on how many seeds the first method was ahead.", ""]
+    rl, e = rl_settings(study), study["sampled_eval"]
+    lines = [f"Greedy: {rl['eval_per_level']} held-out problems per level (train.py's evaluation at the last step). "
+             f"Sampled: Mean@{e['n']} over {e['per_level']} held-out problems per level at temperature "
+             f"{e['temperature']} (eval.py on the final weights). Mean +- std over {n} seed{'s' * (n > 1)}. Paired: "
+             "same seed = same student, data order and evaluation samples; (k/n) = on how many seeds the first "
+             "method was ahead.", ""]
     for name, prof in results["profiles"].items():
-        noise = prof["noise"]
-        lines += [f"### Profile `{name}` (student SFT step {prof['student_step']})", "", row(header),
-                  row(["---"] * len(header)),
-                  row([f"teacher ({len(study['noise_seeds'])} evals)"] + [
-                      f"{results['teacher'][lv]['mean']:.3f} +- {results['teacher'][lv]['std']:.3f}" for lv in levels]
-                      + [f"{statistics.fmean(results['teacher'][lv]['mean'] for lv in levels):.3f}"]),
-                  row([f"student (start, {len(study['noise_seeds'])} evals)"] +
-                      [f"{prof['start'][lv]:.3f} +- {noise[lv]['std']:.3f}" for lv in levels] +
-                      [f"{statistics.fmean(prof['start'].values()):.3f}"])]
-        for method, entry in prof["methods"].items():
-            lines.append(row([method] + [f"{entry['mean'][lv]:.3f} +- {entry['std'][lv]:.3f}"
-                                         for lv in levels + ["average"]]))
-        lines += ["", row(["paired"] + levels + ["Avg"]), row(["---"] * len(header))]
-        for method, entry in prof["methods"].items():
+        lines += [f"### Profile `{name}` (student SFT step {prof['student_step']})", ""]
+        for kind in ("greedy", "sampled"):
+            if kind == "greedy":
+                start = [f"{prof['start_greedy'][lv]:.3f}" for lv in levels + ["average"]]
+                label = "student (start, SFT eval)"
+            else:
+                start = [f"{prof['start_sampled'][lv]:.3f} +- {prof['noise'][lv]['std']:.3f}" for lv in levels] + [
+                    f"{statistics.fmean(prof['start_sampled'].values()):.3f}"]
+                label = f"student (start, {len(study['noise_seeds'])} evals)"
+            lines += [f"{kind.capitalize()} accuracy:", "", row(header), row(["---"] * len(header))]
+            if kind == "sampled":
+                lines.append(row([f"teacher ({len(study['noise_seeds'])} evals)"] + [
+                    f"{results['teacher'][lv]['mean']:.3f} +- {results['teacher'][lv]['std']:.3f}" for lv in levels]
+                    + [f"{statistics.fmean(results['teacher'][lv]['mean'] for lv in levels):.3f}"]))
+            lines.append(row([label] + start))
+            for method, entry in prof[kind].items():
+                lines.append(row([method] + [f"{entry['mean'][lv]:.3f} +- {entry['std'][lv]:.3f}"
+                                             for lv in levels + ["average"]]))
+            lines.append("")
+        lines += ["Paired differences of the average over levels, per seed (" + ", ".join(map(str, seeds)) + "):", "",
+                  row(["paired", "greedy per seed", "greedy mean", "sampled per seed", "sampled mean"]),
+                  row(["---"] * 5)]
+        for method, entry in prof["greedy"].items():
             for other in (BASELINE, "kdrl"):
-                d = entry.get("diff_vs_" + other)
+                d, ds = entry.get("diff_vs_" + other), prof["sampled"][method].get("diff_vs_" + other)
                 if d:
-                    lines.append(row([f"{method} - {other}"] + [fmt_diff(d[lv], n) for lv in levels + ["average"]]))
+                    lines.append(row([f"{method} - {other}", ", ".join(f"{x:+.3f}" for x in d["average"]["per_seed"]),
+                                      fmt_diff(d["average"], n),
+                                      ", ".join(f"{x:+.3f}" for x in ds["average"]["per_seed"]),
+                                      fmt_diff(ds["average"], n)]))
+        if "prediction" in prof:
+            lines += ["", f"Prediction (RLAD - GRPO >= {study['predict']['min_gain']:+.2f} greedy on every paired "
+                          f"seed): **{prof['prediction']}**."]
         diag = prof["diagnostics"]
-        cols = ["accuracy", "informative", "disagree", "masked_pos", "masked_neg", "cosine"]
-        lines += ["", row(["diagnostics", "level"] + cols + ["predicted"]), row(["---"] * (len(cols) + 3))]
+        cols = ["accuracy", "informative", "disagree", "masked_pos", "masked_neg", "cosine", "student_nll",
+                "teacher_nll"]
+        lines += ["", row(["diagnostics", "level"] + cols), row(["---"] * (len(cols) + 2))]
         for which, per_level in diag.items():
             for lv in levels:
-                label = "start" if which == "start" else f"after {which} (seed {results['seeds'][0]})"
-                lines.append(row([label, lv] + [f"{per_level[lv][c]:.3f}" for c in cols] +
-                                 [prof["prediction"][lv] if which == "start" else ""]))
+                label = "start" if which == "start" else f"after {which} (seed {seeds[0]})"
+                lines.append(row([label, lv] + [f"{per_level[lv].get(c, float('nan')):.3f}" for c in cols]))
+        if prof["differences"]:
+            lines += ["", f"One difference at a time (seed {study.get('tune_seed', 0)}, average over levels):", "",
+                      row(["difference", "grpo greedy", "rlad greedy", "rlad - grpo greedy", "grpo sampled",
+                           "rlad sampled", "rlad - grpo sampled"]), row(["---"] * 7)]
+            for diff, r in prof["differences"].items():
+                g, a = r["grpo"], r["rlad"]
+                lines.append(row([diff, f"{g['greedy']:.3f}", f"{a['greedy']:.3f}", f"{a['greedy'] - g['greedy']:+.3f}",
+                                  f"{g['sampled']:.3f}", f"{a['sampled']:.3f}",
+                                  f"{a['sampled'] - g['sampled']:+.3f}"]))
         lines.append("")
-    ec = results.get("engine_control")
-    if ec:
-        lines += [f"### Engine control: `{ec['method']}`, profile `{ec['profile']}`, seed {ec['seed']}", "",
-                  row(["engine", "logprob_mismatch (mean)", "logprob_mismatch (max)", "grad_norm (mean)",
-                       "reward (mean)", "s/step"] + [f"final {lv}" for lv in levels] + ["final Avg"]),
-                  row(["---"] * (7 + len(levels)))]
-        for engine in ("vllm", "hf"):
-            e = ec[engine]
-            lines.append(row([engine, f"{e.get('logprob_mismatch', float('nan')):.2e}",
-                              f"{e.get('logprob_mismatch_max', float('nan')):.2e}", f"{e['grad_norm']:.3f}",
-                              f"{e['reward']:.3f}", f"{e['time/step']:.2f}"] +
-                             [f"{e['final'][lv]:.3f}" for lv in levels + ["average"]]))
     return "\n".join(lines) + "\n"
 
 
@@ -500,18 +564,18 @@ def plot_curves(out: str, study: dict, seeds: list, methods: list, results: dict
     import matplotlib.pyplot as plt
     levels, paths = study["report_levels"], []
     for profile, prof in results["profiles"].items():
-        fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.2), squeeze=False)
         for ax, lv in zip(axes[0], levels):
             for method in methods:
                 per_seed = [evaluations(rl_run_dir(out, profile, method, s)) for s in seeds]
                 steps = sorted(set.intersection(*(set(e) for e in per_seed)))
-                ax.plot([0] + steps, [prof["start"][lv]] + [statistics.fmean(e[t][lv] for e in per_seed)
+                ax.plot([0] + steps, [prof["start_greedy"][lv]] + [statistics.fmean(e[t][lv] for e in per_seed)
                                                             for t in steps], label=method, marker="o", markersize=3)
             ax.axhline(results["teacher"][lv]["mean"], color="k", linestyle=":", linewidth=1, label="teacher")
             ax.set_title(f"{profile}: {lv}")
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(f"Mean@n, mean of {len(seeds)} seeds")
+        axes[0][0].set_ylabel(f"greedy accuracy, mean of {len(seeds)} seeds")
         axes[0][-1].legend(fontsize=8)
         fig.tight_layout()
         png = os.path.join(out, f"curves_{profile}.png")
@@ -527,6 +591,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="study directory: models/, runs/, results.json, results.md")
     p.add_argument("--quick", action="store_true", help="smoke version: the [quick] overrides of the study config")
     p.add_argument("--tune", action="store_true", help="the [tune] sweeps on the tuning seed; prints their table")
+    p.add_argument("--demo", action="store_true", help="a few minutes: the pair, TRRD's masking, grpo vs rlad")
     p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
     p.add_argument("--jobs", type=int, default=2, help="processes side by side (one core each)")
     p.add_argument("--config", default=STUDY, help="the study config (default: configs/mini_study.toml)")
@@ -552,6 +617,8 @@ def main(argv=None):
     make_models(study, out)
     if a.tune:
         return tune(study, out, a, log)
+    if a.demo:
+        return demo(study, out, a, log)
     seeds = list(study["seeds"])
     if study.get("tune_seed") in seeds:
         raise SystemExit(f"seed {study['tune_seed']} is the tuning seed: report other seeds")
@@ -570,6 +637,41 @@ def main(argv=None):
     log(f"wrote {out}/results.json, results.md, {len(results['curves'])} curve figures "
         f"in {time.time() - t_start:.0f} s")
     return results
+
+
+def demo(study: dict, out: str, a, log):
+    """The one-command demo (a few minutes on 2 cores): the pair made by SFT, what TRRD does to the starting
+    student's first batch (diagnose.py), then grpo and rlad side by side for [demo] steps on the tune seed, with
+    the share of tokens whose gradient TRRD's clip removes at every step."""
+    study = {**study, "rl": {**study["rl"], **study.get("demo", {})}}
+    profile, seed = next(iter(study["profiles"])), study.get("tune_seed", 0)
+    runs = [rl_job(study, out, profile, m, seed, study["methods"][m]) for m in ("grpo", "rlad")]
+    run_jobs(sft_jobs(study, out) + [diagnose_job(study, out, profile, "start")] + runs, a.jobs, log)
+    levels = study["report_levels"]
+    diag = json.load(open(os.path.join(out, "diagnostics", f"{profile}_start.json")))
+    cols = ["accuracy", "disagree", "masked_pos", "masked_neg", "cosine", "student_nll", "teacher_nll"]
+    lines = [f"The starting student (SFT step {select_profiles(study, out)[profile]['step']}), one batch per level "
+             "(diagnose.py): masked_pos / masked_neg = the share of tokens with A > 0 / A < 0 whose gradient "
+             "TRRD removes; cosine = cos(GRPO gradient, RLAD gradient).", "",
+             "level  " + " ".join(f"{c:>11s}" for c in cols)]
+    lines += [f"{lv:6s} " + " ".join(f"{diag[lv][c]:11.3f}" for c in cols) for lv in levels]
+    recs = {r["method"]: [json.loads(ln) for ln in open(os.path.join(r["run_dir"], "metrics.jsonl")) if ln.strip()]
+            for r in runs}
+    lines += ["", f"RL from it, seed {seed}: greedy accuracy (average over {', '.join(levels)}); for rlad, the "
+              "share of its tokens whose gradient TRRD's clip removed (mean over the steps since the last row)", "",
+              "step   grpo acc   rlad acc   rlad masked"]
+    evals = {m: evaluations(r["run_dir"]) for m, r in zip(("grpo", "rlad"), runs)}
+    last = 0
+    for step in sorted(set(evals["grpo"]) & set(evals["rlad"])):
+        acc = {m: statistics.fmean(evals[m][step][lv] for lv in levels) for m in evals}
+        masked = [r["clip_frac_high"] + r["clip_frac_low"] for r in recs["rlad"] if last < r["step"] <= step]
+        lines.append(f"{step:4d}   {acc['grpo']:8.3f}   {acc['rlad']:8.3f}   {statistics.fmean(masked):11.3f}")
+        last = step
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "demo.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return text
 
 
 def tune(study: dict, out: str, a, log):
