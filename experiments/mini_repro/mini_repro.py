@@ -389,15 +389,6 @@ def final_eval(run_dir: str, max_steps: int, levels: list) -> dict:
     return out
 
 
-def run_means(run_dir: str, keys: list) -> dict:
-    """Mean over a run's steps of each metric in `keys` (and the max of logprob_mismatch_max)."""
-    recs = [json.loads(ln) for ln in open(os.path.join(run_dir, "metrics.jsonl")) if ln.strip()]
-    out = {k: statistics.fmean(r[k] for r in recs if k in r) for k in keys if any(k in r for r in recs)}
-    if any("logprob_mismatch_max" in r for r in recs):
-        out["logprob_mismatch_max"] = max(r["logprob_mismatch_max"] for r in recs if "logprob_mismatch_max" in r)
-    return out
-
-
 def mean_std(values: list) -> tuple:
     """Mean and sample standard deviation (ddof 1; 0 for one value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
