@@ -59,7 +59,7 @@ def _worker_main():
 # -- parent side --
 
 class _Worker:
-    def __init__(self):
+    def __init__(self, first_start: bool = True):
         here = os.path.dirname(os.path.abspath(__file__))
         code = f"import sys; sys.path.insert(0, {here!r}); import verifier; verifier._worker_main()"
         (req_r, req_w), (res_r, res_w) = os.pipe(), os.pipe()  # Connections frame pickles over these pipes
@@ -69,6 +69,9 @@ class _Worker:
         os.close(res_w)
         self.inp, self.out = Connection(req_w, readable=False), Connection(res_r, writable=False)
         self.ready, self.key, self.deadline = False, None, WORKER_START_TIMEOUT_S + time.monotonic()
+        # A worker killed while starting (the OOM killer, a busy node) is replaced once; a second death at start-up
+        # is a real fault (math-verify missing, a broken interpreter) and stops the run with a clear line.
+        self.first_start = first_start
 
     def kill(self):
         self.inp.close()
@@ -119,11 +122,12 @@ class VerifierPool:
                     try:
                         key, ok = w.out.recv()
                     except (EOFError, OSError):  # the worker died (a crash on this answer, or at start-up)
-                        if not w.ready:
-                            raise RuntimeError("rewards: a math-verify worker died while starting; see its "
+                        if not w.ready and not w.first_start:
+                            raise RuntimeError("rewards: a math-verify worker died while starting, twice; see its "
                                                "error above (is math-verify installed in this Python?)") from None
-                        self.killed += 1
-                        self._replace(w)
+                        if w.ready:
+                            self.killed += 1
+                        self._replace(w, first_start=w.ready)
                         continue
                     if key == "ready":
                         w.ready = True
@@ -136,9 +140,9 @@ class VerifierPool:
                     self.killed += 1  # past the hard limit: this answer stays False
                     self._replace(w)
 
-    def _replace(self, worker):
+    def _replace(self, worker, first_start: bool = True):
         worker.kill()
-        self.workers[self.workers.index(worker)] = _Worker()
+        self.workers[self.workers.index(worker)] = _Worker(first_start)
 
     def close(self):
         for w in self.workers:

@@ -269,6 +269,10 @@ def test_math_scores_keep_order_with_slow_answers():
 def test_a_worker_that_died_while_idle_is_replaced():
     pool = verifier.start_pool()
     assert rewards.math_reward("\\boxed{1}", "1.0") == 1.0
+    deadline = time.monotonic() + 120
+    while not all(w.ready for w in pool.workers):  # idle means started: kill a worker that has said "ready"
+        assert time.monotonic() < deadline, "the math-verify workers did not start within 120 s"
+        assert pool.verify([("1", "1")] * len(pool.workers)) == [True] * len(pool.workers)
     dead = pool.workers[0].proc
     dead.kill()  # as if the OOM killer took it between two training steps
     dead.wait()
@@ -281,9 +285,19 @@ def test_a_worker_that_died_while_idle_is_replaced():
 def test_a_worker_that_cannot_start_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(verifier.sys, "executable", "/bin/false")  # an interpreter that exits at once
     broken = verifier.VerifierPool(1)
-    with pytest.raises(RuntimeError, match="died while starting"):
+    with pytest.raises(RuntimeError, match="died while starting, twice"):
         broken.verify([("1", "2")])
     assert broken.workers == []  # closed: nothing left running
+
+
+def test_a_worker_killed_while_starting_is_replaced_once():
+    pool = verifier.VerifierPool(1)
+    pool.workers[0].proc.kill()  # as if the OOM killer took it while it imported math-verify
+    try:
+        assert pool.verify([("\\frac{1}{2}", "0.5"), ("3", "4")]) == [True, False]
+        assert pool.workers[0].first_start is False and pool.killed == 0
+    finally:
+        pool.close()
 
 
 def test_close_pool_and_restart():
