@@ -37,7 +37,7 @@ def latest_checkpoint(run_dir: str):
     done = [d for d in done if os.path.isfile(os.path.join(root, d, "trainer_state.pt"))]
     return os.path.join(root, done[-1]) if done else None
 
-def save_checkpoint(run_dir: str, step: int, model, opt, tokenizer, state: dict, keep_last: int, dtype=None):
+def save_checkpoint(run_dir: str, step: int, *, model, opt, tokenizer, state: dict, keep_last: int, dtype=None):
     """Write RUN_DIR/checkpoints/step_NNNNNN atomically; a collective. model: the FSDP2 policy.Policy (its `.lm` is
     the HF model); dtype: the serving dtype (None: as trained); state: what the trainer wants back on resume."""
     import policy

@@ -161,7 +161,7 @@ def kk_split_of(n, statements):
     """"eval" or "train": the split a puzzle structure belongs to (stable across machines and Python runs)."""
     return _split_of(f"{n}:{statements if isinstance(statements, str) else repr(tuple(statements))}")
 
-def _examples(task, levels, per_level, seed, split, make):
+def _examples(task, levels, per_level, seed, *, split, make):
     """`per_level` Examples for each n in `levels`, level by level; make(n, rng, count) -> (its split, Example).
     split="eval" is the fixed held-out set (`seed` is ignored: eval with per_level=k is the first k of a fixed
     stream); split="train" draws from `seed` and keeps only what falls outside the eval split."""
@@ -190,7 +190,7 @@ def kk_examples(people=range(2, 9), per_level=100, seed=0, split="train"):
     def make(n, rng, count):
         record = make_kk_puzzle(n, rng, index=count)
         return kk_split_of(n, record["statements"]), kk_example(record, f"kk-{split}-PPL{n}-{count}")
-    return _examples("kk", people, per_level, seed, split, make)
+    return _examples("kk", people, per_level, seed, split=split, make=make)
 
 # -------------------------------------------------------- arithmetic: running sums mod 10, small enough to train on CPU
 def make_arith_problem(n, rng):
@@ -216,7 +216,7 @@ def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
         question, answer = make_arith_problem(n, rng)
         return _split_of(f"arith:{question}"), {"task": "arith", "question": question, "answer": answer,
                                                 "level": f"L{n}", "id": f"arith-{split}-L{n}-{count}"}
-    return _examples("arith", levels, per_level, seed, split, make)
+    return _examples("arith", levels, per_level, seed, split=split, make=make)
 
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
 def _rows(path):

@@ -116,6 +116,16 @@ def evaluate_ranks(engine, tokenizer, examples, task, *, rank: int, world: int, 
     out["eval_accuracy"] = sum(out.values()) / max(len(out), 1)  # the paper's average over levels
     return out
 
+def evaluate_run(run, seed: int) -> dict:
+    """train.py's evaluation: the held-out examples on the run's engine (synced and awake; put back to sleep after),
+    Mean@n per level at the eval sampling settings, merged across ranks (a collective)."""
+    cfg = run.cfg
+    result = evaluate_ranks(run.engine, run.tokenizer, run.eval_examples, run.task, rank=run.rank, world=run.world,
+                            device=run.device, seed=seed, order_seed=cfg.seed, n=cfg.eval_n, max_tokens=cfg.max_tokens,
+                            temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+    run.engine.sleep()
+    return result
+
 def _check_ks(n, ks):
     if n < 1 or not ks or max(ks) > n or min(ks) < 1:
         raise ValueError(f"need 1 <= k <= n for every k of Pass@k, got n={n}, ks={tuple(ks)}: raise n or lower k")
@@ -166,32 +176,54 @@ def format_table(summary: dict, name: str = "model") -> str:
         values += [f"{100 * summary[lv]['mean_at_n']:.1f}"] + [f"{100 * pk[k]:.1f}" for k in ks]
     return "\n".join([cells(header), cells(["---"] * len(header)), cells(values)])
 
-def write_samples(path: str, step: int, rows: list, tokenizer, cfg):
-    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl; tools/show.py), a line per group train.py marked "log": prompt,
-    responses, reward, advantage, per token both log-probs, the teacher's relation (prefers / rejects / agrees:
-    logp_S - logp_T against the TRRD clamp, docs/algorithm.md) and whether the clip removed the gradient (epoch 1)."""
+def write_samples(run, step: int, rows: list):
+    """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl; tools/show.py): a line for each of rank 0's first
+    log_samples_groups groups of the step's kept rows: prompt, responses, reward, advantage, per token both log-probs, the teacher's relation (prefers / rejects /
+    agrees: logp_S - logp_T against the TRRD clamp, docs/algorithm.md) and whether the clip removes the token's
+    gradient. The student's log-probs and the clip's verdict are the update's at its start (first epoch, before any
+    optimizer step, where pi_S = pi_old): one extra no-grad forward over the logged rows. A collective: every rank
+    calls it (the others with no logged rows); rank 0 writes the file."""
+    import torch
+
+    import policy
     import rlad
-    tok, clamp = tokenizer, cfg.teacher_clamp or 1.0
+    cfg, tok, clamp = run.cfg, run.tokenizer, run.cfg.teacher_clamp or 1.0
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    first_groups = sorted({r.group for r in rows})[:cfg.log_samples_groups]
+    logged = [r for r in rows if r.group in first_groups] if rank0 else []
+    student_logps, _ = policy.logprobs(run.student, logged, cfg.micro_batch_tokens, run.device)  # a collective
+    if not logged:
+        return
+    batch = policy.collate(logged, "cpu")
+    logp = torch.zeros(batch["mask"].numel()).index_copy(0, batch["dst"], torch.cat(student_logps).float().cpu())
+    logp = logp.view_as(batch["mask"])  # [B, R]
+    token_info = {}  # receives "clipped" [B, R] for the methods with a clipped ratio
+    rlad.policy_loss(cfg.method, logp, batch.get("old_logp", logp), batch["adv"], batch["mask"], config=cfg,
+                     teacher_logp=batch.get("teacher_logp"), ref_logp=batch.get("ref_logp"), max_len=cfg.max_tokens,
+                     token_info=token_info)
     groups = {}
-    for r in rows:
-        if r.get("log") and "student_logp" in r:
-            groups.setdefault(r["group"], []).append(r)
+    for i, r in enumerate(logged):
+        groups.setdefault(r.group, []).append((i, r))
     lines = []
     for g, group in groups.items():
         samples = []
-        for r in group:
-            student = r["student_logp"]
-            teacher = r["teacher"].clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist() if "teacher" in r else None
+        for i, r in group:
+            n = len(r.response)
+            student = logp[i, :n].tolist()
+            teacher = None
+            if r.teacher_logp is not None:
+                teacher = r.teacher_logp.clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist()
             relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
                         for s, t in zip(student, teacher)] if teacher else None
-            samples.append({"response": r["text"], "tokens": tok.batch_decode([[t] for t in r["response"]]),
-                            "token_ids": r["response"], "reward": r["reward"], "advantage": r.get("adv", 0.0),
-                            "correct": r["correct"], "student_logp": student, "teacher_logp": teacher,
-                            "teacher": relation, "clipped": r["clipped"]})
+            clipped = token_info["clipped"][i, :n].tolist() if "clipped" in token_info else None
+            samples.append({"response": r.text, "tokens": tok.batch_decode([[t] for t in r.response]),
+                            "token_ids": r.response, "reward": r.reward, "advantage": r.adv, "correct": r.correct,
+                            "student_logp": student, "teacher_logp": teacher, "teacher": relation, "clipped": clipped})
         lines.append({"step": step, "method": cfg.method, "group": g, "epoch": 1,
-                      "prompt": tok.decode(group[0]["prompt"]), "samples": samples,
+                      "prompt": tok.decode(group[0][1].prompt), "samples": samples,
                       "options": {"alpha": cfg.alpha, "eps_low": cfg.eps_low, "eps_high": cfg.eps_high,
                                   "teacher_clamp": clamp}})
+    path = os.path.join(cfg.run_dir, "samples", f"step_{step:06d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)

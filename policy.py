@@ -1,18 +1,21 @@
 """policy.py: a model as the trainer holds it. Student, frozen reference and frozen teacher are all a `Policy`: an
 FSDP2-sharded (or plain) HF model returning per-token log-probs of given tokens (never full logits). Also: rows into
-micro-batches, and the loop's small collectives (agree; Metrics, a step's metrics merged in one all-gather).
+micro-batches (a Row is one response and what a step learns about it), and the loop's small collectives
+(reduce_ints; Metrics, a step's metrics merged in one all-gather).
 
     student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
     teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
     logp, entropy = policy.forward(student, policy.collate(policy.pack(rows, 16384)[0], device))   # [B, R] each
-    logps, stats = policy.score(teacher, rows, 16384, device) # no_grad, one [len(response)] tensor per row
-    engine.load_weights(policy.full_params(student))          # full tensors, one at a time (a collective)
+    logps, stats = policy.logprobs(teacher, rows, 16384, device) # no_grad, one [len(response)] tensor per row
+    engine.load_weights(policy.full_params(student))             # full tensors, one at a time (a collective)
 
 The memory rule: the LM head runs on response positions only, one chunk of rows at a time under activation
 checkpointing, so no [T, V] logits tensor exists in forward or backward. Rows are sorted longest first and
 right-padded per micro-batch (collate counts the padding for train.py's `pad_frac`). Sequence packing (restarting
 positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.3-2x the padded layout (measured).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -20,13 +23,16 @@ import rlad
 
 class Policy(torch.nn.Module):
     """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits. Sharded,
-    forward is a collective: every rank calls it the same number of times (score() pads short ranks with dummies)."""
+    forward is a collective: every rank calls it the same number of times (logprobs() pads short ranks with dummy
+    micro-batches)."""
 
     def __init__(self, lm, chunk: int, temperature: float):
         super().__init__()
-        self.lm, self.chunk, self.temperature = lm, chunk, temperature
+        self.lm = lm  # the Hugging Face causal LM
+        self.chunk = chunk  # LM-head rows at once
+        self.temperature = temperature  # divides the logits
 
-    def forward(self, input_ids, attention_mask, src, targets, entropy_grad: bool = False, with_entropy=True):
+    def forward(self, input_ids, attention_mask, src, targets, *, entropy_grad: bool = False, with_entropy=True):
         from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state  # [B, L, H]
@@ -57,21 +63,22 @@ def device_mesh(device, world: int, shard_group: int = 0):
         return init_device_mesh(device.type, (world,))
     return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
-def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
+def load(path, device, world: int, *, chunk: int = 1024, temperature: float = 1.0, grad_checkpointing: bool = False,
          trainable: bool = True, shard: bool = True, offload: bool = False, mesh=None) -> Policy:
-    """A Policy from a HF checkpoint dir (or a model object, which every rank then holds already). trainable: fp32
-    masters (bf16 compute, fp32 gradient reduction on GPU), training mode; else frozen in the compute dtype (bf16 on
-    GPU, fp32 on CPU), eval mode. shard: FSDP2 per decoder layer and at the root over `mesh` (default: flat over
-    `world`), else a plain module on `device`. offload (frozen only): parameters in CPU memory between uses (sharded:
-    FSDP2's CPUOffloadPolicy, a layer at a time; unsharded: score() moves the model in). chunk: LM-head rows at once;
-    temperature divides the logits (the rollout temperature: log-probs of the distribution that sampled). One disk read:
-    rank 0 loads the checkpoint, the other ranks build the model on the meta device, and after sharding rank 0's weights
-    and buffers are broadcast: host memory holds one copy, not one per rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """A Policy from a HF checkpoint dir (or a model object, which every rank then holds already).
+
+    trainable: fp32 masters (bf16 compute, fp32 gradient reduction on GPU), training mode; else frozen in the compute
+    dtype (bf16 on GPU, fp32 on CPU), eval mode. shard: FSDP2 per decoder layer and at the root over `mesh` (default:
+    flat over `world`), else a plain module on `device`. offload (frozen only): parameters in CPU memory between uses
+    (sharded: FSDP2's CPUOffloadPolicy, a layer at a time; unsharded: logprobs() moves the model in). chunk: LM-head
+    rows at once; temperature divides the logits (the rollout temperature: log-probs of the distribution that sampled).
+    One disk read: rank 0 loads the checkpoint, the other ranks build the model on the meta device and receive rank 0's
+    weights after sharding (broadcast_from_rank0): host memory holds one copy, not one per rank."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.float32 if trainable or device.type != "cuda" else torch.bfloat16
-    given, rank0 = isinstance(path, torch.nn.Module), not dist.is_initialized() or dist.get_rank() == 0
+    given = isinstance(path, torch.nn.Module)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if given:
         lm = path.to(dtype)
     elif rank0:
@@ -85,33 +92,46 @@ def load(path, device, world: int, chunk: int = 1024, temperature: float = 1.0, 
     if grad_checkpointing and trainable:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = Policy(lm, chunk, temperature)
-    full = {f"lm.{k}": v for k, v in lm.state_dict().items()} if rank0 and not given else {}  # rank 0's CPU copy
+    # Rank 0's CPU copy of the weights, which broadcast_from_rank0 sends to the others after sharding.
+    full = {f"lm.{k}": v for k, v in lm.state_dict().items()} if rank0 and not given else {}
     offload = offload and not trainable  # on a CPU device the same code runs and moves nothing (tests take it)
     model.offload = offload and not shard
     if shard:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if device.type == "cuda" and trainable else MixedPrecisionPolicy()  # frozen: already in compute dtype
-        kw = dict(mesh=mesh or device_mesh(device, world), mp_policy=mp,
-                  **({"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if offload else {}))
-        for layer in decoder_layers(lm):
-            fully_shard(layer, **kw)
-        fully_shard(model, **kw)  # root: embeddings, final norm, LM head (tied or not)
-    else:
-        model.to(device) if rank0 or given else model.to_empty(device=device)
-    if not given and dist.is_initialized() and dist.get_world_size() > 1:  # ranks 1.. get rank 0's weights
-        if any(p.is_meta for p in model.parameters()):  # the compute device, where rank 0's buffers are; under an
-            model.to_empty(device=device)  # offload policy FSDP2 then moves the parameter shards to pinned CPU memory
-        if shard:
-            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if device.type == "cuda" and trainable:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-        for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
-            dist.broadcast(buffer, src=0)
+            mp = MixedPrecisionPolicy()  # frozen: already in the compute dtype
+        options = dict(mesh=mesh or device_mesh(device, world), mp_policy=mp)
+        if offload:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        for layer in decoder_layers(lm):
+            fully_shard(layer, **options)
+        fully_shard(model, **options)  # root: embeddings, final norm, LM head (tied or not)
+    elif rank0 or given:
+        model.to(device)
+    else:
+        model.to_empty(device=device)
+    if not given and dist.is_initialized() and dist.get_world_size() > 1:
+        broadcast_from_rank0(model, full, device, shard)
     if not shard and model.offload:
         model.to("cpu")
     # train(): transformers checkpoints layers only in training mode (Qwen3 has no dropout: same numbers either way)
     return model.train() if trainable else model.eval().requires_grad_(False)
+
+def broadcast_from_rank0(model: Policy, full: dict, device, shard: bool):
+    """Ranks 1.. receive rank 0's weights (`full`, its CPU state dict; {} elsewhere) and buffers. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if any(p.is_meta for p in model.parameters()):
+        # Materialise on the compute device, where rank 0's buffers are. Under an offload policy FSDP2 then moves
+        # the parameter shards to pinned CPU memory.
+        model.to_empty(device=device)
+    if shard:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are in no state dict
+        dist.broadcast(buffer, src=0)
 
 def decoder_layers(lm):  # the decoder's blocks: `layers` (Qwen, Llama, Mistral, ...) or `h` (GPT-2)
     return lm.get_decoder().layers if hasattr(lm.get_decoder(), "layers") else lm.get_decoder().h
@@ -125,113 +145,167 @@ def full_params(model: Policy, dtype=None):
         yield name, p.full_tensor() if hasattr(p, "full_tensor") else p
 
 # ----------------------------------------------------------------------------- rows -> micro-batches
+@dataclass
+class Row:
+    """One response and everything a training step learns about it. train.py fills the fields in step order (the
+    numbers are its steps); collate() lays rows out as a micro-batch. Per-token tensors are float32 [n] on the CPU,
+    n = len(response), position t scoring response token t."""
+    prompt: list                                # prompt token ids (chat template and any prefill included)
+    response: list                              # response token ids; ends with EOS unless truncated
+    group: int = 0                              # 3. its prompt's index on this rank: the G responses of a prompt
+    uid: int = 0                                # 3. its id in the step, the same at any world size (mini-batch deal)
+    truncated: bool = False                     # 3. stopped by max_tokens before EOS
+    engine_logp: torch.Tensor | None = None     # 3. [n] the rollout engine's log-probs (logprob_mismatch)
+    text: str = ""                              # 4. the assistant's whole turn as scored: prefill + decoded response
+    reward: float = 0.0                         # 4. the task's reward
+    correct: bool = False                       # 4. the task's verdict
+    format_ok: bool = False                     # 4. the task could read an answer
+    adv: float = 0.0                            # 5. group advantage A_i (every token of the response shares it)
+    teacher_logp: torch.Tensor | None = None    # 6. [n] log pi_T of each response token
+    old_logp: torch.Tensor | None = None        # 6. [n] log pi_old, when the policy moves within the step
+    ref_logp: torch.Tensor | None = None        # 6. [n] log pi_ref of the frozen reference (kl_coef > 0)
+    dummy: bool = False                         # collate's placeholder on a rank without rows: fully masked
+
+# The per-token fields collate() lays out as [B, R] when every row of a micro-batch has them.
+TOKEN_FIELDS = ("teacher_logp", "old_logp", "ref_logp", "engine_logp")
+
 def pack(rows: list, budget: int) -> list:
     """Micro-batches (lists of rows) whose padded size B x L stays within `budget`; rows sorted longest first."""
     out = []
-    for r in sorted(rows, key=lambda r: -(len(r["prompt"]) + len(r["response"]))):
-        if out and (len(out[-1]) + 1) * (len(out[-1][0]["prompt"]) + len(out[-1][0]["response"]) - 1) <= budget:
+    for r in sorted(rows, key=lambda r: -(len(r.prompt) + len(r.response))):
+        if out and (len(out[-1]) + 1) * (len(out[-1][0].prompt) + len(out[-1][0].response) - 1) <= budget:
             out[-1].append(r)  # the first row of a micro-batch is its longest: it sets the padded width
         else:
             out.append([r])
     return out
 
-# One masked-out token with every per-token field: keeps a rank without data in step with the others' collectives.
-DUMMY = {"prompt": [0], "response": [0], "dummy": True,
-         **{k: torch.zeros(1) for k in ("teacher", "old", "ref", "engine")}}
+def dummy_row() -> Row:
+    """One masked-out token with every per-token field: a rank without data runs the same forward (a collective)."""
+    return Row(prompt=[0], response=[0], dummy=True, **{field: torch.zeros(1) for field in TOKEN_FIELDS})
 
 def collate(rows: list, device) -> dict:
-    """Right-padded [B, L] inputs and [B, R] per-token tensors of one micro-batch (R: longest response; [] -> DUMMY)."""
-    rows = rows or [DUMMY]
-    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
-    width, rmax = max(lens), max(len(r["response"]) for r in rows)
+    """One micro-batch as tensors: the model's inputs and every per-token value laid out [B, R].
+
+    B = len(rows); L = the longest prompt + response - 1 (the model reads every token but the last); R = the
+    longest response. Inputs: ids [B, L] right-padded with 0, attn [B, L] (None when nothing is padded), src (the
+    flat [B * L] position whose hidden state predicts each response token, in row order) and targets (those tokens).
+    Outputs go back through dst (each response token's flat [B * R] slot). mask [B, R] is True on real response
+    tokens. Per-row values: adv [B], wrong [B]; per-token TOKEN_FIELDS [B, R] where every row has them. Counts:
+    tokens (real response tokens), slots (B x L) and real (unpadded positions), for pad_frac. An empty list becomes
+    one dummy row whose mask is all False, so that a rank without rows still runs the same forward and backward."""
+    rows = rows or [dummy_row()]
+    lens = [len(r.prompt) + len(r.response) - 1 for r in rows]  # the model's input length per row
+    width = max(lens)  # L
+    rmax = max(len(r.response) for r in rows)  # R
     ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
     attn = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
     src, dst, targets = [], [], []
     for i, r in enumerate(rows):
-        seq = r["prompt"] + r["response"][:-1]
+        seq = r.prompt + r.response[:-1]
         ids[i, :len(seq)] = torch.tensor(seq)
         attn[i, :len(seq)] = 1
         # response token t sits at position len(prompt) + t, predicted by the hidden state one before it
-        src.append(torch.arange(len(r["response"])) + i * width + len(r["prompt"]) - 1)
-        dst.append(torch.arange(len(r["response"])) + i * rmax)
-        targets.extend(r["response"])
+        src.append(torch.arange(len(r.response)) + i * width + len(r.prompt) - 1)
+        dst.append(torch.arange(len(r.response)) + i * rmax)
+        targets.extend(r.response)
     dst = torch.cat(dst)
-    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool).index_fill(0, dst, not rows[0].get("dummy", False))
-    out = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
-           "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
-           "adv": torch.tensor([r.get("adv", 0.0) for r in rows], dtype=torch.float32),
-           "wrong": torch.tensor([not r.get("correct", True) for r in rows]),
-           "tokens": sum(len(r["response"]) for r in rows if not r.get("dummy")), "slots": len(rows) * width,
-           "real": sum(lens) if not rows[0].get("dummy") else 0, "rows": rows}
-    for key in ("teacher", "old", "ref", "engine"):  # per-row token vectors -> [B, R]
-        if all(key in r for r in rows):
-            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=rows[0][key].device)
-            out[key] = flat.index_copy(0, dst.to(flat.device), torch.cat([r[key] for r in rows])).view(len(rows), rmax)
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+    real = not rows[0].dummy
+    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool).index_fill(0, dst, real)  # [B * R]
+    batch = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
+             "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
+             "adv": torch.tensor([r.adv for r in rows], dtype=torch.float32),
+             "wrong": torch.tensor([not r.correct for r in rows]), "rows": rows, "slots": len(rows) * width,
+             "tokens": sum(len(r.response) for r in rows if not r.dummy), "real": sum(lens) if real else 0}
+    for field in TOKEN_FIELDS:  # per-row token vectors -> [B, R]
+        if all(getattr(r, field) is not None for r in rows):
+            values = [getattr(r, field) for r in rows]
+            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=values[0].device)
+            batch[field] = flat.index_copy(0, dst.to(flat.device), torch.cat(values)).view(len(rows), rmax)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-def forward(model: Policy, b: dict, entropy_grad=False, with_entropy=True):
-    """Log-probs and entropies laid out [B, R] like b["mask"] (entropies 0 when with_entropy is False)."""
-    lp, ent = model(b["ids"], b["attn"], b["src"], b["targets"], entropy_grad, with_entropy)  # [n], [n]
-    B, R = b["mask"].shape
-    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, b["dst"], x).view(B, R) for x in (lp, ent)]
+def forward(model: Policy, batch: dict, *, entropy_grad=False, with_entropy=True):
+    """Log-probs and entropies laid out [B, R] like batch["mask"] (entropies 0 when with_entropy is False)."""
+    logp, ent = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], entropy_grad=entropy_grad,
+                      with_entropy=with_entropy)  # [n], [n]
+    B, R = batch["mask"].shape
+    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, batch["dst"], x).view(B, R)
+            for x in (logp, ent)]
 
-def agree(counts: list, op=dist.ReduceOp.MAX) -> list:
-    """all_reduce a short list of ints (SUM or MAX) across ranks; one collective, one host sync."""
+# ----------------------------------------------------------------------------- the loop's collectives
+def reduce_ints(values: list, op: str = "max") -> list:
+    """The elementwise max (or "sum") of a short list of ints across ranks: one all_reduce, one host sync."""
     if not dist.is_initialized():  # a single process outside a trainer (tests, benchmarks, eval)
-        return list(counts)
-    t = torch.tensor(counts, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=op)  # NCCL reduces device tensors only
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)  # NCCL reduces device tensors only
     return [int(x) for x in t.tolist()]
 
 class Metrics:
-    """A step's metrics as device tensors (no host sync while they accumulate), merged across ranks by ONE
-    collective: add(name, total, count) logs sum(total) / sum(count); max(name, value) the largest value."""
+    """A step's metrics, kept as device tensors while they accumulate (no host sync) and merged across ranks by ONE
+    collective in reduce(). Three kinds:
+
+        mean(name, total, count)        sum of `total` / sum of `count`, over every call on every rank: a mean over
+                                        every rank's items (rows, tokens), each rank adding its own sums
+        total(name, value, over=1)      the sum of `value` over ranks (tokens trained, rows kept), divided by `over`,
+                                        the same count on every rank: the loss is each optimizer step's total over
+                                        ranks, averaged over the step's optimizer steps
+        max(name, value)                the largest value of any call on any rank (the slowest rank's seconds)
+    """
 
     def __init__(self):
-        self.sums, self.maxes = {}, {}
+        self.sums = {}  # name -> (total, count) for mean and total
+        self.maxes = {}  # name -> value
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
 
-    def add(self, name: str, total, count):
-        s, c = self.sums.get(name, (0.0, 0.0))
-        self.sums[name] = (s + total, c + count)
+    def mean(self, name: str, total, count):
+        old_total, old_count = self.sums.get(name, (0.0, 0.0))
+        self.sums[name] = (old_total + total, old_count + count)
+
+    def total(self, name: str, value, over: int = 1):
+        self.mean(name, value, over / self.world)  # every rank's count adds up to `over`: the sum over ranks / over
 
     def max(self, name: str, value):
         old = self.maxes.get(name, value)
         self.maxes[name] = torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
 
     def reduce(self, device) -> dict:
-        names, mnames = sorted(self.sums), sorted(self.maxes)
-        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
-                             for n in names for x in self.sums[n]] +
-                            [torch.as_tensor(self.maxes[n], dtype=torch.float64, device=device).reshape(())
-                             for n in mnames] + [torch.zeros((), dtype=torch.float64, device=device)])  # [K]
+        """{name: value} merged over every rank (a collective: every rank calls it once per step)."""
+        names, max_names = sorted(self.sums), sorted(self.maxes)
+        scalar = lambda x: torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())  # noqa: E731
+        local = [scalar(x) for name in names for x in self.sums[name]]
+        local += [scalar(self.maxes[name]) for name in max_names]
+        local = torch.stack(local + [scalar(0.0)])  # [K] (one spare entry: never an empty stack)
         every = local.new_empty(dist.get_world_size() * local.numel())  # [world * K]
         # all_gather_single is torch 2.13's name; 2.11 (and older) has all_gather_into_tensor, same collective
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(every, local)
         every = every.view(dist.get_world_size(), -1)  # [world, K]
-        sums, maxes = every[:, :2 * len(names)].sum(0).tolist(), every[:, 2 * len(names):-1].amax(0).tolist()
-        out = {n: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, n in enumerate(names)}
-        out.update(zip(mnames, maxes))
+        sums = every[:, :2 * len(names)].sum(0).tolist()
+        maxes = every[:, 2 * len(names):-1].amax(0).tolist()
+        out = {name: sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else 0.0 for i, name in enumerate(names)}
+        out.update(zip(max_names, maxes))
         return out
 
 @torch.no_grad()
-def score(model: Policy, rows: list, budget: int, device):
+def logprobs(model: Policy, rows: list, budget: int, device):
     """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old): float32
     [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), real, pad_fraction,
     micro_batches / dummy_batches. Sharded, a collective: every rank calls it with its own rows (even none)."""
-    mbs = pack(rows, budget)
-    n_micro = agree([len(mbs)])[0]  # same number of FSDP forwards on every rank
+    batches = pack(rows, budget)
+    n_micro = reduce_ints([len(batches)])[0]  # same number of FSDP forwards on every rank
     if getattr(model, "offload", False):
         model.to(device)
-    out, stats = {}, dict(slots=0, max_slots=0, real=0, micro_batches=len(mbs), dummy_batches=n_micro - len(mbs))
+    out = {}
+    stats = dict(slots=0, max_slots=0, real=0, micro_batches=len(batches), dummy_batches=n_micro - len(batches))
     try:
         for j in range(n_micro):
-            mb = mbs[j] if j < len(mbs) else []
-            b = collate([{"prompt": r["prompt"], "response": r["response"]} for r in mb], device)
-            lp, _ = model(b["ids"], b["attn"], b["src"], b["targets"], with_entropy=False)  # [n]
-            if mb:
-                out.update(zip(map(id, mb), lp.split([len(r["response"]) for r in mb])))
-                stats.update(slots=stats["slots"] + b["slots"], max_slots=max(stats["max_slots"], b["slots"]),
-                             real=stats["real"] + b["real"])
+            micro = batches[j] if j < len(batches) else []
+            batch = collate([Row(prompt=r.prompt, response=r.response) for r in micro], device)
+            logp, _ = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], with_entropy=False)  # [n]
+            if micro:
+                out.update(zip(map(id, micro), logp.split([len(r.response) for r in micro])))
+                stats["slots"] += batch["slots"]
+                stats["max_slots"] = max(stats["max_slots"], batch["slots"])
+                stats["real"] += batch["real"]
     finally:
         if getattr(model, "offload", False):
             model.to("cpu")

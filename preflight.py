@@ -246,7 +246,7 @@ def resolve_model(name: str, cfg, flag: str) -> str:
             snapshot_download(name, allow_patterns=HUB_FILES)
         except Exception as e:  # no network, not cached, no such repo, gated: say which, on one line
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if policy.agree([1 if error else 0], dist.ReduceOp.SUM)[0]:  # a barrier that also tells every rank about a failure
+    if policy.reduce_ints([1 if error else 0], "sum")[0]:  # a barrier that also tells every rank about a failure
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         where = " or in its cache (HF_HUB_OFFLINE=1)" if offline else ""
         raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub{where} "

@@ -21,8 +21,9 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
 
 alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is on-policy distillation
 (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. Your own objective: a
-function below, a row in METHODS, a train.py Config field per new knob (read as o.<name>; docs/algorithm.md has an
-example). The chunked log-prob / entropy kernels are kernels.py's (rlad.token_logprobs).
+function below, a row in METHODS, a default in DEFAULTS and a train.py Config field per new knob (read as
+knobs.<name>; docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's
+(rlad.token_logprobs).
 """
 from types import SimpleNamespace
 
@@ -57,54 +58,58 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
     return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)  # [N]
 
 # ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
-# Each takes the batch `b` (per-token [B, T], masked positions zeroed: logp, old_logp, adv, teacher_log_ratio =
-# logp - logp_T, mask, kd_mask), the options `o` and a metrics dict to fill, and returns its loss terms as (name,
-# coefficient, per-token loss [B, T]); policy_loss minimises the sum of coefficient x aggregate ("loss/<name>").
-def clipped_surrogate(log_ratio, b, o, metrics):
+# Each takes `batch` (per-token [B, T], masked positions zeroed: logp, old_logp, adv, teacher_log_ratio =
+# logp - logp_T, mask, kd_mask), the hyperparameters `knobs` (DEFAULTS < Config < keywords) and a metrics dict to
+# fill, and returns its loss terms as (name, coefficient, per-token loss [B, T]); policy_loss minimises the sum of
+# coefficient x aggregate (logged as "loss/<name>").
+def clipped_surrogate(log_ratio, batch, knobs, metrics):
     """min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, eqs (1) / (4), and what the clip removed."""
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
-    surr = torch.minimum(ratio * b.adv, ratio.clamp(1 - o.eps_low, 1 + o.eps_high) * b.adv)  # [B, T]
-    r = ratio.detach()
-    low, high = (b.adv < 0) & (r < 1 - o.eps_low), (b.adv > 0) & (r > 1 + o.eps_high)  # [B, T] gradient clipped
-    metrics["ratio_mean"] = masked_mean(r, b.mask)
-    metrics["clip_frac_low"] = masked_mean(low.float(), b.mask)
-    metrics["clip_frac_high"] = masked_mean(high.float(), b.mask)
-    if o.token_info is not None:  # the caller asked for the per-token view (train.py's sample logs)
-        o.token_info["clipped"] = (low | high) & b.mask
-    return surr
+    clipped_ratio = ratio.clamp(1 - knobs.eps_low, 1 + knobs.eps_high)  # [B, T]
+    surrogate = torch.minimum(ratio * batch.adv, clipped_ratio * batch.adv)  # [B, T]
+    r = ratio.detach()  # [B, T]
+    # Where the min picks the clipped branch its gradient is 0: A < 0 below the range, A > 0 above it.
+    clipped_low = (batch.adv < 0) & (r < 1 - knobs.eps_low)  # [B, T]
+    clipped_high = (batch.adv > 0) & (r > 1 + knobs.eps_high)  # [B, T]
+    metrics["ratio_mean"] = masked_mean(r, batch.mask)
+    metrics["clip_frac_low"] = masked_mean(clipped_low.float(), batch.mask)
+    metrics["clip_frac_high"] = masked_mean(clipped_high.float(), batch.mask)
+    if knobs.token_info is not None:  # the caller asked for the per-token view (train.py's sample logs)
+        knobs.token_info["clipped"] = (clipped_low | clipped_high) & batch.mask  # [B, T]
+    return surrogate
 
-def kd_term(b, o):
+def kd_term(batch, knobs):
     """eq (2)'s per-token reverse KL to the teacher on the student's own samples (k2 by default), clamp, mask."""
-    kd_tok = kl(_clamp(b.teacher_log_ratio, o.kd_clamp), 0.0, o.kd_kl)  # [B, T]
-    if b.kd_mask is not None:  # tokens outside kd_mask count 0 but still count in the normaliser, like the PG term
-        kd_tok = torch.where(b.kd_mask.bool(), kd_tok, 0.0)  # [B, T]
-    return kd_tok
+    kd_per_token = kl(_clamp(batch.teacher_log_ratio, knobs.kd_clamp), 0.0, knobs.kd_kl)  # [B, T]
+    if batch.kd_mask is not None:  # tokens outside kd_mask count 0 but still count in the normaliser, like the PG term
+        kd_per_token = torch.where(batch.kd_mask.bool(), kd_per_token, 0.0)  # [B, T]
+    return kd_per_token
 
-def grpo(b, o, metrics):
+def grpo(batch, knobs, metrics):
     """eq (1): the PPO-clipped ratio against the policy that sampled."""
-    return [("pg", 1.0, -clipped_surrogate(b.logp - b.old_logp, b, o, metrics))]
+    return [("pg", 1.0, -clipped_surrogate(batch.logp - batch.old_logp, batch, knobs, metrics))]
 
-def kdrl(b, o, metrics):
+def kdrl(batch, knobs, metrics):
     """eq (2): GRPO plus kd_coef x the reverse KL to the teacher."""
-    return grpo(b, o, metrics) + [("kd", o.kd_coef, kd_term(b, o))]
+    return grpo(batch, knobs, metrics) + [("kd", knobs.kd_coef, kd_term(batch, knobs))]
 
-def rlad(b, o, metrics):
+def rlad(batch, knobs, metrics):
     """eqs (3)-(4): TRRD, the ratio against the mixture anchor pi_old^alpha pi_T^(1 - alpha)."""
-    teacher_term = _clamp(b.teacher_log_ratio, o.teacher_clamp)  # [B, T] Appendix B
+    teacher_term = _clamp(batch.teacher_log_ratio, knobs.teacher_clamp)  # [B, T] Appendix B
     # eq (3); alpha = 1 multiplies the teacher term by exactly 0: GRPO bit for bit
-    log_ratio = o.alpha * (b.logp - b.old_logp) + (1 - o.alpha) * teacher_term  # [B, T]
-    if o.teacher_clamp:
-        outside = teacher_term != b.teacher_log_ratio  # [B, T] moved by the clamp
-        metrics["teacher_clamp_frac"] = masked_mean(outside.float(), b.mask)
-    return [("pg", 1.0, -clipped_surrogate(log_ratio, b, o, metrics))]
+    log_ratio = knobs.alpha * (batch.logp - batch.old_logp) + (1 - knobs.alpha) * teacher_term  # [B, T]
+    if knobs.teacher_clamp:
+        outside = teacher_term != batch.teacher_log_ratio  # [B, T] moved by the clamp
+        metrics["teacher_clamp_frac"] = masked_mean(outside.float(), batch.mask)
+    return [("pg", 1.0, -clipped_surrogate(log_ratio, batch, knobs, metrics))]
 
-def distill(b, o, metrics):
+def distill(batch, knobs, metrics):
     """On-policy distillation: the KD term alone on the student's own samples, no reward."""
-    return [("kd", 1.0, kd_term(b, o))]
+    return [("kd", 1.0, kd_term(batch, knobs))]
 
-def sft(b, o, metrics):
+def sft(batch, knobs, metrics):
     """The SFT baseline: negative log-likelihood of the (teacher's or the data's) response tokens."""
-    return [("nll", 1.0, -b.logp)]
+    return [("nll", 1.0, -batch.logp)]
 
 # One table of methods; train.py reads what each needs: the teacher's log-probs of every sampled token, pi_old's
 # log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples are trained on
@@ -118,15 +123,16 @@ METHODS = {
     "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="data"),
 }
 
-# The hyperparameters the objectives read (as o.<name>); fields of the same names in train.py's Config override them.
+# The hyperparameters the objectives read (as knobs.<name>), and their one default: train.py's Config fields of the
+# same names take these defaults (and override them when set).
 DEFAULTS = dict(
     alpha=0.5,              # TRRD: weight of the old policy in the mixture anchor, eq (3); 1 = GRPO exactly
-    eps_low=0.2,            # clip range [1 - eps_low, 1 + eps_high] of the ratio, eqs (1) / (4)
-    eps_high=0.28,          # clip-higher (DAPO): rewarded tokens may rise further
-    teacher_clamp=1.0,      # Appendix B: clamp logp_S - logp_T to [-c, c] in TRRD (None / 0: no clamp; or (lo, hi))
-    kd_coef=0.0,            # KDRL beta, eq (2) (train.py anneals it per step)
+    eps_low=0.2,            # lower clip: ratios may fall to 1 - eps_low, eqs (1) / (4)
+    eps_high=0.28,          # upper clip (DAPO's clip-higher): rewarded tokens' ratios may rise to 1 + eps_high
+    teacher_clamp=1.0,      # Appendix B: clamp logp_S - logp_T to [-c, c] in TRRD (0 / None: no clamp; or (lo, hi))
+    kd_coef=5e-3,           # KDRL beta, eq (2) (train.py anneals it from here per step)
     kd_kl="k2",             # KD estimator k1 | k2 | k3 (KDRL found k2 best)
-    kd_clamp=None,          # optional clamp of KDRL's log-ratio (None / 0: none, KDRL's own formulation)
+    kd_clamp=0.0,           # optional clamp of KDRL's log-ratio to [-c, c] (0 / None: none, KDRL's own formulation)
     kl_coef=0.0,            # > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)), the KL to the frozen reference
     ref_kl="k3",            # its estimator (DeepSeekMath's low-variance k3)
     loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm, see aggregate()
@@ -146,44 +152,53 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")
-    o = SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
-                        token_info=token_info)
-    spec, mask = METHODS[method], mask.bool()  # [B, T]
-    for name, given in (("teacher_logp", teacher_logp), ("old_logp", old_logp), ("advantages", advantages)):
-        if spec[name] and given is None:
-            raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
-    if o.kl_coef and ref_logp is None:
-        raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
-    shapes = {"mask": mask, "old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
-    bad = [n for n, t in shapes.items() if t is not None and t.shape != logp.shape]
-    if spec["advantages"] and advantages.shape not in (logp.shape, logp.shape[:1]):
-        bad.append("advantages")
-    if bad or logp.ndim != 2:
-        raise ValueError(f"{', '.join(bad) or 'logp'}: logp and the other per-token inputs must be [B, T] "
-                         f"(logp is {tuple(logp.shape)}), advantages [B] or [B, T]")
+    knobs = SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
+                            token_info=token_info)
+    needs = METHODS[method]
+    mask = mask.bool()  # [B, T]
+    _check_inputs(method, logp, old_logp, advantages, mask, teacher_logp=teacher_logp, ref_logp=ref_logp,
+                  kl_coef=knobs.kl_coef)
 
     # Masked positions may hold anything (padding, -inf, NaN): replace them before any arithmetic.
     zero = lambda x: None if x is None else torch.where(mask, x, 0.0)  # noqa: E731  [B, T]
-    logp, metrics = zero(logp), {}  # [B, T]
-    b = SimpleNamespace(logp=logp, old_logp=zero(old_logp), mask=mask, teacher_log_ratio=None, kd_mask=None, adv=None)
-    if spec["advantages"]:
-        b.adv = zero(advantages[:, None] if advantages.ndim == 1 else advantages)  # [B, 1] -> [B, T]
+    logp = zero(logp)  # [B, T]
+    metrics = {}
+    batch = SimpleNamespace(logp=logp, old_logp=zero(old_logp), mask=mask, adv=None, teacher_log_ratio=None,
+                            kd_mask=None)
+    if needs["advantages"]:
+        batch.adv = zero(advantages[:, None] if advantages.ndim == 1 else advantages)  # [B, 1] -> [B, T]
     if teacher_logp is not None:
-        b.teacher_log_ratio = logp - zero(teacher_logp).clamp(min=TEACHER_LOGP_FLOOR)  # [B, T] log pi_S / pi_T
-        metrics["teacher_log_ratio"] = masked_mean(b.teacher_log_ratio.detach(), mask)
-        metrics["teacher_log_ratio_abs"] = masked_mean(b.teacher_log_ratio.detach().abs(), mask)
+        batch.teacher_log_ratio = logp - zero(teacher_logp).clamp(min=TEACHER_LOGP_FLOOR)  # [B, T] log pi_S / pi_T
+        metrics["teacher_log_ratio"] = masked_mean(batch.teacher_log_ratio.detach(), mask)
+        metrics["teacher_log_ratio_abs"] = masked_mean(batch.teacher_log_ratio.detach().abs(), mask)
     if kd_mask is not None:
-        b.kd_mask = kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask  # [B, 1] or [B, T]
-    terms = spec["objective"](b, o, metrics)
-    if o.kl_coef:
-        terms.append(("kl_ref", o.kl_coef, kl(logp, zero(ref_logp), o.ref_kl)))
+        batch.kd_mask = kd_mask[:, None] if kd_mask.ndim == 1 else kd_mask  # [B, 1] or [B, T]
+    terms = needs["objective"](batch, knobs, metrics)  # [(name, coefficient, per-token loss [B, T])]
+    if knobs.kl_coef:
+        terms.append(("kl_ref", knobs.kl_coef, kl(logp, zero(ref_logp), knobs.ref_kl)))
     loss = 0.0
     for name, coef, per_token in terms:
-        value = aggregate(per_token, mask, o.loss_agg, num_tokens, o.max_len)
+        value = aggregate(per_token, mask, knobs.loss_agg, num_tokens, knobs.max_len)
         loss = loss + (value if coef == 1.0 else coef * value)
         metrics[f"loss/{name}"] = value.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+def _check_inputs(method, logp, old_logp, advantages, mask, *, teacher_logp, ref_logp, kl_coef):
+    """ValueError naming the input when the method's row needs it and it is missing, or a shape is wrong."""
+    needs = METHODS[method]
+    for name, given in (("teacher_logp", teacher_logp), ("old_logp", old_logp), ("advantages", advantages)):
+        if needs[name] and given is None:
+            raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
+    shapes = {"mask": mask, "old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
+    bad = [name for name, t in shapes.items() if t is not None and t.shape != logp.shape]
+    if needs["advantages"] and advantages.shape not in (logp.shape, logp.shape[:1]):
+        bad.append("advantages")
+    if bad or logp.ndim != 2:
+        raise ValueError(f"{', '.join(bad) or 'logp'}: logp and the other per-token inputs must be [B, T] "
+                         f"(logp is {tuple(logp.shape)}), advantages [B] or [B, T]")
 
 # ----------------------------------------------------------------------------- aggregation and KL estimators
 def aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean", num_tokens=None, max_len=None):

@@ -1,7 +1,8 @@
 """Rollouts: G responses per prompt from the current policy, with the sampled tokens' log-probs; one interface:
 
-    engine.generate(prompt_token_ids, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
+    engine.generate(prompt_token_ids, *, n=1, max_tokens=256, temperature=1.0, top_p=1.0, seed=None)
         -> per prompt, n dicts {"response_ids": list[int], "logprobs": list[float], "finish_reason": "stop" | "length"}
+    engine.generate_groups(...)           # the same, yielding (prompt index, its n samples) as each group finishes
     engine.load_weights(named_tensors)    # push the trainer's new weights in place (train.py, step 2)
     engine.sleep() / engine.wake()         # free memory between rollouts (weights too: load_weights before wake)
     engine.shutdown()                      # explicit, idempotent
@@ -105,6 +106,22 @@ def make_engine(path: str, kind: str = "vllm", device=None, **vllm_kwargs):
         return HFEngine(path, device=device)
     return VLLMEngine(path, dtype="bfloat16" if torch.cuda.is_available() else "float32", **vllm_kwargs)
 
+# The engine's states: "awake" (generates), "asleep" (weights and KV cache freed: sleep level 2), "synced" (asleep,
+# weights loaded: wake() may run), "broken" / "broken-asleep" (a load_weights failed half-way), "closed". What a call
+# made in the wrong state must be told to do first:
+NEXT_STEP = {"awake": "call sleep() first",
+             "asleep": "the weights were discarded by sleep(): call load_weights(...) with the trainer's current "
+                       "weights, then wake()",
+             "synced": "call wake() first",
+             "broken": "the last load_weights(...) failed half-way: sync the full weights again first",
+             "broken-asleep": "the last load_weights(...) failed half-way: sync the full weights again first",
+             "closed": "the engine was shut down (shutdown()): build a new one"}
+OPEN = ("awake", "asleep", "synced", "broken", "broken-asleep")  # every state but closed
+STILL_ASLEEP = ("vLLM is still partly asleep after wake() (wake_up returned False or is_sleeping() is True), so "
+                "generate() would wait forever: every allocation must be woken (wake() after load_weights()); see "
+                "vLLM's sleep-mode log above, or build the engine with enable_sleep_mode=False (it then keeps its GPU "
+                "memory during training)")
+
 class VLLMEngine:
     """An in-process vLLM engine (tensor parallel 1) on this rank's device. See the module docstring."""
 
@@ -169,22 +186,26 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(threads_before)
             torch.set_float32_matmul_precision(matmul_precision)
-        # One state: "awake" (generates), "asleep" (weights and KV cache freed: sleep level 2), "synced" (asleep,
-        # weights loaded: wake() may run), "broken" / "broken-asleep" (a load_weights failed half-way), "closed".
-        self.state = "awake"
+        self.state = "awake"  # one of NEXT_STEP's states
 
-    def _check_usable(self, what: str) -> None:
-        if self.state == "closed":
-            raise RuntimeError(f"VLLMEngine.{what}() after shutdown(): build a new engine")
+    def _require(self, what: str, *states: str) -> None:
+        """RuntimeError naming what to do first, unless the engine is in one of `states` (see NEXT_STEP)."""
+        if self.state not in states:
+            raise RuntimeError(f"VLLMEngine.{what}() while {self.state}: {NEXT_STEP[self.state]}")
 
-    def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+    def generate(self, prompt_token_ids, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed=None):
+        groups = dict(self.generate_groups(prompt_token_ids, n=n, max_tokens=max_tokens, temperature=temperature,
+                                           top_p=top_p, seed=seed))
+        return [groups[i] for i in range(len(prompt_token_ids))]
+
+    def generate_groups(self, prompt_token_ids, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                        top_p: float = 1.0, seed=None):
+        """generate(), one prompt at a time as its n samples finish: yields (prompt index, samples) in the order the
+        groups complete. vLLM's own request / step loop (what LLM.generate runs): the same requests, seeds and
+        samples. Exhaust (or close) it before any other call on the engine."""
         from vllm import SamplingParams
-        self._check_usable("generate")
-        if self.state.startswith("broken"):
-            raise RuntimeError("the last load_weights(...) failed half-way: sync the full weights again first")
-        if self.state != "awake":
-            raise RuntimeError("VLLMEngine.generate() while asleep: call wake() first")
+        self._require("generate", "awake")
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
         # logprobs=0: only the sampled token's; flat_logprobs: one flat list per sample; detokenize=False: we return
         # ids. vLLM refuses greedy with n > 1; every greedy sample is the same, so ask once and copy. Prompt i's seed
@@ -193,19 +214,35 @@ class VLLMEngine:
         params = [SamplingParams(n=n // copies, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  seed=None if seed is None else seed + i * n, logprobs=0, flat_logprobs=True,
                                  detokenize=False) for i in range(len(prompt_token_ids))]
-        with torch_threads(self.engine_threads):
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params, use_tqdm=False)
-        for c in (c for out in outs for c in out.outputs):
-            if c.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM finished a sample with reason {c.finish_reason!r} (aborted?)")
-        return [[{"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
-                  "finish_reason": c.finish_reason} for c in sorted(out.outputs, key=lambda c: c.index)
-                 for _ in range(copies)] for out in outs]
+        with torch_threads(self.engine_threads):  # LLM.generate's own way of adding requests (final outputs only)
+            request_ids = self.llm.enqueue([{"prompt_token_ids": list(p)} for p in prompt_token_ids], params,
+                                           use_tqdm=False)
+        # enqueue returns vLLM's internal ids ("7-1a2b3c4d"); a finished output carries the caller's part ("7").
+        index = {request_id.split("-", 1)[0]: i for i, request_id in enumerate(request_ids)}
+        try:
+            while self.llm.llm_engine.has_unfinished_requests():
+                with torch_threads(self.engine_threads):  # never across a yield: the caller's code runs there
+                    outputs = self.llm.llm_engine.step()
+                for out in outputs:  # a prompt's output comes once, when its last sample has finished
+                    yield index.pop(out.request_id), self._samples(out, copies)
+        finally:  # the caller stopped early (an exception, close()): no request may stay in the engine
+            if index:
+                self.llm.llm_engine.abort_request(list(index), internal=False)
+
+    @staticmethod
+    def _samples(out, copies: int) -> list:
+        """One finished prompt's samples as generate() returns them, in sample order."""
+        unexpected = [c.finish_reason for c in out.outputs if c.finish_reason not in ("stop", "length")]
+        if unexpected:
+            raise RuntimeError(f"vLLM finished a sample with reason {unexpected[0]!r} (aborted?)")
+        return [{"response_ids": list(c.token_ids), "logprobs": list(c.logprobs.logprobs),
+                 "finish_reason": c.finish_reason} for c in sorted(out.outputs, key=lambda c: c.index)
+                for _ in range(copies)]
 
     def load_weights(self, named_tensors) -> None:
         """Push (hf_name, tensor) pairs into the engine in place. Every parameter must be sent: vLLM 0.32
         rebuilds fused layers (qkv, gate_up) from what it receives, so a partial sync corrupts them."""
-        self._check_usable("load_weights")
+        self._require("load_weights", *OPEN)
         asleep = self.state in ("asleep", "synced", "broken-asleep")
         if self.state == "asleep" and self.sleep_mode:
             self.llm.wake_up(tags=["weights"])  # maps fresh memory for the weights only; the KV cache stays freed
@@ -236,25 +273,20 @@ class VLLMEngine:
         every sleep, so level 1's copy to host memory and back would be pure cost; level 2 keeps the buffers (rotary
         caches) that no sync carries (vllm/v1/worker/gpu_worker.py saves and restores them; read from source).
         On CPU only the bookkeeping runs: wake() then still refuses to run before a sync."""
-        self._check_usable("sleep")
+        self._require("sleep", *OPEN)
         if self.state == "awake":
             if self.sleep_mode:
                 self.llm.sleep(level=2)
             self.state = "asleep"
 
     def wake(self) -> None:
-        self._check_usable("wake")
+        """Map the KV cache back after load_weights(): the engine generates again."""
         if self.state == "awake":
             return
-        if self.state != "synced":
-            raise RuntimeError("the engine's weights were discarded (sleep()) or left half-synced: call "
-                               "load_weights(...) with the trainer's current weights before wake()")
+        self._require("wake", "synced")
         awake = self.llm.wake_up(tags=["kv_cache"]) if self.sleep_mode else True  # True: every allocation resident
         if not awake or self.llm.llm_engine.is_sleeping():  # any level, scheduler paused included: generate would hang
-            raise RuntimeError("vLLM is still partly asleep after wake() (wake_up returned False or is_sleeping() is "
-                               "True), so generate() would wait forever: every allocation must be woken (wake() "
-                               "after load_weights()); see vLLM's sleep-mode log above, or build the engine with "
-                               "enable_sleep_mode=False (it then keeps its GPU memory during training)")
+            raise RuntimeError(STILL_ASLEEP)
         self.state = "awake"
 
     def shutdown(self) -> None:
@@ -296,7 +328,7 @@ class HFEngine:
         self.max_model_len = getattr(config, "max_position_embeddings", None) or 2**31
 
     @torch.no_grad()
-    def generate(self, prompt_token_ids, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+    def generate(self, prompt_token_ids, *, n: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, seed=None):
         from transformers import GenerationConfig
         _check_prompts(prompt_token_ids, n, max_tokens, self.max_model_len)
@@ -320,6 +352,10 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         return [samples[i * n:(i + 1) * n] for i in range(len(prompt_token_ids))]
+
+    def generate_groups(self, prompt_token_ids, **sampling):
+        """generate(), handed back prompt by prompt, all at the end (transformers samples the whole batch at once)."""
+        yield from enumerate(self.generate(prompt_token_ids, **sampling))
 
     def _generate_batch(self, rows, gen_config):
         import rlad

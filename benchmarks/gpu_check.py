@@ -341,7 +341,7 @@ def part_logprobs(args, state, res):
 def fit_rows(cfg, vocab: int, seed: int) -> list:
     """One micro-batch that fills micro_batch_tokens: the fewest rows of at most max_prompt_tokens (<= 512) +
     max_tokens, the first at the full width, the others up to 25% shorter (padding and an attention mask, as in
-    training). Rows as train.update takes them after the teacher pass ("teacher" is added by the caller)."""
+    training). Rows as train.update takes them after the teacher pass (teacher_logp is added by the caller)."""
     g = torch.Generator().manual_seed(seed)
     budget = cfg.micro_batch_tokens
     prompt = min(cfg.max_prompt_tokens, 512)
@@ -352,8 +352,8 @@ def fit_rows(cfg, vocab: int, seed: int) -> list:
     rows = []
     for i in range(n):
         r = response if i == 0 else response - int(torch.randint(0, response // 4 + 1, (1,), generator=g))
-        rows.append({"prompt": random_ids(prompt, vocab, g), "response": random_ids(r, vocab, g), "uid": i,
-                     "group": i // 8, "adv": float(torch.randn(1, generator=g)), "correct": bool(i % 2)})
+        rows.append(policy.Row(prompt=random_ids(prompt, vocab, g), response=random_ids(r, vocab, g), uid=i,
+                               group=i // 8, adv=float(torch.randn(1, generator=g)), correct=bool(i % 2)))
     return rows
 
 
@@ -368,13 +368,13 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
                           grad_checkpointing=cfg.grad_checkpointing)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # as train.setup
     rows = fit_rows(cfg, lm.config.vocab_size, 0)
-    lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
-    out.update(rows=len(rows), prompt=len(rows[0]["prompt"]), response_max=len(rows[0]["response"]),
+    lens = [len(r.prompt) + len(r.response) - 1 for r in rows]
+    out.update(rows=len(rows), prompt=len(rows[0].prompt), response_max=len(rows[0].response),
                slots=len(rows) * max(lens), real=sum(lens))
     teach = teacher_lib.Teacher(teach_lm, device=device, token_budget=cfg.teacher_token_budget)
-    seqs = [(r["prompt"], r["response"]) for r in rows]
+    seqs = [(r.prompt, r.response) for r in rows]
     for r, lp in zip(rows, teach.logprobs(seqs)):
-        r["teacher"] = lp
+        r.teacher_logp = lp
     ucfg = dataclasses.replace(cfg, mini_batches=1, ppo_epochs=1, warmup_steps=0)  # one micro-batch, one step
     out["updates"] = []
     for step in range(2):
@@ -384,11 +384,11 @@ def fit_one(args, state, cfg, key: str, teach_lm, out: dict):
             out["teacher_pass"] = dict(peaks(device), seconds=round(seconds, 3), resident_before_gib=gib(base),
                                        pad_fraction=round(teach.last_stats["pad_fraction"], 4))
         m = policy.Metrics()
+        run = train.Run(cfg=ucfg, device=device, student=student, opt=opt)
         base = reset_peak(device)
-        seconds, skipped = timed(lambda: train.update(student, opt, rows, ucfg, device, 1, step,
-                                                      {"kd": 0.0, "ent": 0.0}, m), device)
+        seconds, _ = timed(lambda: train.update(run, rows, step, m), device)
         red = m.reduce(device)
-        out["updates"].append(dict(peaks(device), seconds=round(seconds, 3), skipped=skipped,
+        out["updates"].append(dict(peaks(device), seconds=round(seconds, 3), skipped=run.skipped,
                                    resident_before_gib=gib(base), loss=red.get("loss"),
                                    grad_norm=red.get("grad_norm"), pad_frac=red.get("pad_frac")))
     last = out["updates"][-1]
@@ -473,11 +473,12 @@ def part_padding(args, state, res):
     model = policy.load(lm, device, 1, chunk=chunk, grad_checkpointing=True)
     g = torch.Generator().manual_seed(0)
     p_lens, r_lens = make_lengths(n, max_response, 0)
-    mixed = [{"prompt": random_ids(p, vocab, g), "response": random_ids(r, vocab, g)} for p, r in zip(p_lens, r_lens)]
+    mixed = [policy.Row(prompt=random_ids(p, vocab, g), response=random_ids(r, vocab, g))
+             for p, r in zip(p_lens, r_lens)]
     total = sum(p + r - 1 for p, r in zip(p_lens, r_lens))
     p_eq = round(sum(p_lens) / n)
     r_eq = total // n - p_eq + 1
-    equal = [{"prompt": random_ids(p_eq, vocab, g), "response": random_ids(r_eq, vocab, g)} for _ in range(n)]
+    equal = [policy.Row(prompt=random_ids(p_eq, vocab, g), response=random_ids(r_eq, vocab, g)) for _ in range(n)]
     res.update(sequences=n, budget=budget, max_response=max_response, forward_tokens=total, equal_prompt=p_eq,
                equal_response=r_eq, n_params=n_params)
 
@@ -497,7 +498,7 @@ def part_padding(args, state, res):
         run(mbs[:1])  # warm-up: the widest micro-batch
         base = reset_peak(device)
         seconds, (slots, real) = timed(lambda: run(mbs), device)
-        lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in rows]
+        lens = [len(r.prompt) + len(r.response) - 1 for r in rows]
         out.update(peaks(device, base), seconds=round(seconds, 3), slots=slots, real=real,
                    pad_fraction=round(1 - real / slots, 4), tokens_per_s=round(real / seconds),
                    mfu=mfu(model_flops(n_params, layers, d_attn, lens), seconds, device))
@@ -506,7 +507,7 @@ def part_padding(args, state, res):
 
 # ----------------------------------------------------------------------------- teacher
 def part_teacher(args, state, res):
-    """Teacher.logprobs (policy.score) of the 8B shape in bf16, 64 sequences of a 512-token prompt and a
+    """Teacher.logprobs (policy.logprobs) of the 8B shape in bf16, 64 sequences of a 512-token prompt and a
     512-2048-token response (~115K tokens) in micro-batches of 32768 (the presets' teacher_token_budget), against
     the model's own forward with full logits over the same micro-batches. H200 estimate ~20 s: build ~10 s,
     2 x 1.9e15 FLOPs (~3 s each), warm-ups."""
@@ -531,7 +532,8 @@ def part_teacher(args, state, res):
                                mfu=mfu(flops, seconds, device), pad_fraction=round(t.last_stats["pad_fraction"], 4),
                                micro_batches=t.last_stats["micro_batches"], finite=finite)
     del out
-    mbs = [policy.collate(mb, device) for mb in policy.pack([{"prompt": p, "response": r} for p, r in seqs], budget)]
+    rows = [policy.Row(prompt=p, response=r) for p, r in seqs]
+    mbs = [policy.collate(mb, device) for mb in policy.pack(rows, budget)]
 
     def plain(batches):
         with torch.inference_mode():

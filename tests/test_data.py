@@ -327,7 +327,7 @@ def test_build_prompt_chat_template_and_prefill(tiny_tokenizer):
     text = tiny_tokenizer.decode(ids)
     assert prefill == "" and text.endswith("\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
     assert math["question"] in text
-    thinking = type("thinking_math", (tasks.math,), {"prefill": "<think>"})  # a task of your own with a prefill
+    thinking = type("thinking_math", (tasks.Math,), {"prefill": "<think>"})  # a task of your own with a prefill
     ids, prefill = tasks.prompt_ids(tasks.load(thinking), math, tiny_tokenizer)
     assert prefill == "<think>" and tiny_tokenizer.decode(ids).endswith("assistant\n<think>")
 

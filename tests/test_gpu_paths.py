@@ -41,14 +41,14 @@ def test_entropy_runs_only_when_the_bonus_needs_it(tiny_model_dir, monkeypatch):
     counted = []
     real = rlad.entropy
     monkeypatch.setattr(rlad, "entropy", lambda *a, **k: counted.append(1) or real(*a, **k))
-    rows = [{"prompt": [5, 6, 7], "response": [8, 9, 10], "uid": i, "adv": adv} for i, adv in enumerate([1.0, -1.0])]
+    rows = [policy.Row(prompt=[5, 6, 7], response=[8, 9, 10], uid=i, adv=adv) for i, adv in enumerate([1.0, -1.0])]
     for ent_coef, ent_target, want_calls in ((0.0, 0.0, False), (0.01, 0.0, True), (0.0, 2.0, True)):
         cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=64, lr=1e-3, warmup_steps=0,
                            ent_target=ent_target)
         student = policy.load(tiny_model_dir, device, 1)
         opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
         m, counted[:] = policy.Metrics(), []
-        train.update(student, opt, rows, cfg, device, 1, 0, {"kd": 0.0, "ent": ent_coef}, m)
+        train.update(train.Run(cfg=cfg, device=device, student=student, opt=opt, ent_coef=ent_coef), rows, 0, m)
         assert bool(counted) == want_calls, (ent_coef, ent_target, len(counted))
         entropy = m.reduce(device)["entropy"]
         assert 0 < entropy < torch.log(torch.tensor(float(student.lm.config.vocab_size))), entropy

@@ -15,9 +15,10 @@ def device():
 
 
 def random_rows(n, seed, vocab=500):
+    import policy
     rng = random.Random(seed)
-    return [{"prompt": [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))],
-             "response": [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))], "id": i} for i in range(n)]
+    return [policy.Row(prompt=[rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))],
+                       response=[rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))], uid=i) for i in range(n)]
 
 
 @pytest.mark.parametrize("budget", [1, 16, 40, 10_000])
@@ -25,9 +26,9 @@ def test_pack_keeps_every_row_once_within_the_budget(budget):
     import policy
     rows = random_rows(37, seed=budget)
     mbs = policy.pack(rows, budget)
-    assert sorted(r["id"] for mb in mbs for r in mb) == list(range(37))
+    assert sorted(r.uid for mb in mbs for r in mb) == list(range(37))
     for mb in mbs:
-        lens = [len(r["prompt"]) + len(r["response"]) - 1 for r in mb]  # the model's input length per row
+        lens = [len(r.prompt) + len(r.response) - 1 for r in mb]  # the model's input length per row
         assert lens[0] == max(lens)  # the first row sets the padded width
         assert len(mb) == 1 or len(mb) * lens[0] <= budget  # a lone row may exceed the budget: it still runs
     if budget == 10_000:
@@ -36,21 +37,23 @@ def test_pack_keeps_every_row_once_within_the_budget(budget):
 
 def test_collate_lays_out_rows_and_the_dummy(device):
     import policy
-    rows = [{"prompt": [5, 6, 7], "response": [8, 9], "teacher": torch.tensor([-1.0, -2.0]), "adv": 0.5},
-            {"prompt": [5], "response": [10, 11, 12, 13], "teacher": torch.tensor([-3.0, -4.0, -5.0, -6.0]),
-             "adv": -1.0, "correct": False}]
+    rows = [policy.Row(prompt=[5, 6, 7], response=[8, 9], teacher_logp=torch.tensor([-1.0, -2.0]), adv=0.5,
+                       correct=True),
+            policy.Row(prompt=[5], response=[10, 11, 12, 13], teacher_logp=torch.tensor([-3.0, -4.0, -5.0, -6.0]),
+                       adv=-1.0, correct=False)]
     b = policy.collate(rows, device)
     assert b["ids"].tolist() == [[5, 6, 7, 8], [5, 10, 11, 12]]  # the last response token is never an input
     assert b["attn"] is None  # both rows fill the width: no mask needed
     assert b["mask"].tolist() == [[True, True, False, False], [True, True, True, True]]
-    assert b["teacher"].tolist() == [[-1.0, -2.0, 0.0, 0.0], [-3.0, -4.0, -5.0, -6.0]]
+    assert b["teacher_logp"].tolist() == [[-1.0, -2.0, 0.0, 0.0], [-3.0, -4.0, -5.0, -6.0]]
+    assert "old_logp" not in b  # a per-token field only where every row has it
     assert b["targets"].tolist() == [8, 9, 10, 11, 12, 13]
     assert b["src"].tolist() == [2, 3, 4, 5, 6, 7]  # the position that predicts each response token, [B * L] flat
     assert b["adv"].tolist() == [0.5, -1.0] and b["wrong"].tolist() == [False, True]
     assert (b["tokens"], b["real"], b["slots"]) == (6, 8, 8)
     dummy = policy.collate([], device)  # a rank with no rows: one masked token, so its collectives still run
     assert not dummy["mask"].any() and (dummy["tokens"], dummy["real"]) == (0, 0)
-    assert set(("teacher", "old", "ref", "engine")) <= set(dummy)
+    assert set(policy.TOKEN_FIELDS) <= set(dummy)
 
 
 def reference_logprobs(model_dir, rows, temperature):
@@ -60,11 +63,11 @@ def reference_logprobs(model_dir, rows, temperature):
     out = []
     with torch.no_grad():
         for r in rows:
-            ids = torch.tensor([r["prompt"] + r["response"][:-1]])
-            logits = lm(ids).logits[0, len(r["prompt"]) - 1:] / temperature  # [R, V]
+            ids = torch.tensor([r.prompt + r.response[:-1]])
+            logits = lm(ids).logits[0, len(r.prompt) - 1:] / temperature  # [R, V]
             logp = torch.log_softmax(logits, -1)
             ent = -(logp.exp() * logp).sum(-1)
-            out.append((logp.gather(1, torch.tensor(r["response"])[:, None])[:, 0], ent))
+            out.append((logp.gather(1, torch.tensor(r.response)[:, None])[:, 0], ent))
     return out
 
 
@@ -80,9 +83,9 @@ def test_logprobs_and_entropy_equal_a_plain_forward(tiny_model_dir, device, chun
         assert lp.shape == ent.shape == b["mask"].shape
         assert torch.all(lp[~b["mask"]] == 0)
         for i, r in enumerate(mb):
-            n = len(r["response"])
-            assert torch.allclose(lp[i, :n].double(), want[r["id"]][0], atol=2e-5), (chunk, r["id"])
-            assert torch.allclose(ent[i, :n].double(), want[r["id"]][1], atol=2e-5), (chunk, r["id"])
+            n = len(r.response)
+            assert torch.allclose(lp[i, :n].double(), want[r.uid][0], atol=2e-5), (chunk, r.uid)
+            assert torch.allclose(ent[i, :n].double(), want[r.uid][1], atol=2e-5), (chunk, r.uid)
 
 
 @pytest.mark.parametrize("entropy_grad", [True, False])
@@ -96,10 +99,10 @@ def test_gradients_equal_a_plain_forward_at_any_chunk_size(tiny_model_dir, devic
     lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
     loss = 0.0
     for i, r in enumerate(rows):
-        logits = lm(torch.tensor([r["prompt"] + r["response"][:-1]])).logits[0, len(r["prompt"]) - 1:]  # [R, V]
+        logits = lm(torch.tensor([r.prompt + r.response[:-1]])).logits[0, len(r.prompt) - 1:]  # [R, V]
         logp = torch.log_softmax(logits, -1)
-        n = len(r["response"])
-        loss = loss + (logp.gather(1, torch.tensor(r["response"])[:, None])[:, 0] * weights[i, :n].double()).sum()
+        n = len(r.response)
+        loss = loss + (logp.gather(1, torch.tensor(r.response)[:, None])[:, 0] * weights[i, :n].double()).sum()
         if entropy_grad:
             loss = loss - (logp.exp() * logp).sum()
     loss.backward()

@@ -418,6 +418,7 @@ def test_docs_own_objective_is_a_function_a_row_and_a_config_field():
             assert torch.equal(loss, want) and torch.equal(g, want_g) and "loss/pg" in m
     finally:
         del rlad.METHODS["teacher_ppo"]
+        del rlad.DEFAULTS["teacher_ppo_clamp"]
 
 
 def test_docs_own_objective_trains_through_train_py(tmp_path):

@@ -294,12 +294,14 @@ def test_non_finite_gradient_skips_the_step(tiny_model_dir):
     student = policy.load(tiny_model_dir, device, 1)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     before = {n: t.clone() for n, t in policy.full_params(student)}
-    rows = [{"prompt": [5, 6, 7], "response": [8, 9], "uid": i, "adv": adv} for i, adv in enumerate([1.0, float("nan")])]
-    coefs = {"kd": 0.0, "ent": 0.0}
-    assert train.update(student, opt, rows, cfg, device, 1, 0, coefs, policy.Metrics()) == 1
+    rows = [policy.Row(prompt=[5, 6, 7], response=[8, 9], uid=i, adv=adv) for i, adv in enumerate([1.0, float("nan")])]
+    run = train.Run(cfg=cfg, device=device, student=student, opt=opt)
+    train.update(run, rows, 0, policy.Metrics())
+    assert run.skipped == 1
     assert all(torch.equal(t, before[n]) for n, t in policy.full_params(student))  # no optimizer step taken
-    rows[1]["adv"] = -1.0
-    assert train.update(student, opt, rows, cfg, device, 1, 1, coefs, policy.Metrics()) == 0
+    rows[1].adv = -1.0
+    train.update(run, rows, 1, policy.Metrics())
+    assert run.skipped == 1
     assert any(not torch.equal(t, before[n]) for n, t in policy.full_params(student))
 
 

@@ -11,9 +11,10 @@ rollouts, teacher, FSDP2 update, weight sync, checkpoints. Each example also car
 for sft.
 
 update: a fixed batch of 4 prompts x 4 responses (rewards chosen so that group 3 is all-equal and filtered),
-split 2 + 2 groups over 2 ranks or all on one, goes through train.select_rows, policy.score and
-train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients.
+split 2 + 2 groups over 2 ranks or all on one, goes through train.set_advantages, train.keep_rows, policy.logprobs
+and train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients.
 """
+import dataclasses
 import os
 import sys
 
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import policy  # noqa: E402
+import rlad  # noqa: E402
 import train  # noqa: E402
 
 LETTERS = set("abcdefghijklmnopqrstuvwxyz ")
@@ -58,20 +60,25 @@ def update_case(out_path, model_dir, shard_group=0):
         prompt = torch.randint(3, 500, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
         for i in range(4):
             n = int(torch.randint(1, 12, (1,), generator=g))
-            rows.append({"prompt": prompt, "response": torch.randint(3, 500, (n,), generator=g).tolist(), "group": p,
-                         "uid": 4 * p + i,
-                         "correct": bool(rewards[4 * p + i] > 0), "teacher": -6 + torch.randn(n, generator=g)})
+            rows.append(policy.Row(prompt=prompt, response=torch.randint(3, 500, (n,), generator=g).tolist(), group=p,
+                                   uid=4 * p + i, reward=float(rewards[4 * p + i]),
+                                   correct=bool(rewards[4 * p + i] > 0), teacher_logp=-6 + torch.randn(n, generator=g)))
     per = 4 // world
-    mine = slice(rank * per * 4, (rank + 1) * per * 4)
-    my_rows = [dict(r, group=r["group"] - rank * per) for r in rows[mine]]
+    my_rows = [dataclasses.replace(r, group=r.group - rank * per) for r in rows[rank * per * 4:(rank + 1) * per * 4]]
     mesh = policy.device_mesh(device, world, shard_group)  # shard_group < world: HSDP (replicate x shard)
-    student = policy.load(model_dir, device, world, cfg.logit_chunk, cfg.temperature, mesh=mesh)
+    student = policy.load(model_dir, device, world, chunk=cfg.logit_chunk, temperature=cfg.temperature, mesh=mesh)
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
+    run = train.Run(cfg=cfg, rank=rank, world=world, device=device, needs=rlad.METHODS[cfg.method], student=student,
+                    opt=opt)
     m = policy.Metrics()
-    kept = train.select_rows(my_rows, rewards[mine], cfg, m)
-    for r, lp in zip(kept, policy.score(student, kept, cfg.micro_batch_tokens, device)[0]):
-        r["old"] = lp
-    train.update(student, opt, kept, cfg, device, world, 0, {"kd": 0.0, "ent": 0.0}, m)
+    kept = []
+    for p in range(per):  # group by group, as train.main hands them over
+        group = [r for r in my_rows if r.group == p]
+        train.set_advantages(run, group)
+        kept += train.keep_rows(run, group, m)
+    for r, lp in zip(kept, policy.logprobs(student, kept, cfg.micro_batch_tokens, device)[0]):
+        r.old_logp = lp
+    train.update(run, kept, 0, m)
     weights = {name: t.clone() for name, t in policy.full_params(student)}
     if train.is_main():
         torch.save({"weights": weights, "kept": len(kept)}, out_path)
