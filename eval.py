@@ -178,11 +178,13 @@ def format_table(summary: dict, name: str = "model") -> str:
 
 def write_samples(run, step: int, rows: list):
     """A sample log (RUN_DIR/samples/step_NNNNNN.jsonl; tools/show.py): a line for each of rank 0's first
-    log_samples_groups groups of the step's kept rows: prompt, responses, reward, advantage, per token both log-probs, the teacher's relation (prefers / rejects /
-    agrees: logp_S - logp_T against the TRRD clamp, docs/algorithm.md) and whether the clip removes the token's
-    gradient. The student's log-probs and the clip's verdict are the update's at its start (first epoch, before any
-    optimizer step, where pi_S = pi_old): one extra no-grad forward over the logged rows. A collective: every rank
-    calls it (the others with no logged rows); rank 0 writes the file."""
+    log_samples_groups groups of the step's kept rows: prompt, responses, reward, advantage, per token both
+    log-probs, the teacher's relation (prefers / rejects / agrees: logp_S - logp_T against the TRRD clamp,
+    docs/algorithm.md), whether the clip removes the token's gradient, and what the objective made of the token where
+    it has a per-token quantity (TOP-D: its reward and advantage; topk_kd: the top-k KL). The student's side is the
+    update's at its start (first epoch, before any optimizer step, where pi_S = pi_old): one more no-grad forward
+    through the update's own code, over the logged rows. A collective: every rank calls it (the others with no rows);
+    rank 0 writes the file."""
     import torch
 
     import policy
@@ -191,42 +193,57 @@ def write_samples(run, step: int, rows: list):
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     first_groups = sorted({r.group for r in rows})[:cfg.log_samples_groups]
     logged = [r for r in rows if r.group in first_groups] if rank0 else []
-    student_logps, _ = policy.logprobs(run.student, logged, cfg.micro_batch_tokens, run.device)  # a collective
+    batches = policy.pack(logged, cfg.micro_batch_tokens)
+    samples = {}  # id(row) -> its sample dict
+    with torch.no_grad():
+        for j in range(policy.reduce_ints([len(batches)])[0]):  # the same number of forwards on every rank
+            micro = batches[j] if j < len(batches) else []
+            batch = policy.collate(micro, run.device)
+            logp, _, topk_logp = policy.forward(run.student, batch, with_entropy=False)  # [B, R], [B, R, k]
+            token_info = {}  # "clipped" [B, R] for a clipped ratio, "topk_kl" [B, R] for topk_kd
+            rlad.policy_loss(cfg.method, logp, batch.get("old_logp", logp), batch.get("token_adv", batch["adv"]),
+                             batch["mask"], teacher_logp=batch.get("teacher_logp"), ref_logp=batch.get("ref_logp"),
+                             teacher_topk_logp=batch.get("teacher_topk_logp"), topk_logp=topk_logp, config=cfg,
+                             max_len=cfg.max_tokens, token_info=token_info)
+            for i, r in enumerate(micro):
+                samples[id(r)] = _sample(r, logp[i], token_info=token_info, i=i, tokenizer=tok, cfg=cfg)
+    if hasattr(run.student, "reshard"):  # FSDP2 keeps the root's gathered weights after a no-grad forward
+        run.student.reshard()
     if not logged:
         return
-    batch = policy.collate(logged, "cpu")
-    logp = torch.zeros(batch["mask"].numel()).index_copy(0, batch["dst"], torch.cat(student_logps).float().cpu())
-    logp = logp.view_as(batch["mask"])  # [B, R]
-    token_info = {}  # receives "clipped" [B, R] for the methods with a clipped ratio
-    rlad.policy_loss(cfg.method, logp, batch.get("old_logp", logp), batch["adv"], batch["mask"], config=cfg,
-                     teacher_logp=batch.get("teacher_logp"), ref_logp=batch.get("ref_logp"), max_len=cfg.max_tokens,
-                     token_info=token_info)
-    groups = {}
-    for i, r in enumerate(logged):
-        groups.setdefault(r.group, []).append((i, r))
     lines = []
-    for g, group in groups.items():
-        samples = []
-        for i, r in group:
-            n = len(r.response)
-            student = logp[i, :n].tolist()
-            teacher = None
-            if r.teacher_logp is not None:
-                teacher = r.teacher_logp.clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist()
-            relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
-                        for s, t in zip(student, teacher)] if teacher else None
-            clipped = token_info["clipped"][i, :n].tolist() if "clipped" in token_info else None
-            samples.append({"response": r.text, "tokens": tok.batch_decode([[t] for t in r.response]),
-                            "token_ids": r.response, "reward": r.reward, "advantage": r.adv, "correct": r.correct,
-                            "student_logp": student, "teacher_logp": teacher, "teacher": relation, "clipped": clipped})
+    for g in first_groups:
+        group = [r for r in logged if r.group == g]
         lines.append({"step": step, "method": cfg.method, "group": g, "epoch": 1,
-                      "prompt": tok.decode(group[0][1].prompt), "samples": samples,
+                      "prompt": tok.decode(group[0].prompt), "samples": [samples[id(r)] for r in group],
                       "options": {"alpha": cfg.alpha, "eps_low": cfg.eps_low, "eps_high": cfg.eps_high,
                                   "teacher_clamp": clamp}})
     path = os.path.join(cfg.run_dir, "samples", f"step_{step:06d}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
+
+def _sample(r, logp, *, token_info: dict, i: int, tokenizer, cfg) -> dict:
+    """One logged response (row i of its micro-batch) as the sample log holds it; logp: that row of the [B, R]."""
+    import rlad
+    clamp = cfg.teacher_clamp or 1.0
+    n = len(r.response)
+    student = logp[:n].float().cpu().tolist()
+    teacher = relation = None
+    if r.teacher_logp is not None:
+        teacher = r.teacher_logp.clamp(min=rlad.TEACHER_LOGP_FLOOR).tolist()
+        relation = ["prefers" if s - t <= -clamp else "rejects" if s - t >= clamp else "agrees"
+                    for s, t in zip(student, teacher)]
+    sample = {"response": r.text, "tokens": tokenizer.batch_decode([[t] for t in r.response]), "token_ids": r.response,
+              "reward": r.reward, "advantage": r.adv, "correct": r.correct, "student_logp": student,
+              "teacher_logp": teacher, "teacher": relation,
+              "clipped": token_info["clipped"][i, :n].tolist() if "clipped" in token_info else None}
+    if r.token_adv is not None:  # TOP-D: each token's reward log(alpha rho + 1 - alpha) and its advantage
+        sample["token_reward"] = rlad.topd_rewards(r.teacher_logp, r.engine_logp, cfg.topd_alpha).tolist()
+        sample["token_advantage"] = r.token_adv.tolist()
+    if "topk_kl" in token_info:  # topk_kd: KL(teacher top-k || student) at each position
+        sample["topk_kl"] = token_info["topk_kl"][i, :n].float().cpu().tolist()
+    return sample
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv):

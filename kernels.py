@@ -8,12 +8,15 @@ import torch
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log softmax(logits)[targets] without a float32 [T, V] tensor, in forward or backward. logits [..., V] (any
-    float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits)."""
-    if logits.shape[:-1] != targets.shape or chunk_size < 1:
-        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,), and "
-                         f"chunk_size >= 1 (got {chunk_size})")
+    float dtype), targets [...] int in [0, V) -> float32 [...] (float64 for float64 logits). targets may also hold K
+    ids per position, [..., K] -> [..., K] (a teacher's top-k ids: the student's log-probs of them, one pass)."""
+    several = targets.shape[:-1] == logits.shape[:-1]  # [..., K] ids per position
+    if (logits.shape[:-1] != targets.shape and not several) or chunk_size < 1:
+        raise ValueError(f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} + (V,) (or targets "
+                         f"[..., K]: K ids per position), and chunk_size >= 1 (got {chunk_size})")
     x = _rows(logits)  # [R, T, V]
-    return _TokenLogprobs.apply(x, targets.reshape(x.shape[:2]).long(), chunk_size).reshape(targets.shape)
+    ids = targets.reshape(*x.shape[:2], -1).long()  # [R, T, K]; K = 1 for one target per position
+    return _TokenLogprobs.apply(x, ids, chunk_size).reshape(targets.shape)
 
 def entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Entropy of softmax(logits) per position, chunked like token_logprobs (differentiable). [..., V] -> [...]."""
@@ -34,16 +37,17 @@ def _chunks(x: torch.Tensor, chunk_size: int):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, targets, chunk_size):  # x [R, T, V] any float dtype, targets [R, T] int64
+    def forward(ctx, x, targets, chunk_size):  # x [R, T, V] any float dtype, targets [R, T, K] int64
         dt = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 upcast per chunk; float64 stays float64
-        lse, out = (torch.empty(targets.shape, dtype=dt, device=x.device) for _ in range(2))  # [R, T] each
+        lse = torch.empty(targets.shape[:2], dtype=dt, device=x.device)  # [R, T]
+        out = torch.empty(targets.shape, dtype=dt, device=x.device)  # [R, T, K]
         for r, s in _chunks(x, chunk_size):
             z = x[r, s].to(dt, copy=True)  # [c, V] private float32 copy, the one full-width temporary (in place below)
             m = z.amax(-1, keepdim=True).clamp_(min=torch.finfo(dt).min)  # [c, 1] row max, finite
-            picked = z.sub_(m).gather(-1, targets[r, s, None]).squeeze(-1)  # [c] z_y - m
-            log_tot = z.exp_().sum(-1).log()  # [c] log sum exp(z - m)
-            lse[r, s] = m.squeeze(-1) + log_tot  # [c]
-            out[r, s] = picked - log_tot  # [c] log softmax(z)_y
+            picked = z.sub_(m).gather(-1, targets[r, s])  # [c, K] z_y - m
+            log_tot = z.exp_().sum(-1, keepdim=True).log()  # [c, 1] log sum exp(z - m)
+            lse[r, s] = (m + log_tot).squeeze(-1)  # [c]
+            out[r, s] = picked - log_tot  # [c, K] log softmax(z)_y
             del z  # before the next chunk's copy exists: one [c, V] temporary at a time, not two
         ctx.save_for_backward(x, targets, lse)
         ctx.chunk_size = chunk_size
@@ -51,13 +55,14 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # grad_out [R, T]
+    def backward(ctx, grad_out):  # grad_out [R, T, K]
         x, targets, lse = ctx.saved_tensors
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [R, T, V] in the logits' dtype
         for r, s in _chunks(x, ctx.chunk_size):
-            g = grad_out[r, s, None]  # [c, 1]
+            g = grad_out[r, s]  # [c, K]
             p = x[r, s].to(lse.dtype, copy=True).sub_(lse[r, s, None]).exp_()  # [c, V] float32 softmax, recomputed
-            grad[r, s] = p.mul_(-g).scatter_add_(-1, targets[r, s, None], g)  # d logp_y / dz = onehot(y) - softmax
+            # d logp_y / dz = onehot(y) - softmax, summed over the K ids with their upstream gradients
+            grad[r, s] = p.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, targets[r, s], g)
             del p
         return grad, None, None
 

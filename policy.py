@@ -32,24 +32,37 @@ class Policy(torch.nn.Module):
         self.chunk = chunk  # LM-head rows at once
         self.temperature = temperature  # divides the logits
 
-    def forward(self, input_ids, attention_mask, src, targets, *, entropy_grad: bool = False, with_entropy=True):
+    def forward(self, input_ids, attention_mask, src, targets, *, entropy_grad: bool = False, with_entropy=True,
+                topk: int = 0, topk_ids=None):
+        """Per response token (src: the flat positions that predict them, targets: the tokens): the target's log-prob
+        [n], the entropy [n] (0 without with_entropy), and top-k log-probs: of the given ids, topk_ids [n, K] (a
+        student scoring its teacher's top-k), or of this model's own `topk` most likely ids (a frozen teacher).
+        Returns (logp, entropy, topk) with topk None or (ids [n, K], log-probs [n, K]); all float32."""
         from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state  # [B, L, H]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src)  # [n, H] response positions only
 
-        def chunk_fn(h, t):
+        def chunk_fn(h, t, ids):
             logits = self.lm.get_output_embeddings()(h) / self.temperature  # [c, V] in the compute dtype
             # entropy costs ~1.5x the log-prob pass over [c, V] (benchmarks/bench_rlad.py): only when it is used
             ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
             if with_entropy:
                 with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                     ent = rlad.entropy(logits, self.chunk)  # [c]
-            return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
+            if topk:  # this model's own k most likely tokens, chosen in this chunk: no [T, V] is kept
+                ids = logits.topk(topk, -1).indices  # [c, k]
+            if ids is None:
+                return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
+            both = rlad.token_logprobs(logits, torch.cat([t[:, None], ids], -1), self.chunk)  # [c, 1 + K], one pass
+            return both[:, 0], ent, ids, both[:, 1:]
 
-        parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk], use_reentrant=False)
+        extra = topk_ids is not None or topk > 0
+        parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk],
+                           None if topk_ids is None else topk_ids[s:s + self.chunk], use_reentrant=False)
                  for s in range(0, max(targets.shape[0], 1), self.chunk)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
+        logp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
+        return logp, ent, (torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])) if extra else None
 
 def device_mesh(device, world: int, shard_group: int = 0):
     """FSDP2's mesh over `world` ranks: flat when shard_group is 0 or the world size, else 2-D (replicate x shard),
@@ -164,10 +177,14 @@ class Row:
     teacher_logp: torch.Tensor | None = None    # 6. [n] log pi_T of each response token
     old_logp: torch.Tensor | None = None        # 6. [n] log pi_old, when the policy moves within the step
     ref_logp: torch.Tensor | None = None        # 6. [n] log pi_ref of the frozen reference (kl_coef > 0)
+    teacher_topk_ids: torch.Tensor | None = None   # 6. [n, k] the teacher's k most likely ids per position (topk_kd)
+    teacher_topk_logp: torch.Tensor | None = None  # 6. [n, k] their teacher log-probs
+    token_adv: torch.Tensor | None = None       # 6. [n] per-token advantages from a step-level hook (TOP-D)
     dummy: bool = False                         # collate's placeholder on a rank without rows: fully masked
 
-# The per-token fields collate() lays out as [B, R] when every row of a micro-batch has them.
-TOKEN_FIELDS = ("teacher_logp", "old_logp", "ref_logp", "engine_logp")
+# The per-token fields collate() lays out as [B, R] (or [B, R, k]) when every row of a micro-batch has them.
+TOKEN_FIELDS = ("teacher_logp", "old_logp", "ref_logp", "engine_logp", "token_adv", "teacher_topk_ids",
+                "teacher_topk_logp")
 
 def pack(rows: list, budget: int) -> list:
     """Micro-batches (lists of rows) whose padded size B x L stays within `budget`; rows sorted longest first."""
@@ -181,7 +198,10 @@ def pack(rows: list, budget: int) -> list:
 
 def dummy_row() -> Row:
     """One masked-out token with every per-token field: a rank without data runs the same forward (a collective)."""
-    return Row(prompt=[0], response=[0], dummy=True, **{field: torch.zeros(1) for field in TOKEN_FIELDS})
+    row = Row(prompt=[0], response=[0], dummy=True, **{field: torch.zeros(1) for field in TOKEN_FIELDS})
+    row.teacher_topk_ids = torch.zeros(1, 1, dtype=torch.long)  # [n, k] with k = 1
+    row.teacher_topk_logp = torch.zeros(1, 1)
+    return row
 
 def collate(rows: list, device) -> dict:
     """One micro-batch as tensors: the model's inputs and every per-token value laid out [B, R].
@@ -216,20 +236,27 @@ def collate(rows: list, device) -> dict:
              "adv": torch.tensor([r.adv for r in rows], dtype=torch.float32),
              "wrong": torch.tensor([not r.correct for r in rows]), "rows": rows, "slots": len(rows) * width,
              "tokens": sum(len(r.response) for r in rows if not r.dummy), "real": sum(lens) if real else 0}
-    for field in TOKEN_FIELDS:  # per-row token vectors -> [B, R]
+    for field in TOKEN_FIELDS:  # per-row token values [n] (or [n, k]) -> [B, R] (or [B, R, k])
         if all(getattr(r, field) is not None for r in rows):
             values = [getattr(r, field) for r in rows]
-            flat = torch.zeros(len(rows) * rmax, dtype=torch.float32, device=values[0].device)
-            batch[field] = flat.index_copy(0, dst.to(flat.device), torch.cat(values)).view(len(rows), rmax)
+            flat = values[0].new_zeros((len(rows) * rmax, *values[0].shape[1:]))  # [B * R] (or [B * R, k])
+            batch[field] = flat.index_copy(0, dst.to(flat.device), torch.cat(values)).view(len(rows), rmax,
+                                                                                           *flat.shape[1:])
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 def forward(model: Policy, batch: dict, *, entropy_grad=False, with_entropy=True):
-    """Log-probs and entropies laid out [B, R] like batch["mask"] (entropies 0 when with_entropy is False)."""
-    logp, ent = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], entropy_grad=entropy_grad,
-                      with_entropy=with_entropy)  # [n], [n]
+    """Log-probs and entropies laid out [B, R] like batch["mask"] (entropies 0 when with_entropy is False), and the
+    log-probs of the teacher's top-k ids [B, R, k] when the batch has them (else None)."""
     B, R = batch["mask"].shape
-    return [torch.zeros(B * R, dtype=x.dtype, device=x.device).index_copy(0, batch["dst"], x).view(B, R)
-            for x in (logp, ent)]
+    topk_ids = batch.get("teacher_topk_ids")  # [B, R, k]
+    if topk_ids is not None:
+        topk_ids = topk_ids.view(B * R, -1).index_select(0, batch["dst"])  # [n, k] in the targets' order
+    logp, ent, topk = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], entropy_grad=entropy_grad,
+                            with_entropy=with_entropy, topk_ids=topk_ids)  # [n], [n], None or ([n, k], [n, k])
+    out = [logp, ent] + ([] if topk is None else [topk[1]])
+    laid_out = [torch.zeros((B * R, *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, batch["dst"], x)
+                .view(B, R, *x.shape[1:]) for x in out]  # [B, R] (or [B, R, k])
+    return laid_out[0], laid_out[1], laid_out[2] if topk is not None else None
 
 # ----------------------------------------------------------------------------- the loop's collectives
 def reduce_ints(values: list, op: str = "max") -> list:
@@ -286,10 +313,12 @@ class Metrics:
         return out
 
 @torch.no_grad()
-def logprobs(model: Policy, rows: list, budget: int, device):
+def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
     """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old): float32
     [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), real, pad_fraction,
-    micro_batches / dummy_batches. Sharded, a collective: every rank calls it with its own rows (even none)."""
+    micro_batches / dummy_batches. topk > 0 (a teacher for topk_kd): each row's entry is (log-probs [n], its
+    `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead. Sharded, a collective: every
+    rank calls it with its own rows (even none)."""
     batches = pack(rows, budget)
     n_micro = reduce_ints([len(batches)])[0]  # same number of FSDP forwards on every rank
     if getattr(model, "offload", False):
@@ -300,9 +329,12 @@ def logprobs(model: Policy, rows: list, budget: int, device):
         for j in range(n_micro):
             micro = batches[j] if j < len(batches) else []
             batch = collate([Row(prompt=r.prompt, response=r.response) for r in micro], device)
-            logp, _ = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], with_entropy=False)  # [n]
+            logp, _, top = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], with_entropy=False,
+                                 topk=topk)  # [n]; None or ([n, k], [n, k])
             if micro:
-                out.update(zip(map(id, micro), logp.split([len(r.response) for r in micro])))
+                sizes = [len(r.response) for r in micro]
+                per_row = zip(logp.split(sizes), *(x.split(sizes) for x in top)) if topk else logp.split(sizes)
+                out.update(zip(map(id, micro), per_row))
                 stats["slots"] += batch["slots"]
                 stats["max_slots"] = max(stats["max_slots"], batch["slots"])
                 stats["real"] += batch["real"]

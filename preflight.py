@@ -24,12 +24,14 @@ OUTSIDE_TENSORS = 3 * GIB
 # ----------------------------------------------------------------------------- 1. the config's types and ranges
 RULES = [("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
           "max_prompt_tokens train_per_level eval_per_level eval_n keep_last logit_chunk teacher_token_budget "
-          "max_num_seqs".split(), lambda v: v >= 1, ">= 1"),
+          "max_num_seqs kd_topk".split(), lambda v: v >= 1, ">= 1"),
          ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
-          "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature".split(),
+          "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature "
+          "max_logprob_mismatch".split(),
           lambda v: v >= 0, ">= 0"),
          ("lr temperature max_grad_norm dist_timeout_min teacher_timeout_s".split(), lambda v: v > 0, "> 0"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
+         (["topd_alpha"], lambda v: 0 < v < 1, "in (0, 1) (1 would be plain on-policy distillation: method distill)"),
          ("eps_low eps_high".split(), lambda v: 0 <= v < 1, "in [0, 1)"),
          ("top_p eval_top_p gpu_memory_utilization".split(), lambda v: 0 < v <= 1, "in (0, 1]")]
 CHOICES = {"lr_schedule": ("constant", "cosine"), "engine": ("vllm", "hf"), "loss_agg": rlad.LOSS_AGGS,
@@ -80,7 +82,7 @@ def check_config(cfg, world: int):
     import teacher
     try:  # both say what is wrong in one line of their own
         tasks.load(cfg.task)
-        if cfg.teacher_url and rlad.METHODS[cfg.method]["teacher_logp"]:
+        if cfg.teacher_url and rlad.uses_teacher(cfg.method):
             teacher.check_served_temperature(cfg.temperature)
     except ValueError as e:
         raise SystemExit(str(e)) from None
@@ -103,7 +105,7 @@ def check_config(cfg, world: int):
 
 def needs_teacher(cfg) -> bool:
     """The teacher's weights live on these ranks: the method scores tokens with it, and not via --teacher_url."""
-    return rlad.METHODS[cfg.method]["teacher_logp"] and not cfg.teacher_url
+    return rlad.uses_teacher(cfg.method) and not cfg.teacher_url
 
 # ----------------------------------------------------------------------------- 2. the memory plan
 def shapes(name: str) -> dict:
@@ -144,12 +146,16 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
              "gradients (fp32, update only)": 4 * P / shard,
              "bf16 compute copy (update only)": 2 * (student["root"] + 2 * student["layer"]),
              "activations (update only)": cfg.micro_batch_tokens * saved + head,
+             # topk_kd: per micro-batch token, the teacher's k ids (int64) and log-probs, the student's log-probs of
+             # them, their gradient, and the loss's (k + 1)-bucket tensors: ~32 bytes per id, never [T, V]
+             "top-k tensors (update only)": cfg.micro_batch_tokens * 32 * k if (k := topk_ids(cfg)) else 0,
              "vLLM share (rollout only)": cfg.gpu_memory_utilization * gpu_bytes,
              "NCCL, CUDA context (estimate)": OUTSIDE_TENSORS}
     resident = sum(v for k, v in parts.items() if "only)" not in k)  # held through every phase
     teacher_pass = 0 if teacher is None else \
         cfg.teacher_token_budget * 2 * teacher["hidden"] * 4 + cfg.logit_chunk * teacher["vocab"] * 6 + \
-        (2 * teacher["layer"] * 2 if cfg.teacher_shard or cfg.teacher_offload else 0)
+        (2 * teacher["layer"] * 2 if cfg.teacher_shard or cfg.teacher_offload else 0) + \
+        cfg.teacher_token_budget * 16 * topk_ids(cfg)  # topk_kd: the pass's [tokens, k] ids and log-probs
     kv = max(parts["vLLM share (rollout only)"] - 2 * P - 2 * GIB, 0)  # minus the engine's weights and overhead
     phases = {"rollout": resident + parts["vLLM share (rollout only)"], "teacher pass": resident + teacher_pass,
               "update": resident + sum(v for k, v in parts.items() if "update only" in k)}
@@ -157,6 +163,10 @@ def memory_plan(cfg, world: int, gpu_bytes: float, student: dict, teacher) -> di
             "kv_tokens": kv / student["kv_bytes_per_token"], "seq_tokens": cfg.max_prompt_tokens + cfg.max_tokens,
             "rollout_seqs": -(-cfg.prompts_per_step // world) * cfg.group_size,
             "max_util": max(gpu_bytes - resident - GIB, 0) / gpu_bytes}  # and 1 GiB of allocator slack
+
+def topk_ids(cfg) -> int:
+    """The teacher's top-k per position the method reads (rlad.METHODS' teacher_topk: kd_topk), else 0."""
+    return cfg.kd_topk if rlad.METHODS[cfg.method].get("teacher_topk") else 0
 
 def format_plan(plan: dict, cfg) -> str:
     g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731

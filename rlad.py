@@ -25,6 +25,7 @@ function below, a row in METHODS, a default in DEFAULTS and a train.py Config fi
 knobs.<name>; docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's
 (rlad.token_logprobs).
 """
+import math
 from types import SimpleNamespace
 
 import torch
@@ -111,17 +112,101 @@ def sft(batch, knobs, metrics):
     """The SFT baseline: negative log-likelihood of the (teacher's or the data's) response tokens."""
     return [("nll", 1.0, -batch.logp)]
 
-# One table of methods; train.py reads what each needs: the teacher's log-probs of every sampled token, pi_old's
-# log-probs (recomputed when the policy moved since sampling), group advantages, and whose samples are trained on
-# ("student": the engine's rollouts; "data": each example's target text, e.g. the teacher's correct samples that
-# `eval.py --sft_out` wrote: the SFT baseline).
+def topk_kd(batch, knobs, metrics):
+    """GRPO plus kd_coef x the forward KL from the teacher's top-k distribution to the student's, at every position
+    of the student's own samples (verl's and NeMo-RL's on-policy distillation loss, with a tail bucket)."""
+    kl_per_token = topk_forward_kl(batch.teacher_topk_logp, batch.topk_logp, tail=knobs.kd_topk_tail)  # [B, T]
+    metrics["topk_kl"] = masked_mean(kl_per_token.detach(), batch.mask)
+    if knobs.token_info is not None:
+        knobs.token_info["topk_kl"] = kl_per_token.detach()  # [B, T] (tools/show.py)
+    return grpo(batch, knobs, metrics) + [("kd", knobs.kd_coef, kl_per_token)]
+
+def topk_forward_kl(teacher_topk_logp, student_topk_logp, tail: bool = True):
+    """KL(p_T || p_S) over the teacher's k most likely tokens, per position: [B, T, k] log-probs (full-vocabulary,
+    not renormalised) of the same ids under each model -> [B, T].
+
+    tail: a (k+1)-th bucket holds each side's remaining mass, 1 - sum of its k probabilities, so the sum is a true KL
+    between two (k+1)-category distributions: >= 0, and 0 only when they agree on every top-k token and on the rest.
+    A student that piles mass onto the k tokens beyond the teacher's is then pulled back by the tail term. Without
+    it, both sides are renormalised over the k tokens (the KL of the two conditionals on the top-k set)."""
+    if tail:
+        # log(1 - sum_k p) from log sum_k p; a sum at 1 (or a zeroed, masked position) is held just below it
+        teacher_tail = _log1mexp(teacher_topk_logp.logsumexp(-1).clamp(max=-1e-6))  # [B, T]
+        student_tail = _log1mexp(student_topk_logp.logsumexp(-1).clamp(max=-1e-6))  # [B, T]
+        teacher = torch.cat([teacher_topk_logp, teacher_tail[..., None]], -1)  # [B, T, k + 1]
+        student = torch.cat([student_topk_logp, student_tail[..., None]], -1)  # [B, T, k + 1]
+    else:
+        teacher = teacher_topk_logp.log_softmax(-1)  # [B, T, k] renormalised over the top-k
+        student = student_topk_logp.log_softmax(-1)  # [B, T, k]
+    return (teacher.exp() * (teacher - student)).sum(-1)  # [B, T]
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate at both ends (Maechler's switch at -log 2)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+# ----------------------------------------------------------------------------- TOP-D: per-token advantages
+# TOP-D (Trust Region Policy Distillation) distils toward the *arithmetic* mixture alpha pi_T + (1 - alpha) pi_old,
+# where TRRD anchors at the geometric one. Its reward needs only the two log-probs of each sampled token; its
+# advantages need the whole group's tokens, so they are a step-level hook (METHODS' "advantages"), run once the
+# teacher's log-probs are in. Its loss is GRPO's clipped ratio pi / pi_old with these per-token advantages.
+def topd_rewards(teacher_logp, sampler_logp, alpha: float):
+    """Per sampled token, log(alpha rho + 1 - alpha) with rho = pi_T / pi_old: the log-ratio of the proximal teacher
+    to the sampler (TOP-D, Sec. 3.1). Floored at log(1 - alpha) for a token the teacher rejects (rho -> 0), growing
+    like log(alpha rho) for one it prefers, 0 where they agree. [n] x 2 -> [n], no gradient (a reward)."""
+    log_rho = teacher_logp.clamp(min=TEACHER_LOGP_FLOOR) - sampler_logp  # [n]
+    return torch.logaddexp(log_rho + math.log(alpha), torch.full_like(log_rho, math.log1p(-alpha)))  # [n]
+
+def topd_advantages(rows: list, config=None, **options) -> None:
+    """Sets each row's token_adv [n]: TOP-D's per-token advantages for a step's rows (policy.Row: teacher_logp and
+    the sampler's engine_logp of each response token), computed group by group (rows of one prompt).
+
+    return    R_t = r_t + mean(r_{t+1}, ..., r_n)       (TOP-D eq (8): no discount; the last token's R is its r)
+    advantage A_t = (R_t - mean R) / std R              over every token of the group's G responses
+    The std is the sample std, floored at 1e-6 (a group whose returns are all equal gets advantages 0)."""
+    knobs = _knobs(config, options)
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    for group in groups.values():
+        returns = []
+        for r in group:
+            reward = topd_rewards(r.teacher_logp.double(), r.engine_logp.double(), knobs.topd_alpha)  # [n]
+            later = reward.flip(0).cumsum(0).flip(0) - reward  # [n] sum of the rewards after t
+            count = torch.arange(len(reward) - 1, -1, -1).clamp(min=1)  # [n] how many follow t (none: mean 0)
+            returns.append(reward + later / count)  # [n]
+        flat = torch.cat(returns)  # [group tokens]
+        std = flat.std().clamp(min=1e-6) if flat.numel() > 1 else torch.tensor(1e-6, dtype=flat.dtype)
+        for r, ret in zip(group, returns):
+            r.token_adv = ((ret - flat.mean()) / std).float()  # [n]
+
+# One table of methods; train.py reads what each needs:
+#   teacher_logp  the teacher's log-prob of every sampled token
+#   teacher_topk  the teacher's k most likely tokens and their log-probs at every position (kd_topk of them)
+#   old_logp      pi_old's log-probs (recomputed when the policy moved since sampling)
+#   advantages    "group": GRPO's group advantages of the task reward, computed as each group finishes; a function:
+#                 a step-level hook setting per-token advantages once the frozen log-probs are in; None: no advantages
+#   samples       whose samples are trained on: "student" (the engine's rollouts) or "data" (each example's target
+#                 text, e.g. the teacher's correct samples that `eval.py --sft_out` wrote: the SFT baseline)
 METHODS = {
-    "grpo": dict(objective=grpo, teacher_logp=False, old_logp=True, advantages=True, samples="student"),
-    "kdrl": dict(objective=kdrl, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
-    "rlad": dict(objective=rlad, teacher_logp=True, old_logp=True, advantages=True, samples="student"),
-    "distill": dict(objective=distill, teacher_logp=True, old_logp=False, advantages=False, samples="student"),
-    "sft": dict(objective=sft, teacher_logp=False, old_logp=False, advantages=False, samples="data"),
+    "grpo": dict(objective=grpo, teacher_logp=False, teacher_topk=False, old_logp=True, advantages="group",
+                 samples="student"),
+    "kdrl": dict(objective=kdrl, teacher_logp=True, teacher_topk=False, old_logp=True, advantages="group",
+                 samples="student"),
+    "rlad": dict(objective=rlad, teacher_logp=True, teacher_topk=False, old_logp=True, advantages="group",
+                 samples="student"),
+    "topd": dict(objective=grpo, teacher_logp=True, teacher_topk=False, old_logp=True, advantages=topd_advantages,
+                 samples="student"),
+    "topk_kd": dict(objective=topk_kd, teacher_logp=False, teacher_topk=True, old_logp=True, advantages="group",
+                    samples="student"),
+    "distill": dict(objective=distill, teacher_logp=True, teacher_topk=False, old_logp=False, advantages=None,
+                    samples="student"),
+    "sft": dict(objective=sft, teacher_logp=False, teacher_topk=False, old_logp=False, advantages=None,
+                samples="data"),
 }
+
+def uses_teacher(method: str) -> bool:
+    """The method's loss reads the teacher: its log-probs of the sampled tokens, or its top-k."""
+    return bool(METHODS[method]["teacher_logp"] or METHODS[method].get("teacher_topk"))
 
 # The hyperparameters the objectives read (as knobs.<name>), and their one default: train.py's Config fields of the
 # same names take these defaults (and override them when set).
@@ -135,36 +220,42 @@ DEFAULTS = dict(
     kd_clamp=0.0,           # optional clamp of KDRL's log-ratio to [-c, c] (0 / None: none, KDRL's own formulation)
     kl_coef=0.0,            # > 0 adds kl_coef * agg(ref_kl(logp - ref_logp)), the KL to the frozen reference
     ref_kl="k3",            # its estimator (DeepSeekMath's low-variance k3)
+    topd_alpha=0.2,         # TOP-D: the teacher's weight in the proximal teacher alpha pi_T + (1 - alpha) pi_old
+    kd_topk=32,             # topk_kd: the teacher's k most likely tokens per position (verl's default)
+    kd_topk_tail=True,      # topk_kd: a tail bucket for the mass outside the top-k (a true KL; see topk_forward_kl)
     loss_agg="token-mean",  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm, see aggregate()
     max_len=None,           # Dr. GRPO's normaliser (the generation budget; default: the mask's width)
 )
 
-def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, num_tokens=None,
-                kd_mask=None, token_info=None, config=None, **options):
+def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, ref_logp=None, teacher_topk_logp=None,
+                topk_logp=None, num_tokens=None, kd_mask=None, token_info=None, config=None, **options):
     """The loss to minimise (-J) and detached scalar metrics, for one (micro-)batch of responses.
 
     logp (with grad), old_logp, teacher_logp, ref_logp, mask: [B, T]; advantages [B] or [B, T] (None where the
-    method's row does not need them). Hyperparameters: DEFAULTS < the attributes of `config` (train.Config) <
-    keywords (alpha=0.3, ...). kd_mask: [B] / [B, T] bool restricting the KD term. num_tokens: see aggregate().
-    Metrics (detached): loss and its terms (loss/pg, loss/kd, loss/nll, loss/kl_ref); token means ratio_mean,
-    clip_frac_low / clip_frac_high (gradient removed by the clip, A < 0 / A > 0), teacher_log_ratio (+ _abs),
-    teacher_clamp_frac. token_info, a dict, receives "clipped" [B, T] bool (methods with a clipped ratio).
+    method's row does not need them); teacher_topk_logp, topk_logp (with grad): [B, T, k], the teacher's and the
+    student's log-probs of the teacher's k most likely tokens (topk_kd). Hyperparameters: DEFAULTS < the attributes of
+    `config` (train.Config) < keywords (alpha=0.3, ...). kd_mask: [B] / [B, T] bool restricting the KD term.
+    num_tokens: see aggregate(). Metrics (detached): loss and its terms (loss/pg, loss/kd, loss/nll, loss/kl_ref);
+    token means ratio_mean, clip_frac_low / clip_frac_high (gradient removed by the clip, A < 0 / A > 0),
+    teacher_log_ratio (+ _abs), teacher_clamp_frac, topk_kl. token_info, a dict, receives "clipped" [B, T] bool
+    (methods with a clipped ratio) and "topk_kl" [B, T] (topk_kd).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {tuple(METHODS)}")
-    knobs = SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
-                            token_info=token_info)
+    knobs = _knobs(config, options, token_info=token_info)
     needs = METHODS[method]
     mask = mask.bool()  # [B, T]
     _check_inputs(method, logp, old_logp, advantages, mask, teacher_logp=teacher_logp, ref_logp=ref_logp,
-                  kl_coef=knobs.kl_coef)
+                  kl_coef=knobs.kl_coef, topk=(teacher_topk_logp, topk_logp))
 
     # Masked positions may hold anything (padding, -inf, NaN): replace them before any arithmetic.
-    zero = lambda x: None if x is None else torch.where(mask, x, 0.0)  # noqa: E731  [B, T]
+    def zero(x):  # [B, T] (or [B, T, k]: every id of a masked position) -> the same, masked positions 0
+        return None if x is None else torch.where(mask.view(*mask.shape, *[1] * (x.ndim - 2)), x, 0.0)
+
     logp = zero(logp)  # [B, T]
     metrics = {}
     batch = SimpleNamespace(logp=logp, old_logp=zero(old_logp), mask=mask, adv=None, teacher_log_ratio=None,
-                            kd_mask=None)
+                            kd_mask=None, teacher_topk_logp=zero(teacher_topk_logp), topk_logp=zero(topk_logp))
     if needs["advantages"]:
         batch.adv = zero(advantages[:, None] if advantages.ndim == 1 else advantages)  # [B, 1] -> [B, T]
     if teacher_logp is not None:
@@ -184,18 +275,27 @@ def policy_loss(method, logp, old_logp, advantages, mask, *, teacher_logp=None, 
     metrics["loss"] = loss.detach()
     return loss, metrics
 
-def _check_inputs(method, logp, old_logp, advantages, mask, *, teacher_logp, ref_logp, kl_coef):
+def _knobs(config, options: dict, token_info=None) -> SimpleNamespace:
+    """The objectives' hyperparameters: DEFAULTS < the attributes of `config` (train.Config) < keywords."""
+    return SimpleNamespace(**{**DEFAULTS, **(vars(config) if config is not None else {}), **options},
+                           token_info=token_info)
+
+def _check_inputs(method, logp, old_logp, advantages, mask, *, teacher_logp, ref_logp, kl_coef, topk):
     """ValueError naming the input when the method's row needs it and it is missing, or a shape is wrong."""
     needs = METHODS[method]
     for name, given in (("teacher_logp", teacher_logp), ("old_logp", old_logp), ("advantages", advantages)):
         if needs[name] and given is None:
             raise ValueError(f"method {method!r} needs {name} (see rlad.METHODS)")
+    if needs.get("teacher_topk") and any(x is None for x in topk):
+        raise ValueError(f"method {method!r} needs teacher_topk_logp and topk_logp [B, T, k] (see rlad.METHODS)")
     if kl_coef and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp [B, T] (log-probs of the frozen initial student)")
     shapes = {"mask": mask, "old_logp": old_logp, "teacher_logp": teacher_logp, "ref_logp": ref_logp}
     bad = [name for name, t in shapes.items() if t is not None and t.shape != logp.shape]
     if needs["advantages"] and advantages.shape not in (logp.shape, logp.shape[:1]):
         bad.append("advantages")
+    if any(x is not None and (x.ndim != 3 or x.shape[:2] != logp.shape) for x in topk):
+        bad.append("teacher_topk_logp / topk_logp ([B, T, k])")
     if bad or logp.ndim != 2:
         raise ValueError(f"{', '.join(bad) or 'logp'}: logp and the other per-token inputs must be [B, T] "
                          f"(logp is {tuple(logp.shape)}), advantages [B] or [B, T]")

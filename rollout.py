@@ -10,9 +10,11 @@
 - VLLMEngine: an in-process vLLM `LLM` per rank (tensor parallel 1). Fast; what training uses.
 - HFEngine: transformers' `generate`, batched and left-padded. For machines without vLLM; the tests' reference.
 
-"logprobs" are log pi(o_t | q, o_<t) of each sampled token from the *raw* logits (vLLM's default logprobs_mode
-"raw_logprobs", before temperature and top-p): the trainer only logs them beside its own (`logprob_mismatch`).
-temperature=0 means greedy. `response_ids` end with the EOS token when finish_reason == "stop".
+"logprobs" are log pi(o_t | q, o_<t) of each sampled token under the distribution it was drawn from: the logits
+divided by the temperature (vLLM's logprobs_mode "processed_logprobs"; with top_p < 1, renormalised over the nucleus).
+The trainer compares them with its own (`logprob_mismatch`, train.check_engine) and stops a run whose engine samples
+from other weights; TOP-D's reward reads them as the sampler's log-probs. temperature=0 means greedy (log-probs of
+the undivided logits). `response_ids` end with the EOS token when finish_reason == "stop".
 
 Weight sync (VLLMEngine.load_weights) is vLLM's in-place `reload_weights(weights_iterator=...)`: Hugging Face names
 streamed from the caller's iterator (no second full copy), post-processing re-run, prefix cache reset.
@@ -145,9 +147,12 @@ class VLLMEngine:
             raise RuntimeError(f"WORLD_SIZE={world} (torchrun) but torch.distributed is not initialised: call "
                                "dist.init_process_group(...) before building VLLMEngine, on every rank (otherwise "
                                "vLLM creates its own 1-rank default group and the trainer's init_process_group fails)")
+        # processed_logprobs: the sampled tokens' log-probs under the distribution they were drawn from (after the
+        # temperature, top-p renormalised), as the trainer's are; vLLM's default, raw_logprobs, is before both
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                       max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
-                      enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_memory_bytes)
+                      enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                      logprobs_mode="processed_logprobs")
         if dist.is_initialized() and dist.get_world_size() > 1:
             # One engine per rank in the trainer's world, its device from LOCAL_RANK ("uni" would put all on cuda:0)
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -304,7 +309,8 @@ class VLLMEngine:
 # -------------------------------------------------------------------------------------------------- transformers engine
 class HFEngine:
     """The same interface on transformers' generate. `model`: a path, or an nn.Module (the trainer's own: load_weights
-    skips tensors that are its parameters). Log-probs: one forward over prompt + response, raw log_softmax."""
+    skips tensors that are its parameters). Log-probs: one forward over prompt + response, log_softmax of the logits
+    divided by the temperature (top-p's renormalisation is not applied)."""
 
     def __init__(self, model, *, dtype=None, device=None, batch_size: int = 64):
         from transformers import AutoModelForCausalLM
@@ -374,7 +380,8 @@ class HFEngine:
         # Logits that predict the R response tokens: positions P-1 .. P+R-2, i.e. the last R+1 minus the final.
         logits = self.model(input_ids=out, attention_mask=full_mask, position_ids=positions,
                             logits_to_keep=gen.shape[1] + 1).logits[:, :-1]  # [B, R, V]
-        logp = rlad.token_logprobs(logits, gen)  # [B, R] float32
+        temperature = gen_config.temperature if gen_config.do_sample else 1.0  # as vLLM's processed log-probs
+        logp = rlad.token_logprobs(logits / temperature, gen)  # [B, R] float32 (top-p's renormalisation left out)
         return [{"response_ids": g[:n], "logprobs": lp[:n], "finish_reason": "stop" if eos else "length"}
                 for g, lp, n, eos in zip(gen.tolist(), logp.tolist(), lengths.tolist(), has_eos.tolist())]
 

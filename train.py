@@ -73,7 +73,7 @@ class Config:
     sft_data: str = ""                      # sft: examples with "target" texts (eval.py --sft_out); "" = the task's
     max_prompt_tokens: int = 1024           # longer prompts are dropped from the training and eval sets
     # algorithm (docs/algorithm.md; rlad.DEFAULTS documents the loss knobs the objectives read)
-    method: str = "rlad"                    # a key of rlad.METHODS: grpo | kdrl | rlad | distill | sft
+    method: str = "rlad"                    # a key of rlad.METHODS: grpo | kdrl | rlad | topd | topk_kd | distill | sft
     group_size: int = 8                     # G responses per prompt
     prompts_per_step: int = 256             # global prompts per step (all ranks), divisible by world size
     mini_batches: int = 8                   # optimizer steps per epoch (paper 256/32 read as verl's mini-batch 32)
@@ -97,6 +97,9 @@ class Config:
     kd_clamp: float = rlad.DEFAULTS["kd_clamp"]  # optional clamp of KDRL's log-ratio to [-c, c] (0 = none)
     kd_wrong_only: bool = False             # KDRL reward-guided masking: KD only on wrong responses
     kl_coef: float = rlad.DEFAULTS["kl_coef"]  # KL(pi_S || pi_ref) weight, k3; > 0 loads a frozen reference student
+    topd_alpha: float = rlad.DEFAULTS["topd_alpha"]  # TOP-D: the teacher's weight in its proximal teacher
+    kd_topk: int = rlad.DEFAULTS["kd_topk"]  # topk_kd: the teacher's top-k per position (served: vllm --max-logprobs)
+    kd_topk_tail: bool = rlad.DEFAULTS["kd_topk_tail"]  # topk_kd: a bucket for the mass outside the top-k
     ent_coef: float = 0.0                   # entropy bonus coefficient (start value under adaptive control)
     ent_target: float = 0.0                 # > 0: Skywork-OR1 adaptive control steers entropy to this target
     ent_delta: float = 5e-3                 # adaptive control: coefficient change per step
@@ -123,6 +126,10 @@ class Config:
     teacher_url: str = ""                   # served teacher: vLLM server(s), http://host:8000/v1[,...] (temperature 1)
     teacher_timeout_s: float = 300.0        # served teacher: retry a failed request this long, then stop the run
     teacher_stream: bool = True             # served teacher: score each group as the engine finishes it (false: after)
+    # Stop before the update when the engine's log-probs of its samples are this far from the trainer's (mean nats
+    # over the step's tokens): it sampled from stale or corrupt weights. A correct run is ~0 in float32 and about
+    # 0.06 in bf16 (measured on CPU); 0 = off.
+    max_logprob_mismatch: float = 0.5
     # evaluation, checkpoints, logging
     eval_every: int = 25                    # 0 = never; also at the last step
     eval_per_level: int = 100               # held-out problems per level
@@ -158,7 +165,7 @@ def main(cfg: Config, task=None):
     bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
     for step in range(run.start, cfg.max_steps):
         metrics = policy.Metrics()  # this step's numbers, merged across ranks once, at 8.
-        times = {"sync": 0.0}  # seconds per phase on this rank (the slowest rank's are logged)
+        times = {"sync": 0.0, "teacher": 0.0}  # seconds per phase on this rank (the slowest rank's are logged)
         step_start = time.perf_counter()
 
         # 1. Prompts: this rank's share of the step, and the position of its first prompt in the step (offset)
@@ -188,7 +195,7 @@ def main(cfg: Config, task=None):
                 group = make_rows(p, samples, prompts[p][0], offset)
                 with timed(times, "reward"):
                     tasks.score_rows(run.task, group, examples[p], prefill=prompts[p][1], tokenizer=run.tokenizer)
-                if run.needs["samples"] == "student":
+                if run.needs["advantages"] == "group":
                     set_advantages(run, group)
                 group_kept = keep_rows(run, group, metrics)
                 rows += group
@@ -201,8 +208,11 @@ def main(cfg: Config, task=None):
         rows.sort(key=lambda r: r.uid)  # prompt order, as if the groups had finished in order
         kept.sort(key=lambda r: r.uid)
 
-        # 6. The frozen models' log-probs of every kept token: the teacher's, pi_old's, the reference's.
+        # 6. The frozen models' log-probs of every kept token: the teacher's, pi_old's, the reference's. A method
+        # whose advantages need them (TOP-D) computes its per-token advantages now, from whole groups.
         frozen_logprobs(run, kept, metrics, times)
+        if callable(run.needs["advantages"]):
+            run.needs["advantages"](kept, cfg)
         if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:  # a few groups, token by token
             evaluation.write_samples(run, step + 1, kept)  # a collective: a no-grad forward of rank 0's groups
 
@@ -373,13 +383,15 @@ def update(run, rows: list, step: int, metrics):
                 batch = policy.collate(plans[k][j] if j < len(plans[k]) else [], run.device)
                 mask = batch["mask"]  # [B, R]
                 tokens = batch["tokens"]  # real response tokens in this micro-batch
-                logp, entropy = policy.forward(model, batch, entropy_grad=run.ent_coef > 0,
-                                               with_entropy=exact_entropy)  # [B, R] each
+                logp, entropy, topk_logp = policy.forward(model, batch, entropy_grad=run.ent_coef > 0,
+                                                          with_entropy=exact_entropy)  # [B, R], [B, R], [B, R, k]
                 old_logp = batch.get("old_logp", logp.detach())  # one epoch, one mini-batch: this forward IS pi_old
                 loss, loss_metrics = rlad.policy_loss(
-                    cfg.method, logp, old_logp, batch["adv"], mask, teacher_logp=batch.get("teacher_logp"),
-                    ref_logp=batch.get("ref_logp"), num_tokens=denom, config=cfg, kd_coef=kd_coef_at(step, cfg),
-                    max_len=cfg.max_tokens, kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)
+                    cfg.method, logp, old_logp, batch.get("token_adv", batch["adv"]), mask,
+                    teacher_logp=batch.get("teacher_logp"), ref_logp=batch.get("ref_logp"), topk_logp=topk_logp,
+                    teacher_topk_logp=batch.get("teacher_topk_logp"), num_tokens=denom, config=cfg,
+                    kd_coef=kd_coef_at(step, cfg), max_len=cfg.max_tokens,
+                    kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)
                 if run.ent_coef > 0:  # the entropy bonus (Skywork-OR1's adaptive control steers its coefficient)
                     loss = loss - run.ent_coef * rlad.aggregate(entropy, mask, cfg.loss_agg, denom, cfg.max_tokens)
                 (loss * world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
@@ -393,10 +405,11 @@ def update(run, rows: list, step: int, metrics):
                              * tokens, tokens)
                 real_slots = batch["slots"] if batch["real"] else 0  # a dummy micro-batch counts nothing
                 metrics.mean("pad_frac", (1.0 - batch["real"] / batch["slots"]) * real_slots, real_slots)
-                if "engine_logp" in batch and epoch == 0:  # engine vs trainer log-probs of the same weights
-                    gap = torch.where(mask, (old_logp - batch["engine_logp"]).abs(), 0.0)  # [B, R]
-                    metrics.mean("logprob_mismatch", gap.sum() / max(tokens, 1) * tokens, tokens)
-                    metrics.max("logprob_mismatch_max", gap.max())
+                if "old_logp" not in batch:  # this forward was pi_old: keep it for the engine check
+                    for i, r in enumerate(batch["rows"]):
+                        r.old_logp = logp[i, :len(r.response)].detach()  # [n]
+            if optimizer_steps == 0 and run.needs["samples"] == "student":  # before the step's first optimizer
+                check_engine(run, rows, metrics)  # step: did the engine sample from the trainer's weights?
             optimizer_steps += 1
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -408,6 +421,32 @@ def update(run, rows: list, step: int, metrics):
             run.opt.zero_grad(set_to_none=True)
     for name, share in loss_shares.items():  # each optimizer step's loss, averaged over the step's optimizer steps
         metrics.total(name, share, over=optimizer_steps)
+
+def check_engine(run, rows: list, metrics):
+    """logprob_mismatch: the mean |logp_engine - logp_old| over every rank's sampled tokens, the engine's log-probs
+    against the trainer's for the same weights and tokens (one all_reduce; the rows whose pi_old is known before the
+    first optimizer step: all of them unless a method without pi_old splits the step into mini-batches). Above
+    --max_logprob_mismatch the engine sampled from other weights than the trainer holds: every rank stops, before
+    the first optimizer step of the step."""
+    gaps = [(r.old_logp.float() - r.engine_logp.to(r.old_logp.device)).abs() for r in rows
+            if r.engine_logp is not None and r.old_logp is not None]  # [n] each
+    gap = torch.cat(gaps) if gaps else torch.zeros(0, device=run.device)  # [tokens]
+    total = torch.stack([gap.double().sum(), torch.tensor(gap.numel(), dtype=torch.float64, device=gap.device)])
+    metrics.mean("logprob_mismatch", total[0], total[1])
+    metrics.max("logprob_mismatch_max", gap.max() if gap.numel() else 0.0)
+    if not run.cfg.max_logprob_mismatch:
+        return
+    everyone = total.to(run.device, copy=True)  # a copy: the metric keeps this rank's own sums
+    dist.all_reduce(everyone)
+    mean = (everyone[0] / everyone[1].clamp(min=1)).item()
+    if mean > run.cfg.max_logprob_mismatch:
+        run.opt.zero_grad(set_to_none=True)
+        raise SystemExit(f"logprob_mismatch {mean:.3f} nats (mean |logp_engine - logp_trainer| over the step's "
+                         f"{int(everyone[1])} sampled tokens) > --max_logprob_mismatch "
+                         f"{run.cfg.max_logprob_mismatch:g}: the rollout engine sampled from other weights than the "
+                         "trainer holds, so nothing was updated. Likely: weights not synced after sleep (or a partial "
+                         "sync), a model whose buffers vLLM rebuilds differently (rotary scaling, attention scales), "
+                         "or a dtype mismatch between engine and trainer. --max_logprob_mismatch 0 turns the check off")
 
 # ----------------------------------------------------------------------------- 8. log, evaluate, checkpoint
 def log_line(run, step: int, rows: list, kept: list, metrics) -> dict:
@@ -508,7 +547,7 @@ class Run:
     resumed: bool = False                       # started from a checkpoint of run_dir
     skipped: int = 0                            # optimizer steps skipped so far (non-finite gradient norm)
     ent_coef: float = 0.0                       # the entropy bonus coefficient (the adaptive control moves it)
-    serving_dtype: torch.dtype | None = None    # weights sent to the engine and checkpoints: bf16 on GPU, else as trained
+    serving_dtype: torch.dtype | None = None    # the engine's and the checkpoints' weights: bf16 on GPU, else fp32
     metrics_path: str = ""                      # RUN_DIR/metrics.jsonl
     wandb: object = None                        # the wandb module, when logging to it
 
@@ -531,11 +570,11 @@ def setup(cfg: Config, task=None) -> Run:
     if preflight.needs_teacher(cfg):
         run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher")
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
-    if cfg.teacher_url and run.needs["teacher_logp"]:  # checked now (answers, same tokenizer), before any weights load
+    if cfg.teacher_url and rlad.uses_teacher(cfg.method):  # checked now (answers, same tokenizer), before any weights
         run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
                                                 max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
                                                 token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s,
-                                                stream=cfg.teacher_stream)
+                                                stream=cfg.teacher_stream, topk=preflight.topk_ids(cfg))
     if run.teacher_path:
         try:
             teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
@@ -619,10 +658,11 @@ def load_models(run):
     if cfg.kl_coef > 0:  # the frozen reference of the KL term: the initial student
         run.ref = policy.load(run.student_path, device, world, chunk=cfg.logit_chunk, temperature=cfg.temperature,
                               trainable=False, mesh=run.mesh)
-    if run.needs["teacher_logp"] and run.teacher is None:  # not served: a frozen policy on these ranks
+    if rlad.uses_teacher(cfg.method) and run.teacher is None:  # not served: a frozen policy on these ranks
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
-                                          chunk_size=cfg.logit_chunk, temperature=cfg.temperature, mesh=run.mesh)
+                                          chunk_size=cfg.logit_chunk, temperature=cfg.temperature, mesh=run.mesh,
+                                          topk=preflight.topk_ids(cfg))
         student_vocab = run.student.lm.get_output_embeddings().weight.shape[0]
         if run.teacher.vocab_size < student_vocab:  # once here, not per step: the student samples ids below its size
             raise SystemExit(f"the teacher's vocabulary ({run.teacher.vocab_size}) is smaller than the student's "

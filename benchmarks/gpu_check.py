@@ -486,7 +486,7 @@ def part_padding(args, state, res):
         slots = real = 0
         for mb in mbs:
             b = policy.collate(mb, device)
-            lp, _ = policy.forward(model, b)  # [B, R]
+            lp, _, _ = policy.forward(model, b)  # [B, R]
             ((lp * b["mask"]).sum() / max(b["tokens"], 1)).backward()
             slots, real = slots + b["slots"], real + b["real"]
         model.zero_grad(set_to_none=True)

@@ -79,7 +79,7 @@ def test_logprobs_and_entropy_equal_a_plain_forward(tiny_model_dir, device, chun
     want = reference_logprobs(tiny_model_dir, rows, 0.7)
     for mb in policy.pack(rows, budget=40):  # several rows per micro-batch: right padding in play
         b = policy.collate(mb, device)
-        lp, ent = policy.forward(model, b)  # [B, R], [B, R]
+        lp, ent, _ = policy.forward(model, b)  # [B, R], [B, R]
         assert lp.shape == ent.shape == b["mask"].shape
         assert torch.all(lp[~b["mask"]] == 0)
         for i, r in enumerate(mb):
@@ -109,7 +109,7 @@ def test_gradients_equal_a_plain_forward_at_any_chunk_size(tiny_model_dir, devic
     want = {n: p.grad for n, p in lm.named_parameters()}
     for chunk in (3, 1024):  # 3 rows of the LM head at a time vs all at once
         model = policy.load(tiny_model_dir, device, 1, chunk=chunk)
-        lp, ent = policy.forward(model, b, entropy_grad=entropy_grad)  # [B, R], [B, R]
+        lp, ent, _ = policy.forward(model, b, entropy_grad=entropy_grad)  # [B, R], [B, R]
         ((lp * weights).sum() + ent.sum()).backward()
         got = {n: p.grad.full_tensor() for n, p in model.lm.named_parameters()}
         assert got.keys() == want.keys()

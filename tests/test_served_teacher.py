@@ -148,8 +148,10 @@ def test_server_killed_mid_run_stops_every_rank_then_resume_finishes(server, tmp
     errs = rank_logs(logs)
     assert proc.returncode != 0 and len(errs) == 2, errs
     for err in errs:  # every rank: one line naming the URL (after rank 0's progress bar), no traceback
-        assert len(re.findall(f"served teacher {re.escape(server.url)}: [^\\n]+\\n", err)) == 1, err[-3000:]
+        assert len(re.findall(f"^served teacher {re.escape(server.url)}: [^\\n]+\\n", err, re.M)) == 1, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
+    # and a line at the first failed request, within seconds, saying what the run waits for and for how long
+    assert f"waiting for the served teacher at {server.url}: " in errs[0] + errs[1], errs
     done = [m["step"] for m in steps(run_dir)]
     assert 2 <= done[-1] < 8 and done == list(range(1, done[-1] + 1))
     newest = checkpoint.latest_checkpoint(run_dir)  # the last complete step's checkpoint, nothing half written
@@ -197,3 +199,59 @@ def test_a_failure_on_one_rank_stops_every_rank(server, tmp_path):
     assert errs[0].strip().splitlines()[-1].startswith(f"served teacher {closed}: no answer"), errs[0][-2000:]
     assert errs[1].strip().splitlines()[-1] == f"served teacher {server.url}: a request failed on another rank"
     assert not any("Traceback" in e for e in errs), errs
+
+
+def test_served_topk_equals_the_local_teachers(server):
+    """prompt_logprobs = k from the server and the local teacher's top-k of its chunked LM head: the same ids in the
+    same order and the same log-probs (float32 on both sides), and the same sampled-token log-probs."""
+    import policy
+    import teacher
+    rng = random.Random(1)
+    local = teacher.Teacher(server.model_dir, device="cpu", token_budget=2048, temperature=1.0, topk=8)
+    served = teacher.ServedTeacher(server.url, token_budget=2048, topk=8)
+    rows = {}
+    for name, t in (("local", local), ("served", served)):
+        rng.seed(1)
+        rows[name] = [policy.Row(prompt=[rng.randrange(local.vocab_size) for _ in range(rng.randint(1, 50))],
+                                 response=[rng.randrange(local.vocab_size) for _ in range(rng.randint(1, 60))], uid=i)
+                      for i in range(12)]
+        t.submit(rows[name])
+        t.finish()
+    for a, b in zip(rows["local"], rows["served"]):
+        assert b.teacher_topk_ids.shape == (len(b.response), 8) and b.teacher_topk_ids.dtype == torch.long
+        assert torch.equal(a.teacher_topk_ids, b.teacher_topk_ids)
+        assert (a.teacher_topk_logp - b.teacher_topk_logp).abs().max() < 1e-5
+        assert (a.teacher_logp - b.teacher_logp).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["topd", "topk_kd"])
+def test_new_baselines_train_with_a_served_teacher(server, tmp_path, method):
+    run_dir = str(tmp_path / method)
+    code, out = run_train([sys.executable, "train.py"] + PRESET + ["--max_steps", "2", "--run_dir", run_dir,
+                                                                  "--teacher_url", server.url, "--method", method,
+                                                                  "--kd_topk", "8"])
+    assert code == 0, out[-3000:]
+    metrics = steps(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["grad_norm"] > 0 for m in metrics)
+    assert all(m["teacher_log_ratio_abs"] > 0 and m["time/teacher"] > 0 for m in metrics)
+    assert os.listdir(os.path.join(run_dir, "models")) == ["tiny"]
+
+
+def test_a_mistyped_teacher_url_says_within_seconds_what_the_run_waits_for(tmp_path):
+    """A new user's typo (port 1): at the first refused request, one line naming the URL, the reason and how long it
+    keeps retrying (and with which flag), long before the default 300 s --teacher_timeout_s runs out."""
+    url = "http://127.0.0.1:1/v1"
+    cmd = [sys.executable, "train.py"] + PRESET + ["--run_dir", str(tmp_path / "run"), "--teacher_url", url]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if line.startswith(f"waiting for the served teacher at {url}: "):
+                break
+        seconds = time.monotonic() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "Connection refused" in line and "300 s (--teacher_timeout_s)" in line, line
+    assert seconds < 90, seconds  # python + torch imports and the config checks, then the first request

@@ -64,7 +64,7 @@ def test_own_task_example_trains_with_rlad_and_logs_the_teacher(tmp_path):
 @pytest.mark.parametrize("body, message", [
     ("def score(examples, responses):\n    raise KeyError('reward')\n", "score() raised KeyError"),
     ("def score(examples, responses):\n    return [{'reward': 1.0, 'correct': True, 'format_ok': True}]\n",
-     "score() must return one {reward, correct, format_ok} dict per response (64), got 1 items"),
+     "score() must return one {reward, correct, format_ok} dict per response (8), got 1 items"),  # one group
 ])
 def test_a_plugin_that_breaks_its_contract_is_named(tmp_path, body, message):
     (tmp_path / "bad_task.py").write_text(

@@ -75,6 +75,9 @@ def _response_html(s, method):
     for name, v in (("student_logp", lps), ("teacher_logp", lts), ("teacher", rel), ("clipped", clipped)):
         if v is not None and len(v) != n:
             raise ValueError(f"a response has {n} tokens but {len(v)} {name} values")
+    for name in ("token_reward", "token_advantage", "topk_kl"):
+        if s.get(name) is not None and len(s[name]) != n:
+            raise ValueError(f"a response has {n} tokens but {len(s[name])} {name} values")
     sign = (s["advantage"] > 0) - (s["advantage"] < 0)
     where, cls = {1: ("rewarded", "pos"), -1: ("penalised", "neg"), 0: ("no signal", "nil")}[sign]
     spans, counts = [], {r: 0 for r in ("prefers", "rejects", "agrees")} if rel else {}
@@ -82,8 +85,16 @@ def _response_html(s, method):
         r = rel[i] if rel else None
         tip = f"{json.dumps(tok)} id {ids[i]}\nlogp_S {lps[i]:.3f}" + (
             f"  logp_T {lts[i]:.3f}  gap {lps[i] - lts[i]:+.3f}" if lts else "  (no teacher)")
-        tip += f"\nregime: {where}" + (f" x teacher {r}" if r else "") + f" ({_effect(method, sign, r)})"
+        if s.get("token_advantage") is not None:  # TOP-D: every token has an advantage of its own
+            token_sign = (s["token_advantage"][i] > 0) - (s["token_advantage"][i] < 0)
+            tip += f"\nregime: {'pushed up' if token_sign > 0 else 'pushed down' if token_sign < 0 else 'no gradient'}"
+        else:
+            tip += f"\nregime: {where}" + (f" x teacher {r}" if r else "") + f" ({_effect(method, sign, r)})"
         tip += f"\nclipped: {'yes' if clipped[i] else 'no'}"
+        if s.get("token_reward") is not None:  # TOP-D: the token's own reward and advantage (its sign is the push)
+            tip += f"\nTOP-D reward {s['token_reward'][i]:+.3f}  advantage {s['token_advantage'][i]:+.3f}"
+        if s.get("topk_kl") is not None:  # topk_kd: how far the student's top-k is from the teacher's here
+            tip += f"\ntop-k KL(teacher || student) {s['topk_kl'][i]:.4f}"
         text = html.escape(tok or "\u2205").replace("\n", "\u21b5\n").replace("\t", "\u21e5").replace("\r", "\u240d")
         style = f' style="background:{_gap_colour(lps[i] - lts[i])}"' if lts else ""
         spans.append(f'<span class="t {cls} {r or ""}{" clip" if clipped[i] else ""}" title="{html.escape(tip)}"'
@@ -94,6 +105,12 @@ def _response_html(s, method):
     meta = (f"<b>{'&#10003; correct' if s['correct'] else '&#10007; wrong'}</b><br>reward {s['reward']:g}, "
             f"advantage {s['advantage']:+.3f} ({where})<br>{n} tokens{tally}<br>clipped: {sum(map(bool, clipped))}"
             f" ({sum(map(bool, clipped)) / max(n, 1):.0%})")
+    if s.get("token_advantage") is not None:  # TOP-D: tokens pushed up (A > 0) and down (A < 0)
+        up = sum(a > 0 for a in s["token_advantage"])
+        mean_reward = sum(s["token_reward"]) / max(n, 1)
+        meta += f"<br>TOP-D: {up} tokens pushed up, {n - up} down (mean reward {mean_reward:+.3f})"
+    if s.get("topk_kl") is not None:
+        meta += f"<br>top-k KL: mean {sum(s['topk_kl']) / max(n, 1):.4f}, max {max(s['topk_kl'], default=0):.4f}"
     return f"<div class=resp><div class=meta>{meta}</div><div class=body>{''.join(spans)}</div></div>"
 
 
