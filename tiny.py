@@ -65,7 +65,7 @@ def make_arith_tokenizer():
     """A word-level tokenizer for data.py's arithmetic task: a token per digit, per sign, "=" and the filler "_" (18).
 
     "3 + 5 - 7 =" -> <|im_start|> 3 + 5 - 7 = (a BOS, then one token per character), the answer "8 1" -> 8 1. The
-    arith task fills its prompt with "_ _" per missing operand up to a fixed width (tasks.arith), so operand j is
+    arith task fills its prompt with "_ _" per missing operand up to a fixed width (tasks.Arith), so operand j is
     always token 2j - 1 and answer digit t always sits at the same position. Why this shape, measured on CPU with
     the study's GPT-2 models (SFT on L2..L8 mixed, batch 128, lr 2e-3; experiments/mini_repro/README.md): with the
     fill, a 0.35M model learns every level at once (all 1.00 by step 200-300); without it, level by level (L7 0.78
@@ -111,17 +111,31 @@ def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads:
 
 
 def make_gpt2(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
-              tie_word_embeddings: bool = False, max_position_embeddings: int = 64, init_std: float = 0.1,
-              seed: int = 0):
+              tie_word_embeddings: bool = False, max_position_embeddings: int = 64, init: str = "normal",
+              init_std: float | None = None, seed: int = 0):
     """A randomly initialised GPT2LMHeadModel (fp32): learned absolute positions, pre-LayerNorm, a GELU MLP of 4x
     hidden_size, biases. The study's family: with the arith task's fixed-width prompts a learned position table
     gives each operand and each answer digit its own slot. hidden_size / num_heads must be a head_dim vLLM's CPU
-    attention takes (32 here). init_std: the weights' initial standard deviation. GPT-2's own 0.02 left both study
-    models at chance for 1,500 SFT steps on the arith task; 0.1 (about PyTorch's default for these widths) had them
-    solve L2..L8 in under 300 (measured; experiments/mini_repro/README.md)."""
+    attention takes (32 here).
+
+    init: how the weights start, deterministic under `seed`.
+      "normal"         GPT-2's own scheme at standard deviation init_std (default 0.1): token and position
+                       embeddings, attention / MLP input weights and the head N(0, init_std), the two residual
+                       projections (c_proj) N(0, init_std / sqrt(2 * num_layers)), biases 0, LayerNorms 1 and 0.
+                       GPT-2's own 0.02 left both study models at chance for 1,500 SFT steps on the arith task; 0.1
+                       had them solve L2..L8 in under 300 (measured; experiments/mini_repro/README.md). This is
+                       not PyTorch's default: its embeddings are N(0, 1), 10x the spread of N(0, 0.1).
+      "torch_default"  each module as PyTorch initialises it (torch_default_init_): embeddings N(0, 1); Conv1D
+                       (weight [in, out]) and the head weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
+                       the input width; LayerNorms 1 and 0. init_std does not apply."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if init not in ("normal", "torch_default"):
+        raise ValueError(f"make_gpt2: init={init!r}; use 'normal' or 'torch_default'")
+    if init == "torch_default" and init_std is not None:
+        raise ValueError("make_gpt2: init_std is the 'normal' init's standard deviation; 'torch_default' takes none")
+    init_std = 0.1 if init_std is None else init_std
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
                         n_positions=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -129,7 +143,46 @@ def make_gpt2(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: 
                         initializer_range=init_std,  # no dropout: the trainer's pi_old must equal the sampler's pi
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).float().eval()
+    model = GPT2LMHeadModel(config).float().eval()
+    if init == "torch_default":
+        torch_default_init_(model, seed)
+    return model
+
+
+def torch_default_init_(model, seed: int):
+    """Re-initialise a GPT-2 model in place the way PyTorch initialises each module when it is built, from a
+    generator of its own seeded by `seed` (the same weights whatever transformers' own init drew before):
+    nn.Embedding N(0, 1) (token and position tables); nn.Linear (the head) and transformers' Conv1D weight and bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which is nn.Linear's kaiming_uniform_(a=sqrt(5)), with fan_in the input
+    width: a Linear weight is [out, in], a Conv1D weight [in, out], so fan_in is its first dimension; LayerNorm
+    weight 1, bias 0. A head tied to the token embedding stays the embedding. Any other parameter is an error."""
+    import math
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(seed)
+    done = set()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if id(p) not in done]
+            if not params:
+                continue
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, 1.0, generator=gen)
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, (torch.nn.Linear, Conv1D)):
+                fan_in = module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
+                bound = 1.0 / math.sqrt(fan_in)
+                module.weight.uniform_(-bound, bound, generator=gen)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=gen)
+            else:
+                raise TypeError(f"torch_default_init_: no PyTorch default known for {name} ({type(module).__name__})")
+            done.update(id(p) for p in params)
+    return model
 
 
 def save_tiny(out_dir: str, tokenizer=None, family: str = "qwen3", **model_kwargs) -> str:

@@ -73,6 +73,81 @@ def test_aggregate_paired_differences_and_prediction():
     assert mini_repro.verdict({"average": {"per_seed": [0.2, 0.04]}}, rule) == "failed"
 
 
+def fake_sft_run(run_dir, losses: dict, evals: dict):
+    """A train.py run directory as the profile rules read it: metrics.jsonl (every step's loss, evaluations on
+    some) and a complete checkpoint per evaluated step."""
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step, loss in sorted(losses.items()):
+            rec = {"step": step, "loss": loss}
+            if step in evals:
+                rec.update({"eval_accuracy": sum(evals[step].values()) / len(evals[step])},
+                           **{f"eval/{lv}": v for lv, v in evals[step].items()})
+            f.write(json.dumps(rec) + "\n")
+    for step in evals:
+        ckpt = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+        os.makedirs(ckpt)
+        open(os.path.join(ckpt, "trainer_state.pt"), "w").close()
+
+
+def test_mid_descent_rule_skips_plateaus_and_the_run_end(tmp_path):
+    """rule "mid_descent": among the evaluated checkpoints whose mean loss over loss_window steps falls to at most
+    max_loss_ratio of itself `horizon` steps later, the one nearest to the target; a checkpoint matching the target
+    on a plateau, or too close to the run's end to look ahead, is not chosen; "nearest" takes the plateau one."""
+    mini_repro = study_module("mini_repro")
+    # loss: 1.8 until step 100, halving every 20 steps until ~163, then 0.2 with a one-step dip at 235
+    losses = {t: 1.8 if t <= 100 else max(0.2, 1.8 * 0.5 ** ((t - 100) / 20)) for t in range(1, 261)}
+    losses[235] = 0.05
+    target = {"L2": 0.6, "L3": 0.3}
+    evals = {t: {"L2": 0.1, "L3": 0.1} for t in range(20, 261, 20)}
+    evals[60] = dict(target)                       # on the first plateau: exactly the target
+    evals[120] = {"L2": 0.5, "L3": 0.2}            # mid-descent: distance 0.2
+    evals[140] = {"L2": 0.8, "L3": 0.6}            # mid-descent: distance 0.5
+    evals[200] = dict(target)                      # on the last plateau
+    evals[260] = dict(target)                      # the last step: nothing to look ahead to
+    run = str(tmp_path / "student_sft")
+    fake_sft_run(run, losses, evals)
+    rule = {"rule": "mid_descent", "horizon": 50, "max_loss_ratio": 0.75, "loss_window": 5, **target}
+    pick = mini_repro.choose_student(run, rule)
+    assert pick["step"] == 120 and pick["distance"] == pytest.approx(0.2) and pick["target"] == target
+    assert pick["checkpoint"] == os.path.join(run, "checkpoints", "step_000120")
+    assert pick["rule"] == {"rule": "mid_descent", "horizon": 50, "max_loss_ratio": 0.75, "loss_window": 5}
+    mean = lambda a: sum(losses[t] for t in range(a - 4, a + 1)) / 5  # noqa: E731
+    assert pick["loss"] == pytest.approx(mean(120)) and pick["loss_after"] == pytest.approx(mean(170))
+    assert pick["loss_ratio"] == pytest.approx(mean(170) / mean(120)) and pick["loss_ratio"] <= 0.75
+    assert set(pick["eligible"]) == {"80", "100", "120", "140"}  # 80: its mean reaches into the fall by step 130
+    assert mini_repro.choose_student(run, {**target, "rule": "nearest"})["step"] == 60
+    assert mini_repro.choose_student(run, dict(target))["step"] == 60  # "nearest" is the default
+    fast = mini_repro.falling_fast(losses, 50, 0.75, 1)  # one step's loss: the dip at 235 makes 185 look fast
+    assert 185 in fast and 185 not in mini_repro.falling_fast(losses, 50, 0.75, 5)
+    with pytest.raises(SystemExit, match="no kept, evaluated checkpoint is mid-descent"):
+        mini_repro.choose_student(run, {**rule, "max_loss_ratio": 0.01})
+    with pytest.raises(SystemExit, match="rule = 'steepest'"):
+        mini_repro.choose_student(run, {**rule, "rule": "steepest"})
+
+
+def test_control_is_the_third_design_student():
+    """--control: the student at N(0, 0.1) (make_gpt2's default, bit for bit), 450 SFT steps with a checkpoint and
+    an evaluation every 10, chosen by the nearest profile; the study's own student starts the PyTorch way."""
+    import torch
+    import tiny
+    mini_repro = study_module("mini_repro")
+    study, control = (mini_repro.load_study(mini_repro.STUDY, quick=False, control=c) for c in (False, True))
+    assert study["student_model"]["init"] == "torch_default" and study["profiles"]["crossing"]["rule"] == "mid_descent"
+    assert control["student_model"]["init"] == "normal" and control["student_model"]["init_std"] == 0.1
+    assert {k: control["student_sft"][k] for k in ("max_steps", "save_every", "eval_every")} == {
+        "max_steps": 450, "save_every": 10, "eval_every": 10}
+    assert control["profiles"]["crossing"]["rule"] == "nearest"
+    assert {k: v for k, v in control["profiles"]["crossing"].items() if k != "rule"} == {
+        k: v for k, v in study["profiles"]["crossing"].items() if k not in mini_repro.RULE_KEYS}
+    assert control["teacher_model"] == study["teacher_model"] and control["rl"] == study["rl"]
+    tok = tiny.make_arith_tokenizer()
+    kwargs = {k: v for k, v in control["student_model"].items() if k != "family"}
+    made = tiny.make_gpt2(tok, **kwargs)
+    third = tiny.make_gpt2(tok, hidden_size=64, num_layers=2, num_heads=2, init_std=0.1, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(made.parameters(), third.parameters()))
+
+
 def test_diagnose_cosine_is_one_against_itself_and_not_against_another_teacher(tmp_path):
     """diagnose.py's batch statistics on real tiny models and a batch with right and wrong answers: with the student
     as its own teacher TRRD's ratio is GRPO's, so the two gradients are equal (cosine 1, nothing masked, no
@@ -158,17 +233,25 @@ def test_quick_study_results(quick_study):
 
 
 def test_quick_study_chooses_student_and_weak_teacher_by_profile(quick_study):
-    """The student is the kept SFT checkpoint whose evaluation is nearest to the target; the weak teacher the
-    teacher's checkpoint nearest to [weak_teacher]; the controls get the teachers they name."""
+    """The student is the kept SFT checkpoint nearest to the target among those its rule allows (mid_descent: the
+    loss still falling fast; in --quick every step with a loss one step later); the weak teacher the teacher's
+    checkpoint nearest to [weak_teacher]; the controls get the teachers they name."""
     out, _ = quick_study
     mini_repro = study_module("mini_repro")
     study = mini_repro.load_study(mini_repro.STUDY, quick=True)
     profiles = json.load(open(os.path.join(out, "profiles.json")))
-    for run, chosen, target in (("student_sft", profiles["crossing"], study["profiles"]["crossing"]),
+    spec = study["profiles"]["crossing"]
+    assert profiles["crossing"]["rule"] == {k: spec[k] for k in mini_repro.RULE_KEYS}
+    for run, chosen, target in (("student_sft", profiles["crossing"], {k: v for k, v in spec.items()
+                                                                       if k not in mini_repro.RULE_KEYS}),
                                 ("teacher_sft", json.load(open(os.path.join(out, "weak_teacher.json"))),
                                  study["weak_teacher"])):
         evals = mini_repro.evaluations(os.path.join(out, run))
         assert sorted(evals) == ([1, 2, 3] if run == "student_sft" else [2, 4])  # eval_every = save_every
+        if run == "student_sft":  # step 3 has no loss one step later
+            evals = {s: e for s, e in evals.items() if s in mini_repro.falling_fast(
+                mini_repro.train_losses(os.path.join(out, run)), spec["horizon"], spec["max_loss_ratio"], 1)}
+            assert sorted(evals) == [1, 2] and sorted(chosen["eligible"]) == ["1", "2"]
         dist = {s: sum(abs(evals[s][lv] - v) for lv, v in target.items()) for s in evals}
         assert chosen["distance"] == pytest.approx(min(dist.values())) and dist[chosen["step"]] == min(dist.values())
         assert chosen["checkpoint"] == os.path.join(out, run, "checkpoints", f"step_{chosen['step']:06d}")

@@ -11,9 +11,12 @@ Everything runs through the project's own train.py, eval.py and rlad.py, as subp
     1. models      a random GPT-2 teacher (~0.35M params) and a smaller random GPT-2 student (~0.11M), other seeds
     2. SFT         each trained separately on ground-truth solutions of L2..L8 (train.py --method sft); the runs
                    keep a checkpoint and an evaluation every few steps
-    3. profile     the starting student chosen by its accuracy profile, not by a step number: the student
-                   checkpoint whose evaluation is nearest to [profiles.*] (OUT/profiles.json); the weak teacher of a
-                   control likewise from the teacher's run ([weak_teacher], OUT/weak_teacher.json)
+    3. profile     the starting student chosen by a stated rule, not by a step number ([profiles.*],
+                   OUT/profiles.json): "mid_descent", among the kept checkpoints where the SFT training loss is still
+                   falling fast (loss `horizon` steps later <= max_loss_ratio x loss now, each a mean over
+                   loss_window steps), the one whose evaluation is nearest to the target profile; "nearest", the
+                   nearest over all kept checkpoints. The weak teacher of a control is the teacher's checkpoint
+                   nearest to [weak_teacher] (OUT/weak_teacher.json)
     4. diagnose    per level, on one batch sampled like an RL step (diagnose.py): rollout accuracy, informative
                    groups, share of tokens with |logp_S - logp_T| >= 1, TRRD's masked shares, the cosine between
                    the GRPO and RLAD gradients, the student's and the teacher's NLL of the samples; again after RL,
@@ -35,6 +38,7 @@ From the repository root (this script lives in experiments/mini_repro/, its pres
     python experiments/mini_repro/mini_repro.py --out runs/demo --demo   # a few minutes: TRRD at work
     python experiments/mini_repro/mini_repro.py --out runs/mini_tune --tune  # per-method sweeps, tuning seed only
     python experiments/mini_repro/mini_repro.py --out /tmp/mini --quick  # a smoke version (the test suite's)
+    python experiments/mini_repro/mini_repro.py --out runs/mini_control --control  # the third design's student
 
 Resumable: a finished run (its final checkpoint or output exists) is skipped; an unfinished train.py run continues
 from its newest checkpoint (--resume true). Each subprocess gets one torch thread (OMP_NUM_THREADS=1); `--jobs`
@@ -63,8 +67,9 @@ SECTIONS = ("teacher_model", "student_model", "teacher_sft", "student_sft", "pro
 
 
 # ----------------------------------------------------------------------------- settings
-def load_study(path: str, quick: bool) -> dict:
-    """The study config (configs/mini_study.toml), with its [quick] overrides merged in when asked for."""
+def load_study(path: str, quick: bool, control: bool = False) -> dict:
+    """The study config (configs/mini_study.toml), with its [control] overrides (the third design's student) and
+    then its [quick] overrides merged in when asked for."""
     with open(path, "rb") as f:
         study = tomllib.load(f)
     missing = [key for key in SECTIONS if key not in study]
@@ -72,6 +77,11 @@ def load_study(path: str, quick: bool) -> dict:
         raise SystemExit(f"{path}: missing {missing}; see the comments in {STUDY}")
     if BASELINE not in study["methods"]:
         raise SystemExit(f"{path}: [methods.{BASELINE}] is the baseline of the paired differences; keep it")
+    if control:
+        c = study.get("control", {})
+        for section in ("student_model", "student_sft"):
+            study[section] = {**study[section], **c.get(section, {})}
+        study["profiles"] = c.get("profiles", study["profiles"])
     if quick:
         q = study.get("quick", {})
         for section in ("teacher_model", "student_model", "teacher_sft", "student_sft", "rl", "sampled_eval", "demo"):
@@ -222,9 +232,17 @@ def evaluations(run_dir: str) -> dict:
     return out
 
 
-def nearest_checkpoint(run_dir: str, target: dict) -> dict:
-    """The kept checkpoint of a train.py run whose evaluation is nearest to `target` ({level: accuracy}; sum of
-    absolute differences, the earliest on a tie): {"step", "checkpoint", "target", "sft_eval", "distance"}."""
+def train_losses(run_dir: str) -> dict:
+    """{step: training loss} of every step in RUN_DIR/metrics.jsonl (train.py's "loss"; for SFT the NLL of the
+    step's batch of ground-truth answers, aggregated by loss_agg, token-mean by default)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {rec["step"]: rec["loss"] for rec in map(json.loads, filter(str.strip, f))}
+
+
+def nearest_checkpoint(run_dir: str, target: dict, eligible=None, rule: str = "") -> dict:
+    """The kept checkpoint of a train.py run (among the steps `eligible`, if given: those `rule` allows) whose
+    evaluation is nearest to `target` ({level: accuracy}; sum of absolute differences, the earliest on a tie):
+    {"step", "checkpoint", "target", "sft_eval", "distance"}."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     kept = {int(d.split("_")[1]) for d in os.listdir(ckpt_dir)
             if os.path.isfile(os.path.join(ckpt_dir, d, "trainer_state.pt"))}
@@ -232,10 +250,63 @@ def nearest_checkpoint(run_dir: str, target: dict) -> dict:
     if not evals:
         raise SystemExit(f"{run_dir}: no kept checkpoint has an evaluation; set eval_every equal to save_every and "
                          "keep_last high enough to keep them all")
+    if eligible is not None:
+        evals = {s: acc for s, acc in evals.items() if s in eligible}
+        if not evals:
+            raise SystemExit(f"{run_dir}: no kept, evaluated checkpoint is {rule} ({len(eligible)} logged steps "
+                             "are): run the SFT past its crossing (more max_steps), save and evaluate more often, "
+                             "or check the rule's numbers")
     dist = lambda s: sum(abs(evals[s][lv] - v) for lv, v in target.items())  # noqa: E731
     step = min(sorted(evals), key=dist)
     return {"step": step, "checkpoint": os.path.join(ckpt_dir, f"step_{step:06d}"), "target": target,
             "sft_eval": evals[step], "distance": dist(step)}
+
+
+RULE_KEYS = ("rule", "horizon", "max_loss_ratio", "loss_window")  # a [profiles.NAME]'s keys that are not levels
+
+
+def smoothed_loss(losses: dict, step: int, window: int):
+    """The mean training loss of steps step - window + 1 .. step; None unless all of them are logged."""
+    steps = range(step - window + 1, step + 1)
+    return statistics.fmean(losses[t] for t in steps) if all(t in losses for t in steps) else None
+
+
+def falling_fast(losses: dict, horizon: int, max_ratio: float, window: int) -> dict:
+    """{step: ratio} for every step whose smoothed training loss `horizon` steps later is at most max_ratio times
+    its own: smoothed(s) = the mean loss of steps s - window + 1 .. s (all logged), ratio = smoothed(s + horizon) /
+    smoothed(s). A step too close to the run's end (or start) to have both means is not eligible."""
+    out = {}
+    for step in sorted(losses):
+        now, later = smoothed_loss(losses, step, window), smoothed_loss(losses, step + horizon, window)
+        if now is not None and later is not None and later <= max_ratio * now:
+            out[step] = later / now
+    return out
+
+
+def choose_student(run_dir: str, spec: dict) -> dict:
+    """A [profiles.NAME] applied to the student's SFT run. rule "nearest" (the default): the kept checkpoint nearest
+    to the target profile (its L* keys). rule "mid_descent": the same among the checkpoints whose training loss is
+    still falling fast (falling_fast: horizon, max_loss_ratio, loss_window). The entry of OUT/profiles.json:
+    nearest_checkpoint's, plus the rule, its numbers and, for mid_descent, the chosen step's smoothed losses and
+    every eligible checkpoint's ratio and distance."""
+    rule = spec.get("rule", "nearest")
+    target = {k: v for k, v in spec.items() if k not in RULE_KEYS}
+    if rule == "nearest":
+        return {**nearest_checkpoint(run_dir, target), "rule": {"rule": "nearest"}}
+    if rule != "mid_descent":
+        raise SystemExit(f"[profiles] rule = {rule!r}: use 'nearest' or 'mid_descent'")
+    numbers = {"horizon": int(spec["horizon"]), "max_loss_ratio": float(spec["max_loss_ratio"]),
+               "loss_window": int(spec.get("loss_window", 1))}
+    losses, (h, ratio, window) = train_losses(run_dir), numbers.values()
+    fast = falling_fast(losses, h, ratio, window)
+    pick = nearest_checkpoint(run_dir, target, eligible=set(fast),
+                              rule=f"mid-descent (mean loss of {window} steps, {h} steps later <= {ratio} x)")
+    evals, step = evaluations(run_dir), pick["step"]
+    return {**pick, "rule": {"rule": "mid_descent", **numbers}, "loss": smoothed_loss(losses, step, window),
+            "loss_after": smoothed_loss(losses, step + h, window), "loss_ratio": fast[step],
+            "eligible": {str(s): {"loss_ratio": fast[s],
+                                  "distance": sum(abs(evals[s][lv] - v) for lv, v in target.items())}
+                         for s in sorted(set(fast) & set(evals))}}
 
 
 def chosen(path: str, choose):
@@ -250,10 +321,10 @@ def chosen(path: str, choose):
 
 
 def select_profiles(study: dict, out: str) -> dict:
-    """For each [profiles.NAME] target, the student's kept checkpoint nearest to it (OUT/profiles.json)."""
+    """For each [profiles.NAME], the student's kept checkpoint its rule chooses (choose_student; OUT/profiles.json)."""
     p = paths_of(study, out)
-    return chosen(p["profiles"], lambda: {name: nearest_checkpoint(p["student_run"], target)
-                                          for name, target in study["profiles"].items()})
+    return chosen(p["profiles"], lambda: {name: choose_student(p["student_run"], spec)
+                                          for name, spec in study["profiles"].items()})
 
 
 def weak_teacher(study: dict, out: str) -> dict:
@@ -581,6 +652,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mini_repro.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="study directory: models/, runs/, results.json, results.md")
     p.add_argument("--quick", action="store_true", help="smoke version: the [quick] overrides of the study config")
+    p.add_argument("--control", action="store_true",
+                   help="the third design's student (N(0, 0.1) init, its plateau): the [control] overrides")
     p.add_argument("--tune", action="store_true", help="the [tune] sweeps on the tuning seed; prints their table")
     p.add_argument("--demo", action="store_true", help="a few minutes: the pair, TRRD's masking, grpo vs rlad")
     p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
@@ -590,7 +663,7 @@ def main(argv=None):
     t_start = time.time()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
-    study = load_study(a.config, a.quick)
+    study = load_study(a.config, a.quick, a.control)
     log_path = os.path.join(out, "study.log")
 
     def log(msg):
