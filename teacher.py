@@ -129,6 +129,8 @@ class ServedTeacher:
         self.models = {}  # url -> the served model's name
         self.last_stats = {}  # what the last step's requests did (sequences, tokens, requests, seconds)
         self.requests = []  # this step's (rows, future: None until sent)
+        self.pending = []  # rows of the request being filled
+        self.pending_tokens = 0  # their tokens
         self.pool = None  # this step's request threads
         self.started = 0.0  # when this step's first request was submitted
         self.warned = False  # the first failed request of this process printed its line
@@ -197,32 +199,35 @@ class ServedTeacher:
             raise ValueError(f"served teacher {self.urls[start]}: {flat.numel()} log-probs for {sum(lens)} tokens")
         return [logp[len(logp) - len(r.response):] for logp, r in zip(flat.split(lens), rows)]
 
-    def _batches(self, rows: list) -> list:
-        """Consecutive rows, a new request when the next would pass token_budget (a longer row goes alone)."""
-        batches, size = [], self.token_budget + 1
-        for r in rows:
-            n = len(r.prompt) + len(r.response)
-            if size + n > self.token_budget:
-                batches.append([])
-                size = 0
-            batches[-1].append(r)
-            size += n
-        return batches
-
     def submit(self, rows: list) -> None:
-        """Score rows (policy.Row; each needs a non-empty prompt): with `stream`, their requests go out now."""
+        """Score rows (policy.Row; each needs a non-empty prompt). A request holds consecutive rows up to
+        token_budget tokens (a longer row goes alone). With `stream`, the rows of one call (a group) are sent at once,
+        while the engine still generates; without, rows fill requests across calls, sent at finish()."""
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.max_in_flight)
             self.started = time.perf_counter()
-        for batch in self._batches([r for r in rows if r.response]):
-            future = self.pool.submit(self._score, len(self.requests), batch) if self.stream else None
-            self.requests.append((batch, future))
+        for r in (r for r in rows if r.response):
+            if self.pending and self.pending_tokens + len(r.prompt) + len(r.response) > self.token_budget:
+                self._close_request()
+            self.pending.append(r)
+            self.pending_tokens += len(r.prompt) + len(r.response)
+        if self.stream and self.pending:  # a group's request goes out now, not when the next group fills it
+            self._close_request()
+
+    def _close_request(self) -> None:
+        """The pending rows become request i of the step: sent now when streaming, else at finish()."""
+        future = self.pool.submit(self._score, len(self.requests), self.pending) if self.stream else None
+        self.requests.append((self.pending, future))
+        self.pending = []
+        self.pending_tokens = 0
 
     def finish(self) -> None:
         """Send what is not sent yet, wait, and set teacher_logp of every submitted row. A collective: every rank
         calls it once per step, with or without rows of its own."""
         if self.pool is None:
             self.submit([])
+        if self.pending:
+            self._close_request()
         futures = [future or self.pool.submit(self._score, i, batch)
                    for i, (batch, future) in enumerate(self.requests)]
         error = ""

@@ -163,89 +163,92 @@ def main(cfg: Config, task=None):
     if run is None:  # --plan true: the plan was all that was asked for
         return
     bar = tqdm(total=cfg.max_steps, initial=run.start, disable=not is_main(), desc=cfg.method)
-    for step in range(run.start, cfg.max_steps):
-        metrics = policy.Metrics()  # this step's numbers, merged across ranks once, at 8.
-        times = {"sync": 0.0, "teacher": 0.0}  # seconds per phase on this rank (the slowest rank's are logged)
-        step_start = time.perf_counter()
+    try:
+        for step in range(run.start, cfg.max_steps):
+            metrics = policy.Metrics()  # this step's numbers, merged across ranks once, at 8.
+            times = {"sync": 0.0, "teacher": 0.0}  # seconds per phase on this rank (the slowest rank's are logged)
+            step_start = time.perf_counter()
 
-        # 1. Prompts: this rank's share of the step, and the position of its first prompt in the step (offset)
-        # and in the whole data stream (first), which seed its samples.
-        indices = step_prompts(run, step)
-        offset = run.rank * len(indices)
-        first = step * cfg.prompts_per_step + offset
-        examples = [run.train_examples[i] for i in indices]
-        prompts = [run.prompts[i] for i in indices]  # (prompt_ids, prefill) per example
+            # 1. Prompts: this rank's share of the step, and the position of its first prompt in the step (offset)
+            # and in the whole data stream (first), which seed its samples.
+            indices = step_prompts(run, step)
+            offset = run.rank * len(indices)
+            first = step * cfg.prompts_per_step + offset
+            examples = [run.train_examples[i] for i in indices]
+            prompts = [run.prompts[i] for i in indices]  # (prompt_ids, prefill) per example
 
-        # 2. Sync: the sleeping engine takes the student's weights and wakes.
-        if run.needs["samples"] == "student":
-            sync_engine(run, times, metrics)
-            groups = run.engine.generate_groups([ids for ids, _ in prompts], n=cfg.group_size,
-                                                max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                                top_p=cfg.top_p, seed=sample_seed(cfg, first, cfg.group_size))
-        else:  # the SFT baseline trains on each example's target text: a "group" of one
-            groups = enumerate([[target_sample(run.tokenizer, ex, prefill)] for ex, (_, prefill) in
-                                zip(examples, prompts)])
-
-        # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them, each at once
-        # 4. scored and 5. given its advantages; a served teacher starts scoring its kept rows while the engine
-        # still generates (6.). Then the engine sleeps.
-        rows, kept = [], []
-        with timed(times, "rollout"):
-            for p, samples in groups:
-                group = make_rows(p, samples, prompts[p][0], offset)
-                with timed(times, "reward"):
-                    tasks.score_rows(run.task, group, examples[p], prefill=prompts[p][1], tokenizer=run.tokenizer)
-                if run.needs["advantages"] == "group":
-                    set_advantages(run, group)
-                group_kept = keep_rows(run, group, metrics)
-                rows += group
-                kept += group_kept
-                if run.teacher is not None:  # a served teacher sends the group's requests now (6.)
-                    run.teacher.submit(group_kept)
+            # 2. Sync: the sleeping engine takes the student's weights and wakes.
             if run.needs["samples"] == "student":
-                run.engine.sleep()
-        memory(run, metrics, "rollout")
-        rows.sort(key=lambda r: r.uid)  # prompt order, as if the groups had finished in order
-        kept.sort(key=lambda r: r.uid)
+                sync_engine(run, times, metrics)
+                groups = run.engine.generate_groups([ids for ids, _ in prompts], n=cfg.group_size,
+                                                    max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                                    top_p=cfg.top_p, seed=sample_seed(cfg, first, cfg.group_size))
+            else:  # the SFT baseline trains on each example's target text: a "group" of one
+                groups = enumerate([[target_sample(run.tokenizer, ex, prefill)] for ex, (_, prefill) in
+                                    zip(examples, prompts)])
 
-        # 6. The frozen models' log-probs of every kept token: the teacher's, pi_old's, the reference's. A method
-        # whose advantages need them (TOP-D) computes its per-token advantages now, from whole groups.
-        frozen_logprobs(run, kept, metrics, times)
-        if callable(run.needs["advantages"]):
-            run.needs["advantages"](kept, cfg)
-        if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:  # a few groups, token by token
-            evaluation.write_samples(run, step + 1, kept)  # a collective: a no-grad forward of rank 0's groups
+            # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them, each at once
+            # 4. scored and 5. given its advantages; a served teacher starts scoring its kept rows while the engine
+            # still generates (6.). Then the engine sleeps.
+            rows, kept = [], []
+            with timed(times, "rollout"):
+                for p, samples in groups:
+                    group = make_rows(p, samples, prompts[p][0], offset)
+                    with timed(times, "reward"):
+                        tasks.score_rows(run.task, group, examples[p], prefill=prompts[p][1], tokenizer=run.tokenizer)
+                    if run.needs["advantages"] == "group":
+                        set_advantages(run, group)
+                    group_kept = keep_rows(run, group, metrics)
+                    rows += group
+                    kept += group_kept
+                    if run.teacher is not None:  # a served teacher sends the group's requests now (6.)
+                        run.teacher.submit(group_kept)
+                if run.needs["samples"] == "student":
+                    run.engine.sleep()
+            memory(run, metrics, "rollout")
+            rows.sort(key=lambda r: r.uid)  # prompt order, as if the groups had finished in order
+            kept.sort(key=lambda r: r.uid)
 
-        # 7. The update: PPO epochs x mini-batches x micro-batches, each loss from rlad.policy_loss.
-        with timed(times, "update"):
-            update(run, kept, step, metrics)
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-        memory(run, metrics, "update")
+            # 6. The frozen models' log-probs of every kept token: the teacher's, pi_old's, the reference's. A method
+            # whose advantages need them (TOP-D) computes its per-token advantages now, from whole groups.
+            frozen_logprobs(run, kept, metrics, times)
+            if callable(run.needs["advantages"]):
+                run.needs["advantages"](kept, cfg)
+            if cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:  # a few groups, token by token
+                evaluation.write_samples(run, step + 1, kept)  # a collective: a no-grad forward of rank 0's groups
 
-        # 8. Log (one collective), entropy control, then eval and checkpoint when due.
-        times["step"] = time.perf_counter() - step_start
-        for phase, seconds in times.items():
-            metrics.max(f"time/{phase}", seconds)
-        metrics.max("stop", STOP["signal"])  # any rank's SIGTERM stops every rank after this step
-        line = log_line(run, step, rows, kept, metrics)
-        stop = line.pop("stop") > 0
-        last = step + 1 == cfg.max_steps
-        if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
-            delta = cfg.ent_delta if line["entropy"] < cfg.ent_target else -cfg.ent_delta
-            run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
-        if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            sync_engine(run, {}, policy.Metrics())  # eval samples from the weights this step's update wrote
-            line.update(evaluation.evaluate_run(run, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1)))
-        write_line(run, step, line, bar)
-        if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):  # atomic, a collective
-            state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
-            checkpoint.save_checkpoint(cfg.run_dir, step + 1, model=run.student, opt=run.opt, tokenizer=run.tokenizer,
-                                       state=state, keep_last=cfg.keep_last, dtype=run.serving_dtype)
-        if stop:
-            print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
-            break
-    bar.close()
+            # 7. The update: PPO epochs x mini-batches x micro-batches, each loss from rlad.policy_loss.
+            with timed(times, "update"):
+                update(run, kept, step, metrics)
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+            memory(run, metrics, "update")
+
+            # 8. Log (one collective), entropy control, then eval and checkpoint when due.
+            times["step"] = time.perf_counter() - step_start
+            for phase, seconds in times.items():
+                metrics.max(f"time/{phase}", seconds)
+            metrics.max("stop", STOP["signal"])  # any rank's SIGTERM stops every rank after this step
+            line = log_line(run, step, rows, kept, metrics)
+            stop = line.pop("stop") > 0
+            last = step + 1 == cfg.max_steps
+            if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
+                delta = cfg.ent_delta if line["entropy"] < cfg.ent_target else -cfg.ent_delta
+                run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
+            if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                sync_engine(run, {}, policy.Metrics())  # eval samples from the weights this step's update wrote
+                line.update(evaluation.evaluate_run(run, seed=sample_seed(cfg, 0, cfg.eval_n, stream=1)))
+            write_line(run, step, line, bar)
+            if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):  # atomic, a collective
+                state = {"config": dataclasses.asdict(cfg), "skipped_steps": run.skipped, "ent_coef": run.ent_coef}
+                checkpoint.save_checkpoint(cfg.run_dir, step + 1, model=run.student, opt=run.opt,
+                                           tokenizer=run.tokenizer, state=state, keep_last=cfg.keep_last,
+                                           dtype=run.serving_dtype)
+            if stop:
+                print0(f"SIGTERM: checkpoint written at step {step + 1}; rerun with --resume true to continue")
+                break
+    finally:  # a stop (SIGTERM, a failed teacher request, the engine check) prints on a line of its own
+        bar.close()
     # vLLM's shutdown destroys the default process group: every collective first, the engine last (docs/cpu.md).
     dist.barrier()
     if run.engine is not None:
@@ -316,15 +319,9 @@ def keep_rows(run, group: list, metrics) -> list:
 
 # ----------------------------------------------------------------------------- 6. frozen log-probs
 def frozen_logprobs(run, rows: list, metrics, times: dict):
-    """Sets teacher_logp (the rows submitted at 3.), old_logp and ref_logp of each kept row: its tokens' log-probs
-    under the frozen models."""
+    """Sets old_logp, ref_logp and teacher_logp (the rows submitted at 3.) of each kept row: its tokens' log-probs
+    under the frozen models. The teacher comes last: a served teacher's last requests finish meanwhile."""
     cfg = run.cfg
-    if run.teacher is not None:  # a collective: every rank calls it, even with no rows
-        with timed(times, "teacher_wait"):  # what the step waited for; a served teacher began during the rollout
-            run.teacher.finish()
-        times["teacher"] = run.teacher.last_stats["seconds"]  # from the first request to the last answer
-        metrics.mean("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0), 1)
-    memory(run, metrics, "teacher")
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
     moves = run.needs["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):
@@ -334,6 +331,12 @@ def frozen_logprobs(run, rows: list, metrics, times: dict):
         if run.ref is not None:
             for r, logp in zip(rows, policy.logprobs(run.ref, rows, cfg.micro_batch_tokens, run.device)[0]):
                 r.ref_logp = logp
+    if run.teacher is not None:  # a collective: every rank calls it, even with no rows
+        with timed(times, "teacher_wait"):  # what the step waited for; a served teacher began during the rollout
+            run.teacher.finish()
+        times["teacher"] = run.teacher.last_stats["seconds"]  # from the first request to the last answer
+        metrics.mean("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0), 1)
+    memory(run, metrics, "teacher")
 
 # ----------------------------------------------------------------------------- 7. the update
 def lr_at(step: int, cfg: Config) -> float:
@@ -408,7 +411,7 @@ def update(run, rows: list, step: int, metrics):
                 if "old_logp" not in batch:  # this forward was pi_old: keep it for the engine check
                     for i, r in enumerate(batch["rows"]):
                         r.old_logp = logp[i, :len(r.response)].detach()  # [n]
-            if optimizer_steps == 0 and run.needs["samples"] == "student":  # before the step's first optimizer
+            if optimizer_steps == 0 and run.needs.get("samples") == "student":  # before the step's first optimizer
                 check_engine(run, rows, metrics)  # step: did the engine sample from the trainer's weights?
             optimizer_steps += 1
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

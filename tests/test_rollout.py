@@ -42,17 +42,17 @@ def long_prompts(tok):
     return [ids[i:i + n] for i, n in ((0, 112), (3, 136), (5, 157))]
 
 
-def reference_logprobs(model, prompt, response):
-    """transformers' log_softmax of the sampled tokens, the plain way."""
+def reference_logprobs(model, prompt, response, temperature=1.0):
+    """transformers' log_softmax of the sampled tokens at `temperature`, the plain way."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # [R, V]
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature  # [R, V]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)  # [R]
 
 
-def max_error(model, outputs, prompt_ids):
-    errs = [(torch.tensor(s["logprobs"]) - reference_logprobs(model, p, s["response_ids"])).abs().max().item()
-            for p, samples in zip(prompt_ids, outputs) for s in samples]
+def max_error(model, outputs, prompt_ids, temperature=1.0):
+    errs = [(torch.tensor(s["logprobs"]) - reference_logprobs(model, p, s["response_ids"], temperature)).abs().max()
+            .item() for p, samples in zip(prompt_ids, outputs) for s in samples]
     return max(errs)
 
 
@@ -65,14 +65,16 @@ def perturbed(model, seed=7, scale=0.3):
     return other
 
 
-def test_logprobs_match_transformers_raw(setup, tiny_tokenizer):
+def test_logprobs_are_those_of_the_sampling_distribution(setup, tiny_tokenizer):
     engine, hf, *_ = setup
     ps = prompts(tiny_tokenizer)
-    # temperature 0.7: the returned log-probs must still be the raw (temperature-1) ones.
+    # temperature 0.7: the returned log-probs are those of softmax(logits / 0.7), what the engine sampled from and
+    # what the trainer computes (interface change: they used to be the raw, temperature-1 ones)
     out = engine.generate(ps, n=3, max_tokens=24, temperature=0.7, seed=1)
     assert [len(o) for o in out] == [3, 3, 3]
     assert all(len(s["logprobs"]) == len(s["response_ids"]) > 0 for o in out for s in o)
-    assert max_error(hf, out, ps) < TOL
+    assert max_error(hf, out, ps, temperature=0.7) < TOL
+    assert max_error(hf, out, ps) > 0.01  # not the raw ones
 
 
 def test_load_weights_follows_perturbed_model(setup, tiny_tokenizer):
@@ -233,7 +235,7 @@ def test_hf_engine_sampling_and_shared_module(setup, tiny_tokenizer):
     assert a == eng.generate(ps, n=3, max_tokens=8, temperature=0.8, top_p=0.9, seed=11)
     assert torch.equal(rng_state, torch.get_rng_state())  # a seeded call leaves the global RNG alone
     assert model.training  # and the trainer's module is back in train mode
-    assert max_error(hf, a, ps) < TOL  # raw log-probs, not the temperature-scaled ones
+    assert max_error(hf, a, ps, temperature=0.8) < TOL  # at the sampling temperature, as vLLM's (top-p left out)
     new = perturbed(hf, seed=12)
     eng.load_weights(new.state_dict().items())  # copies into the shared module (lm_head of tied is skipped)
     assert max_error(new, eng.generate(ps, max_tokens=8, seed=11), ps) < TOL

@@ -255,3 +255,22 @@ def test_a_mistyped_teacher_url_says_within_seconds_what_the_run_waits_for(tmp_p
         proc.wait()
     assert "Connection refused" in line and "300 s (--teacher_timeout_s)" in line, line
     assert seconds < 90, seconds  # python + torch imports and the config checks, then the first request
+
+
+def test_streamed_and_unstreamed_served_teacher_give_the_same_weights(server, tmp_path):
+    """--teacher_stream true sends each group's request as the engine finishes it; false sends the same requests
+    after the rollout. Two steps of rlad each way: bit-identical weights (the server scores each request alike,
+    whatever else it is scoring at the same time: measured, not assumed)."""
+    import safetensors.torch
+    final = {}
+    for stream in ("true", "false"):
+        run_dir = str(tmp_path / stream)
+        code, out = run_train([sys.executable, "train.py"] + PRESET + ["--max_steps", "2", "--run_dir", run_dir,
+                                                                      "--teacher_url", server.url,
+                                                                      "--teacher_stream", stream])
+        assert code == 0, out[-3000:]
+        final[stream] = safetensors.torch.load_file(os.path.join(run_dir, "checkpoints", "step_000002",
+                                                                 "model.safetensors"))
+        assert all(m["time/teacher_wait"] <= m["time/teacher"] + 1e-3 for m in steps(run_dir))
+    assert final["true"].keys() == final["false"].keys()
+    assert all(torch.equal(final["true"][name], final["false"][name]) for name in final["true"])
