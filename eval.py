@@ -280,8 +280,9 @@ def parse_args(argv):
     if (a.limit is not None and a.limit < 1) or (a.max_tokens is not None and a.max_tokens < 1):
         p.error("--limit and --max_tokens must be >= 1")
     if not os.path.isfile(os.path.join(a.model, "config.json")):
+        import preflight
         p.error(f"--model {a.model}: no such model directory (no config.json): give a train.py checkpoint "
-                "(RUN_DIR/checkpoints/step_...) or a downloaded model (huggingface-cli download NAME --local-dir DIR)")
+                f"(RUN_DIR/checkpoints/step_...) or a downloaded model ({preflight.DOWNLOAD} NAME --local-dir DIR)")
     try:
         a.task_obj = tasks.load(a.task)
         a.examples = a.task_obj.examples(a.split, tasks.Source(tuple(a.data), levels, a.limit, a.seed))

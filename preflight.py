@@ -17,6 +17,9 @@ import policy
 import rlad
 
 GIB = 2**30
+# The download command of the huggingface_hub that requirements.txt resolves to (its console script `hf`; the older
+# `huggingface-cli` is gone from it). tests/test_plan_offline.py checks it against the installed package.
+DOWNLOAD = "hf download"
 # Per-GPU memory no tensor of ours holds (from source, not measured; docs/scale.md): NCCL, ~0.6 GiB per communicator
 # x up to 3 (world, HSDP shard, replicate); the CUDA context, ~0.5 GiB; vLLM's CUDA-graph pool, which sleep keeps.
 OUTSIDE_TENSORS = 3 * GIB
@@ -118,7 +121,7 @@ def shapes(name: str) -> dict:
         where = " (HF_HUB_OFFLINE=1: the hub is not asked)" if offline else " or on the hub"
         detail = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         raise SystemExit(f"memory plan: no config.json for {name} in the Hugging Face cache{where}: run "
-                         f"`huggingface-cli download {name}` where there is network (HF_HUB_OFFLINE=1 then reads the "
+                         f"`{DOWNLOAD} {name}` where there is network (HF_HUB_OFFLINE=1 then reads the "
                          f"cache alone), or pass a local directory ({detail})") from None
     with torch.device("meta"):  # no memory, no weights: the module tree alone
         lm = AutoModelForCausalLM.from_config(config)
@@ -260,6 +263,6 @@ def resolve_model(name: str, cfg, flag: str) -> str:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         where = " or in its cache (HF_HUB_OFFLINE=1)" if offline else ""
         raise SystemExit(f"--{flag} {name}: not a local directory and not found on the Hugging Face hub{where} "
-                         f"({error or 'on another node'}): check the name, run `huggingface-cli download {name}` where "
+                         f"({error or 'on another node'}): check the name, run `{DOWNLOAD} {name}` where "
                          "there is network, or pass a local directory")
     return snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True)

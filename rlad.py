@@ -1,4 +1,5 @@
-"""RLAD: the algorithm. Group advantages, the GRPO / KDRL / TRRD / distill / SFT objectives, aggregation.
+"""RLAD: the algorithm. Group advantages, the GRPO / KDRL / TRRD / TOP-D / top-k KD / distill / SFT objectives,
+aggregation.
 
 Pure torch: no I/O, no distributed code. Read it next to docs/algorithm.md; equation numbers are the paper's.
 
@@ -7,6 +8,8 @@ Pure torch: no I/O, no distributed code. Read it next to docs/algorithm.md; equa
     KDRL   (2)  loss = GRPO + kd_coef * agg( k2(logp_S - logp_T) )
     TRRD (3)(4) log r = alpha (logp_S - logp_old) + (1 - alpha) clamp(logp_S - logp_T, -1, 1)   (App. B clamp)
     (5)         r = pi_S / (pi_old^alpha pi_T^(1-alpha)): PPO with its trust region centred on a mixture anchor
+    TOP-D       GRPO's loss with per-token advantages: the z-scored returns of log(a rho + 1 - a), rho = pi_T / pi_old
+    top-k KD    loss = GRPO + kd_coef * agg( KL(teacher top-k || student) per position, with a tail bucket )
 
 What TRRD does ("selective imitation"), with alpha = 0.5, teacher clamp 1, first PPO epoch (pi_S = pi_old):
 once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside the clip range
@@ -20,7 +23,8 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
     | any, A = 0               |       | no gradient: the teacher acts only through the advantage       |
 
 alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is on-policy distillation
-(the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. Your own objective: a
+(the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. "topd" and "topk_kd"
+are the objectives RLAD is compared with (docs/algorithm.md has their equations and a comparison table). Your own objective: a
 function below, a row in METHODS, a default in DEFAULTS and a train.py Config field per new knob (read as
 knobs.<name>; docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's
 (rlad.token_logprobs).

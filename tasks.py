@@ -11,6 +11,7 @@ turn, prefill included. TASKS maps names to tasks as rlad.METHODS maps names to 
 trainer looks at a task's name. Generators and loaders live in data.py, scorers in rewards.py.
 """
 import importlib
+import json
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -140,6 +141,13 @@ def load(name_or_task):
     return SimpleNamespace(name=name, examples=task.examples, score=score, prefill=getattr(task, "prefill", ""),
                            prompt=getattr(task, "prompt", lambda example: example["question"]))
 
+def target_sample(example: dict, prefill: str, tokenizer) -> dict:
+    """The SFT baseline's one "sample" of an example, as an engine returns samples: its target text (a teacher's
+    sample that eval.py --sft_out wrote), else its reference answer, after the prefill, then EOS."""
+    text = (example.get("target") or example["answer"]).removeprefix(prefill)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"response_ids": ids, "finish_reason": "stop"}
+
 def score_rows(task, rows: list, example: dict, *, prefill: str, tokenizer):
     """Set text, reward, correct and format_ok of rows (policy.Row), responses to one example: each response is the
     whole assistant turn, the prompt's prefill + the decoded generated text, through the task's scorer."""
@@ -167,6 +175,30 @@ def prompt_ids(task, example, tokenizer):
     if prefill.strip() and opened.endswith(prefill.strip()):  # a second tag would fail the format reward
         return tokenizer(text, add_special_tokens=False)["input_ids"], text[opened.rfind(prefill.strip()):]
     return tokenizer(text + prefill, add_special_tokens=False)["input_ids"], prefill  # the template wrote any BOS
+
+def load_examples(task, cfg, tokenizer, say=print):
+    """train.py's data (its Config `cfg`): the training examples (the task's, or those of cfg.sft_data, a jsonl of
+    examples with a "target", e.g. eval.py --sft_out's), their (prompt_ids, prefill), and the eval examples (none
+    when cfg.eval_every is 0); examples whose prompt exceeds cfg.max_prompt_tokens are dropped, and `say` says how
+    many: now, not at the first generate (the engine's max_model_len is prompt + response)."""
+    levels = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731  "3,4" -> (3, 4)
+    files = lambda text: tuple(f for f in text.split(",") if f)  # noqa: E731  "a.jsonl,b.jsonl" -> (...)
+    if cfg.sft_data:
+        with open(cfg.sft_data) as f:
+            train = [json.loads(line) for line in f if line.strip()]
+    else:
+        train = task.examples("train", Source(files(cfg.train_data), levels(cfg.train_levels), cfg.train_per_level,
+                                              cfg.seed))
+    evals = task.examples("eval", Source(files(cfg.eval_data), levels(cfg.eval_levels), cfg.eval_per_level)) \
+        if cfg.eval_every else []
+    out = []
+    for what, examples in (("training", train), ("eval", evals)):
+        kept, prompts = build_prompts(task, examples, tokenizer, cfg.max_prompt_tokens)
+        if len(kept) < len(examples):
+            say(f"dropped {len(examples) - len(kept)} of {len(examples)} {what} prompts over "
+                f"{cfg.max_prompt_tokens} tokens (raise --max_prompt_tokens to keep them)")
+        out.append((kept, prompts))
+    return out[0][0], out[0][1], out[1][0]
 
 def build_prompts(task, examples, tokenizer, max_prompt_tokens: int):
     """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""

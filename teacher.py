@@ -60,17 +60,12 @@ class Teacher:
         self.submitted = []
         start = time.perf_counter()
         outputs, stats = policy.logprobs(self.model, rows, self.token_budget, self.device, topk=self.topk)
-        sizes = [len(r.response) for r in rows]
-        if self.topk:  # (log-probs [n], top-k ids [n, k], their log-probs [n, k]) per row
-            parts = [torch.cat(x).cpu().split(sizes) for x in zip(*outputs)] if rows else [[], [], []]
-            for r, logp, ids, topk_logp in zip(rows, *parts):
-                r.teacher_logp = logp
-                r.teacher_topk_ids = ids
-                r.teacher_topk_logp = topk_logp
-        else:
-            flat = torch.cat(outputs).float().cpu() if rows else torch.zeros(0)  # one host copy, not one per row
-            for r, logp in zip(rows, flat.split(sizes)):
-                r.teacher_logp = logp
+        # One column per field: log-probs [n] (and with topk, the ids [n, k] and their log-probs [n, k]) of each row.
+        columns = (list(zip(*outputs)) if self.topk else [outputs]) if rows else []  # none: nothing to copy
+        for field, column in zip(("teacher_logp", "teacher_topk_ids", "teacher_topk_logp"), columns):
+            values = torch.cat(column).cpu().split([len(r.response) for r in rows])  # one host copy, not one per row
+            for r, value in zip(rows, values):
+                setattr(r, field, value)
         self.last_stats = dict(stats, sequences=len(rows), tokens=stats["real"], seconds=time.perf_counter() - start)
 
     def logprobs(self, sequences) -> list:

@@ -1,16 +1,21 @@
-"""train.py: the RL loop for GRPO, KDRL, RLAD (TRRD), on-policy distillation and the SFT baseline, hand-written,
-torchrun + FSDP2. The losses are in rlad.py (start there); this file is the loop around them. One step, as
-main() reads (the same numbers head its blocks):
+"""train.py: the RL loop for GRPO, KDRL, RLAD (TRRD), TOP-D, the top-k forward KL, on-policy distillation and the SFT
+baseline, hand-written, torchrun + FSDP2. The losses are in rlad.py (start there); this file is the loop around
+them. One step, as main() reads (the same numbers head its blocks):
   1. prompts     this rank's share of `prompts_per_step`, a seeded permutation per pass over the data
   2. sync        the rollout engine (vLLM, one per rank, asleep) takes the student's weights and wakes
   3. rollout     `group_size` samples per prompt, seeded by the prompt's global position (the same samples at any
-                 world size and after a resume), then the engine sleeps; sft takes each example's target text
+                 world size and after a resume), handed back group by group as they finish, then the engine
+                 sleeps; sft takes each example's target text. As each group arrives:
   4. rewards     the task's scorer (tasks.py)
-  5. advantages  rlad.group_advantages; optionally drop groups whose rewards are all equal
-  6. frozen      teacher.py's log-prob of every kept token (when the rlad.METHODS row asks), pi_old (when the policy
-                 moves within the step), the frozen reference (kl_coef > 0)
-  7. update      PPO epochs x mini-batches x micro-batches, each loss divided by its mini-batch's GLOBAL token
-                 count (the full-batch gradient at any world size); clip, skip a non-finite step, AdamW
+  5. advantages  rlad.group_advantages; optionally drop groups whose rewards are all equal; a served teacher gets
+                 the group's kept rows at once and scores them while the engine generates the rest
+  6. frozen      pi_old (when the policy moves within the step), the frozen reference (kl_coef > 0), then the
+                 teacher's log-prob (or top-k) of every kept token, when the rlad.METHODS row asks; a row's
+                 step-level hook (TOP-D) turns them into per-token advantages
+  7. update      PPO epochs x mini-batches x micro-batches, each loss from rlad.policy_loss divided by its
+                 mini-batch's GLOBAL token count (the full-batch gradient at any world size); before the first
+                 optimizer step the engine's log-probs are checked against pi_old (a stale engine stops the run);
+                 clip, skip a non-finite step, AdamW
   8. log         a JSON line in RUN_DIR/metrics.jsonl (one collective), sample logs, eval, atomic checkpoints
 Before any weights load, preflight.py checks the config, resolves hub names and prints the memory plan.
 
@@ -184,7 +189,7 @@ def main(cfg: Config, task=None):
                                                     max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                                     top_p=cfg.top_p, seed=sample_seed(cfg, first, cfg.group_size))
             else:  # the SFT baseline trains on each example's target text: a "group" of one
-                groups = enumerate([[target_sample(run.tokenizer, ex, prefill)] for ex, (_, prefill) in
+                groups = enumerate([[tasks.target_sample(ex, prefill, run.tokenizer)] for ex, (_, prefill) in
                                     zip(examples, prompts)])
 
             # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them, each at once
@@ -284,12 +289,6 @@ def sync_engine(run, times: dict, metrics):
         run.engine.load_weights(policy.full_params(run.student, run.serving_dtype))
         run.engine.wake()
     memory(run, metrics, "wake")
-
-def target_sample(tokenizer, example, prefill: str) -> dict:
-    """sft's one "sample" of an example: its target text (or reference answer) after the prefill, then EOS."""
-    text = (example.get("target") or example["answer"]).removeprefix(prefill)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {"response_ids": ids, "finish_reason": "stop"}
 
 def make_rows(p: int, samples: list, prompt: list, offset: int) -> list:
     """One policy.Row per sample of this rank's prompt p; a row's uid is its index in the whole step,
@@ -433,14 +432,13 @@ def check_engine(run, rows: list, metrics):
     the first optimizer step of the step."""
     gaps = [(r.old_logp.float() - r.engine_logp.to(r.old_logp.device)).abs() for r in rows
             if r.engine_logp is not None and r.old_logp is not None]  # [n] each
-    gap = torch.cat(gaps) if gaps else torch.zeros(0, device=run.device)  # [tokens]
-    total = torch.stack([gap.double().sum(), torch.tensor(gap.numel(), dtype=torch.float64, device=gap.device)])
-    metrics.mean("logprob_mismatch", total[0], total[1])
+    gap = torch.cat(gaps).double() if gaps else torch.zeros(0, dtype=torch.float64, device=run.device)  # [tokens]
+    metrics.mean("logprob_mismatch", gap.sum(), gap.numel())
     metrics.max("logprob_mismatch_max", gap.max() if gap.numel() else 0.0)
     if not run.cfg.max_logprob_mismatch:
         return
-    everyone = total.to(run.device, copy=True)  # a copy: the metric keeps this rank's own sums
-    dist.all_reduce(everyone)
+    everyone = torch.stack([gap.sum(), torch.tensor(float(gap.numel()), dtype=torch.float64, device=gap.device)])
+    dist.all_reduce(everyone)  # [2]: the step's sum and count over every rank
     mean = (everyone[0] / everyone[1].clamp(min=1)).item()
     if mean > run.cfg.max_logprob_mismatch:
         run.opt.zero_grad(set_to_none=True)
@@ -611,34 +609,14 @@ def start_logs(run):
         run.wandb = wandb
 
 def load_data(run):
-    """The training and eval examples (the task's, or sft_data's), their prompts, filtered by prompt length."""
-    cfg = run.cfg
-    levels = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731  "3,4" -> (3, 4)
-    files = lambda text: tuple(f for f in text.split(",") if f)  # noqa: E731  "a.jsonl,b.jsonl" -> (...)
+    """The training and eval examples (the task's, or sft_data's) and the training prompts (tasks.load_examples)."""
     try:
-        if cfg.sft_data:
-            with open(cfg.sft_data) as f:
-                train = [json.loads(line) for line in f if line.strip()]
-        else:
-            source = tasks.Source(files(cfg.train_data), levels(cfg.train_levels), cfg.train_per_level, cfg.seed)
-            train = run.task.examples("train", source)
-        evals = []
-        if cfg.eval_every:
-            source = tasks.Source(files(cfg.eval_data), levels(cfg.eval_levels), cfg.eval_per_level)
-            evals = run.task.examples("eval", source)
+        run.train_examples, run.prompts, run.eval_examples = tasks.load_examples(run.task, run.cfg, run.tokenizer,
+                                                                                 say=print0)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"data: {e}") from None
-    for what, examples in (("training", train), ("eval", evals)):
-        kept, prompts = tasks.build_prompts(run.task, examples, run.tokenizer, cfg.max_prompt_tokens)
-        if len(kept) < len(examples):  # now, not at the first generate: max_model_len is prompt + response
-            print0(f"dropped {len(examples) - len(kept)} of {len(examples)} {what} prompts over "
-                   f"{cfg.max_prompt_tokens} tokens (raise --max_prompt_tokens to keep them)")
-        if what == "training":
-            run.train_examples = kept
-            run.prompts = prompts
-        else:
-            run.eval_examples = kept
     if not run.train_examples:
+        cfg = run.cfg
         raise SystemExit(f"empty training set (task {cfg.task!r}, train_data {cfg.train_data!r}, sft_data "
                          f"{cfg.sft_data!r}, after the prompt length filter max_prompt_tokens={cfg.max_prompt_tokens})")
 

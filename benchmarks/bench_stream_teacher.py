@@ -18,6 +18,7 @@ import argparse
 import http.server
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def main():
                   f"after rollout {mean['rlad after rollout']['step']:.2f} s "
                   f"(waited {mean['rlad after rollout']['teacher_wait']:.2f} s)", flush=True)
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its engine-core process
     print("\n| D (s) | D / generation | GRPO step (s) | RLAD streamed / GRPO | RLAD after rollout / GRPO "
           "| teacher wait streamed / after (s) |")
     print("|---|---|---|---|---|---|")

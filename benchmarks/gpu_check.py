@@ -17,6 +17,11 @@ traceback and is recorded, an out-of-memory is recorded as "OOM" with the part's
               logits) on the same micro-batches: tokens/s, ratio, pad fraction, peak memory
   sync        policy.full_params of the FSDP2 1.7B student, fp32 against bf16: seconds and GB
   adamw       AdamW foreach=True against fused=True on the 1.7B student's parameters: ms per step
+  vllm        where vLLM is installed (else one line says so): the rollout engine's sleep -> sync -> wake cycle on
+              tiny Qwen3- and Qwen2-shaped models, each in a process of its own (one process holds one engine):
+              three cycles give the greedy reference's tokens and log-probs (1e-2) and the buffers of a
+              collective_rpc snapshot, free memory after each sleep drifts < 256 MiB, a fourth cycle with changed
+              weights matches transformers' forward of them. Sleep mode never runs on vLLM's CPU build
 
     python benchmarks/gpu_check.py                          # one H100 / H200: about 3-4 minutes
     python benchmarks/gpu_check.py --parts logprobs,adamw   # a subset (dist always runs first)
@@ -25,7 +30,8 @@ traceback and is recorded, an out-of-memory is recorded as "OOM" with the part's
 Every number goes into one JSON (--json, default gpu_check.json), rewritten atomically after every part, so a run
 killed at a time limit still leaves the parts it finished ("finished": false until the end); one line per part as
 it finishes, the whole JSON printed at the end. Budget on an H200 (ESTIMATE_S, from each part's docstring):
-start-up ~15 s, dist 5, logprobs 10, memory_fit 90, padding 20, teacher 20, sync 10, adamw 15: about 3 minutes. A
+start-up ~15 s, dist 5, logprobs 10, memory_fit 90, padding 20, teacher 20, sync 10, adamw 15, vllm 60 (where
+vLLM is installed; last, so the budget drops it first): about 3-4 minutes. A
 part whose estimate would end past --max-seconds (210) is skipped and recorded so, and so is a memory_fit preset
 starting after --fit-seconds (75) of that part: the script ends within about 4 minutes, inside a 5-minute limit.
 MFU = model FLOPs (6 N per token plus causal attention, 6 L d n per token of an n-token sequence, for forward +
@@ -80,8 +86,9 @@ MODEL_SHAPE = {"Qwen/Qwen3-0.6B": "0.6b", "Qwen/Qwen3-1.7B": "1.7b", "Qwen/Qwen3
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 DRY = 128  # --dry-run divides the presets' token counts by this
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-PARTS = ("logprobs", "memory_fit", "padding", "teacher", "sync", "adamw")
-ESTIMATE_S = {"dist": 5, "logprobs": 10, "memory_fit": 90, "padding": 20, "teacher": 20, "sync": 10, "adamw": 15}
+PARTS = ("logprobs", "memory_fit", "padding", "teacher", "sync", "adamw", "vllm")
+ESTIMATE_S = {"dist": 5, "logprobs": 10, "memory_fit": 90, "padding": 20, "teacher": 20, "sync": 10, "adamw": 15,
+              "vllm": 60}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -623,6 +630,109 @@ def part_adamw(args, state, res):
 
 
 # ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- vllm
+def part_vllm(args, state, res):
+    """The engine cycle of train.py's steps 2-3 on the real vLLM, per model shape in a subprocess of its own (one
+    process holds one engine: its shutdown tears down process-wide state). H200 estimate ~60 s: two engine starts
+    (~20 s each: no CUDA graphs), 5 short greedy generations each."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    if importlib.util.find_spec("vllm") is None:
+        res["not_installed"] = "vLLM is not installed here: this part runs where it is (pip install vllm==0.32.0)"
+        return
+    work = tempfile.mkdtemp(prefix="gpu_check_vllm_")
+    for family in ("qwen3", "qwen2"):
+        out = os.path.join(work, f"{family}.json")
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine-cycle", family, "--json", out]
+                           + (["--dry-run"] if args.dry_run else []), capture_output=True, text=True, timeout=600)
+        if p.returncode or not os.path.exists(out):
+            res[family] = {"error": (p.stdout + p.stderr)[-1500:]}
+            continue
+        with open(out) as f:
+            res[family] = json.load(f)
+    res["ok"] = all(res[f].get("ok") for f in ("qwen3", "qwen2"))
+
+
+def tiny_engine_model(family: str, out: str, dtype) -> str:
+    """A tiny Qwen3- or Qwen2-shaped model from its config (random weights, tiny.py's tokenizer), written to out."""
+    import tiny
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    tok = tiny.make_tokenizer()
+    sizes = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    if family == "qwen3":
+        config, cls = Qwen3Config(head_dim=32, **sizes), Qwen3ForCausalLM
+    else:  # Qwen2: biases on q/k/v, no q/k norm, its own rotary base: buffers vLLM builds its own way
+        config, cls = Qwen2Config(rope_theta=1e6, **sizes), Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cls(config).to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def engine_buffers(worker) -> dict:
+    """Every buffer of the engine's model (rotary caches, attention scales), copied to the CPU (collective_rpc)."""
+    runner = getattr(worker, "model_runner", None)  # read from vLLM 0.32's source: V1 and V2 runners have get_model
+    model = runner.get_model() if runner is not None and hasattr(runner, "get_model") else worker.get_model()
+    return {name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers()}
+
+
+def engine_cycle(family: str, dry: bool) -> dict:
+    """One engine, asleep and awake four times; see part_vllm. Returns the measurements and ok."""
+    import tempfile
+    import rollout
+    from transformers import AutoModelForCausalLM
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    path = tiny_engine_model(family, tempfile.mkdtemp(prefix=f"engine_{family}_"), dtype)
+    train.setup_distributed()
+    engine = rollout.VLLMEngine(path, dtype="bfloat16" if on_gpu else "float32", max_model_len=256, seed=0,
+                                gpu_memory_utilization=0.3, max_num_seqs=8,
+                                kv_cache_memory_bytes=None if on_gpu else 64 * 2**20)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    prompts = [[5 + i, 17, 42 + 3 * i, 99, 7] for i in range(4)]
+    greedy = lambda: engine.generate(prompts, max_tokens=24, temperature=0.0)  # noqa: E731
+    reference, snapshot = greedy(), engine.llm.collective_rpc(engine_buffers)[0]
+    out = {"sleep_mode": engine.sleep_mode, "buffers": sorted(snapshot), "cycles": []}
+    free_after_sleep = []
+    for cycle in range(3):
+        engine.sleep()
+        free_after_sleep.append(torch.cuda.mem_get_info()[0] if on_gpu else 0)
+        engine.load_weights(hf.named_parameters())
+        engine.wake()
+        got = greedy()
+        buffers = engine.llm.collective_rpc(engine_buffers)[0]
+        same_tokens = all(a["response_ids"] == b["response_ids"] for ga, gb in zip(reference, got)
+                          for a, b in zip(ga, gb))
+        gap = max(max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) for ga, gb in zip(reference, got)
+                  for a, b in zip(ga, gb))
+        same_buffers = buffers.keys() == snapshot.keys() and all(torch.equal(buffers[k], snapshot[k]) for k in buffers)
+        out["cycles"].append({"same_tokens": same_tokens, "max_logprob_gap": gap, "same_buffers": same_buffers})
+    out["free_after_sleep_gib"] = [round(f / GIB, 3) for f in free_after_sleep]
+    drift = max(free_after_sleep) - min(free_after_sleep)
+    with torch.no_grad():  # a fourth cycle with changed weights: the engine must sample from exactly those
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(p.dtype) * 0.05)
+    engine.sleep()
+    engine.load_weights(hf.named_parameters())
+    engine.wake()
+    changed = greedy()
+    gaps = []
+    for ids, group in zip(prompts, changed):
+        response = group[0]["response_ids"]
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        gaps.append((torch.tensor(group[0]["logprobs"]) - want).abs().mean().item())
+    out.update(changed_weights_mean_logprob_gap=max(gaps), free_drift_mib=round(drift / 2**20, 1))
+    engine.shutdown()
+    out["ok"] = (all(c["same_tokens"] and c["max_logprob_gap"] < 1e-2 and c["same_buffers"] for c in out["cycles"])
+                 and drift < 256 * 2**20 and max(gaps) < 0.05)
+    return out
+
+
 def versions(device) -> dict:
     import transformers
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
@@ -684,7 +794,11 @@ def main():
     ap.add_argument("--max-seconds", type=float, default=210,
                     help="a part whose estimate (ESTIMATE_S; 0 with --dry-run) would end later is skipped")
     ap.add_argument("--fit-seconds", type=float, default=75, help="memory_fit presets starting later are skipped")
+    ap.add_argument("--engine-cycle", default="", help=argparse.SUPPRESS)  # part_vllm's subprocess: qwen3 | qwen2
     args = ap.parse_args()
+    if args.engine_cycle:
+        save(engine_cycle(args.engine_cycle, args.dry_run), args.json)
+        return
     t0 = time.perf_counter()
     parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in parts if p not in PARTS + ("dist",)]

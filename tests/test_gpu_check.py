@@ -17,7 +17,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
-PARTS = ["dist", "logprobs", "memory_fit", "padding", "teacher", "sync", "adamw"]
+PARTS = ["dist", "logprobs", "memory_fit", "padding", "teacher", "sync", "adamw", "vllm"]
 TORCH_2_13_ONLY = ["all_gather_single"]  # in torch.distributed; 2.11 has all_gather_into_tensor
 # Remove the names from the package namespace only: 2.13's own all_gather_into_tensor calls its module's function.
 WRAPPER = """import runpy, sys

@@ -17,7 +17,7 @@ def test_plan_without_cache_or_hub_is_one_line(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode != 0, out
     assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if "huggingface-cli download Qwen/Qwen3-" in line]
+    lines = [line for line in out.splitlines() if "hf download Qwen/Qwen3-" in line]
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0], out
 
 
@@ -30,3 +30,17 @@ def test_memory_plan_shapes_of_a_gpt2_model(tmp_path):
     shapes = preflight.shapes(path)
     assert shapes["layers"] == 3 and shapes["intermediate"] == 256 and shapes["hidden"] == 64
     assert shapes["params"] == shapes["root"] + 3 * shapes["layer"] and shapes["vocab"] == 18
+
+
+def test_the_download_command_named_in_messages_exists_in_the_installed_package():
+    """Messages tell users to run preflight.DOWNLOAD; the installed huggingface_hub must ship it (2.x has `hf`, not
+    `huggingface-cli`), with the --local-dir option that eval.py's message names."""
+    import importlib.metadata
+    import shutil
+    import preflight
+    command, verb = preflight.DOWNLOAD.split()
+    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert command in scripts and "huggingface-cli" not in scripts
+    exe = shutil.which(command, path=os.path.dirname(sys.executable))
+    p = subprocess.run([exe, verb, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "--local-dir" in p.stdout and "REPO_ID" in p.stdout, p.stdout + p.stderr

@@ -122,3 +122,12 @@ def test_padded_vocabulary_is_fine(tiny_tokenizer, model):
     seqs = random_sequences(seed=4, count=6)
     for (p, r), got in zip(seqs, t.logprobs(seqs)):
         torch.testing.assert_close(got, naive_logprobs(padded, p, r), atol=1e-5, rtol=0)
+
+
+def test_finish_with_no_rows_is_a_no_op(model):
+    """A rank whose every group was filtered still calls finish() (a collective when sharded): nothing to set."""
+    for topk in (0, 4):
+        t = teacher.Teacher(model, token_budget=64, topk=topk)
+        t.submit([])
+        t.finish()
+        assert t.last_stats["sequences"] == 0 and t.last_stats["micro_batches"] == 0

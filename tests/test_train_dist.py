@@ -115,4 +115,4 @@ def test_default_config_with_hub_names_runs_offline(hub_cache, tmp_path, ranks):
                         str(tmp_path / "missing")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "--teacher Qwen/Qwen3-32B: not a local directory" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
-    assert "huggingface-cli download Qwen/Qwen3-32B" in p.stderr
+    assert "hf download Qwen/Qwen3-32B" in p.stderr
