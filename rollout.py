@@ -158,8 +158,9 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if on_gpu:
             kwargs["enable_sleep_mode"] = True if enable_sleep_mode is None else enable_sleep_mode
-        else:  # CPU (docs/cpu.md): no sleep mode, eager, an explicit KV cache, no chunked prefill (seeded batches
-            # crash: "CPU Generator does not use offset"), so every prompt is prefilled in one step
+        else:
+            # CPU (docs/cpu.md): no sleep mode, eager, an explicit KV cache, no chunked prefill (seeded batches
+            # crash: "CPU Generator does not use offset"), so every prompt is prefilled in one step.
             kwargs.update(enable_sleep_mode=False, enforce_eager=True, enable_chunked_prefill=False,
                           max_num_batched_tokens=max(max_model_len, 4096), kv_cache_memory_bytes=kv_cache_memory_bytes
                           or _cpu_kv_cache_bytes(hf_config, dtype, max_model_len, max_num_seqs))

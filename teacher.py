@@ -195,19 +195,22 @@ class ServedTeacher:
         return [logp[len(logp) - len(r.response):] for logp, r in zip(flat.split(lens), rows)]
 
     def submit(self, rows: list) -> None:
-        """Score rows (policy.Row; each needs a non-empty prompt). A request holds consecutive rows up to
-        token_budget tokens (a longer row goes alone). With `stream`, the rows of one call (a group) are sent at once,
-        while the engine still generates; without, rows fill requests across calls, sent at finish()."""
+        """Score rows (policy.Row; each needs a non-empty prompt), a group at a time. A request holds consecutive rows
+        up to token_budget tokens (a longer row goes alone) and closes when another group of this size would not
+        fit; with `stream` it is sent then, while the engine still generates, else at finish(). The requests are the
+        same either way, only their time differs."""
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.max_in_flight)
             self.started = time.perf_counter()
-        for r in (r for r in rows if r.response):
+        rows = [r for r in rows if r.response]
+        for r in rows:
             if self.pending and self.pending_tokens + len(r.prompt) + len(r.response) > self.token_budget:
                 self._close_request()
             self.pending.append(r)
             self.pending_tokens += len(r.prompt) + len(r.response)
-        if self.stream and self.pending:  # a group's request goes out now, not when the next group fills it
-            self._close_request()
+        added = sum(len(r.prompt) + len(r.response) for r in rows)
+        if self.pending and self.pending_tokens + added > self.token_budget:  # a group like this one would not fit:
+            self._close_request()  # the request goes now, not when the next group arrives
 
     def _close_request(self) -> None:
         """The pending rows become request i of the step: sent now when streaming, else at finish()."""
@@ -240,7 +243,8 @@ class ServedTeacher:
         rows = [r for batch, _ in self.requests for r in batch]
         self.last_stats = {"sequences": len(rows), "tokens": sum(len(r.prompt) + len(r.response) for r in rows),
                            "requests": len(self.requests), "seconds": time.perf_counter() - self.started}
-        self.requests, self.pool = [], None
+        self.requests = []
+        self.pool = None
         self._stop_together(error)
 
     def logprobs(self, sequences) -> list:
@@ -256,7 +260,9 @@ def _topk(positions: list, response: list, k: int) -> tuple:
     """One sequence's prompt_logprobs (k > 0): each position holds the actual token and the k most likely, as
     {"id": {"logprob", "rank", ...}}. Returns, over the response positions, the actual tokens' log-probs [n] and the
     k most likely ids and their log-probs, [n, k] each, most likely first."""
-    logp, ids, topk_logp = [], [], []
+    logp = []  # [n]
+    ids = []  # [n, k]
+    topk_logp = []  # [n, k]
     for token, entries in zip(response, positions[len(positions) - len(response):]):
         logp.append(entries[str(token)]["logprob"])
         best = sorted(entries.items(), key=lambda item: -item[1]["logprob"])[:k]  # the actual token may rank past k

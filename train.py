@@ -192,10 +192,11 @@ def main(cfg: Config, task=None):
                 groups = enumerate([[tasks.target_sample(ex, prefill, run.tokenizer)] for ex, (_, prefill) in
                                     zip(examples, prompts)])
 
-            # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them, each at once
-            # 4. scored and 5. given its advantages; a served teacher starts scoring its kept rows while the engine
-            # still generates (6.). Then the engine sleeps.
-            rows, kept = [], []
+            # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them. Each group is
+            # at once 4. scored and 5. given its advantages, and kept or dropped; a served teacher starts scoring the
+            # kept rows (6.) while the engine still generates the other groups. Then the engine sleeps.
+            rows = []  # every response of this rank's step, in prompt order once sorted
+            kept = []  # the ones the update trains on
             with timed(times, "rollout"):
                 for p, samples in groups:
                     group = make_rows(p, samples, prompts[p][0], offset)
@@ -269,7 +270,8 @@ def step_prompts(run, step: int) -> list:
     n = len(run.train_examples)
     per_rank = run.cfg.prompts_per_step // run.world
     first = step * run.cfg.prompts_per_step + run.rank * per_rank
-    permutations, out = {}, []
+    permutations = {}  # pass over the data -> its seeded order
+    out = []
     for epoch, pos in (divmod(k, n) for k in range(first, first + per_rank)):
         if epoch not in permutations:
             seeded = torch.Generator().manual_seed(run.cfg.seed * 100003 + epoch)
@@ -358,7 +360,7 @@ def update(run, rows: list, step: int, metrics):
     over ranks), so the accumulated gradient is the full mini-batch gradient. Every rank runs the same number of
     forward and backward passes (empty micro-batches where it has fewer): FSDP's collectives need it. A step whose
     gradient norm is not finite is skipped (counted in run.skipped)."""
-    cfg, model, world = run.cfg, run.student, run.world
+    cfg = run.cfg
     n_mini = cfg.mini_batches
     exact_entropy = run.ent_coef > 0 or cfg.ent_target > 0  # the full-vocabulary entropy costs ~1.5x the LM head
     loss_shares = {"loss": 0.0}  # this rank's share of each loss term, summed over the step's optimizer steps
@@ -385,7 +387,7 @@ def update(run, rows: list, step: int, metrics):
                 batch = policy.collate(plans[k][j] if j < len(plans[k]) else [], run.device)
                 mask = batch["mask"]  # [B, R]
                 tokens = batch["tokens"]  # real response tokens in this micro-batch
-                logp, entropy, topk_logp = policy.forward(model, batch, entropy_grad=run.ent_coef > 0,
+                logp, entropy, topk_logp = policy.forward(run.student, batch, entropy_grad=run.ent_coef > 0,
                                                           with_entropy=exact_entropy)  # [B, R], [B, R], [B, R, k]
                 old_logp = batch.get("old_logp", logp.detach())  # one epoch, one mini-batch: this forward IS pi_old
                 loss, loss_metrics = rlad.policy_loss(
@@ -396,7 +398,7 @@ def update(run, rows: list, step: int, metrics):
                     kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)
                 if run.ent_coef > 0:  # the entropy bonus (Skywork-OR1's adaptive control steers its coefficient)
                     loss = loss - run.ent_coef * rlad.aggregate(entropy, mask, cfg.loss_agg, denom, cfg.max_tokens)
-                (loss * world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
+                (loss * run.world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
                 for name, value in loss_metrics.items():
                     if name == "loss" or name.startswith("loss/"):  # this micro-batch's share of the loss
                         loss_shares[name] = loss_shares.get(name, 0.0) + value
@@ -413,7 +415,7 @@ def update(run, rows: list, step: int, metrics):
             if optimizer_steps == 0 and run.needs.get("samples") == "student":  # before the step's first optimizer
                 check_engine(run, rows, metrics)  # step: did the engine sample from the trainer's weights?
             optimizer_steps += 1
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.max_grad_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if torch.isfinite(norm):  # one host sync per optimizer step
                 run.opt.step()
@@ -484,7 +486,8 @@ def memory(run, metrics, phase: str):
     the memory plan leaves out: vLLM's CUDA graphs, NCCL communicators)."""
     if run.device.type != "cuda":
         return
-    free, gib = torch.cuda.mem_get_info(run.device)[0], 2**30
+    free = torch.cuda.mem_get_info(run.device)[0]
+    gib = 2**30
     metrics.max(f"mem/{phase}/free_gib", -free / gib)  # the tightest rank: the smallest free memory (logged negated)
     metrics.max(f"mem/{phase}/peak_alloc_gib", torch.cuda.max_memory_allocated(run.device) / gib)
     metrics.max(f"mem/{phase}/peak_reserved_gib", torch.cuda.max_memory_reserved(run.device) / gib)
@@ -624,7 +627,9 @@ def load_models(run):
     """The engine first (vLLM sizes its share of the GPU at start), then student, reference, teacher, optimizer."""
     import rollout
     import teacher as teacher_lib
-    cfg, device, world = run.cfg, run.device, run.world
+    cfg = run.cfg
+    device = run.device
+    world = run.world
     ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
     start_from = ckpt or run.student_path
     if run.needs["samples"] == "student" or (cfg.eval_every and run.eval_examples):

