@@ -226,6 +226,8 @@ class ServedTeacher:
             self.submit([])
         if self.pending:
             self._close_request()
+        if not self.stream:  # the teacher's time starts with its first request, not with the first submit
+            self.started = time.perf_counter()
         futures = [future or self.pool.submit(self._score, i, batch)
                    for i, (batch, future) in enumerate(self.requests)]
         error = ""

@@ -130,7 +130,9 @@ def main():
                     times[name].append(train(os.path.join(work, f"{name}_{d}_{r}".replace(" ", "_")), a.steps, flags))
             mean = {name: {k: statistics.mean(t[k] for t in runs) for k in runs[0]} for name, runs in times.items()}
             rows.append((d, mean))
-            print(f"D {d:5.2f} s: step grpo {mean['grpo']['step']:.2f} s, rlad streamed "
+            print(f"D {d:5.3f} s: rollout grpo {mean['grpo']['rollout']:.2f} s, streamed "
+                  f"{mean['rlad streamed']['rollout']:.2f} s, after {mean['rlad after rollout']['rollout']:.2f} s")
+            print(f"D {d:5.3f} s: step grpo {mean['grpo']['step']:.2f} s, rlad streamed "
                   f"{mean['rlad streamed']['step']:.2f} s (waited {mean['rlad streamed']['teacher_wait']:.2f} s), "
                   f"after rollout {mean['rlad after rollout']['step']:.2f} s "
                   f"(waited {mean['rlad after rollout']['teacher_wait']:.2f} s)", flush=True)
