@@ -77,6 +77,33 @@ def test_logprobs_are_those_of_the_sampling_distribution(setup, tiny_tokenizer):
     assert max_error(hf, out, ps) > 0.01  # not the raw ones
 
 
+def test_groups_as_they_finish_are_vllms_own_samples(setup, tiny_tokenizer):
+    """generate_groups hands each prompt's group back when its last sample finishes, while the engine still generates
+    the others (36 sequences, the engine runs 16 at once), and every sample is exactly what vLLM's own LLM.generate
+    draws for the same requests and seeds: tokens and log-probs equal to the bit."""
+    from vllm import SamplingParams
+    engine, *_ = setup
+    ps = prompts(tiny_tokenizer) * 3  # 9 prompts x 4 samples: more than the engine runs at once
+    groups, in_flight = {}, []
+    for i, samples in engine.generate_groups(ps, n=4, max_tokens=12, temperature=1.0, seed=7):
+        groups[i] = samples
+        in_flight.append(engine.llm.llm_engine.has_unfinished_requests())  # the others, still being generated
+    assert sorted(groups) == list(range(len(ps))) and in_flight[0] and not in_flight[-1]
+    params = [SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=7 + i * 4, logprobs=0, flat_logprobs=True,
+                             detokenize=False) for i in range(len(ps))]
+    with rollout.torch_threads(engine.engine_threads):
+        direct = engine.llm.generate([{"prompt_token_ids": p} for p in ps], params, use_tqdm=False)
+    for i, out in enumerate(direct):
+        want = sorted(out.outputs, key=lambda c: c.index)
+        assert [s["response_ids"] for s in groups[i]] == [list(c.token_ids) for c in want]
+        assert [s["logprobs"] for s in groups[i]] == [list(c.logprobs.logprobs) for c in want]
+    assert engine.generate(ps, n=4, max_tokens=12, temperature=1.0, seed=7) == [groups[i] for i in range(len(ps))]
+    stream = engine.generate_groups(ps, n=4, max_tokens=12, temperature=1.0, seed=7)
+    next(stream)
+    stream.close()  # a caller that stops early leaves no request behind
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+
+
 def test_load_weights_follows_perturbed_model(setup, tiny_tokenizer):
     engine, hf, *_ = setup
     ps = long_prompts(tiny_tokenizer)
