@@ -189,7 +189,9 @@ def write_samples(run, step: int, rows: list):
 
     import policy
     import rlad
-    cfg, tok, clamp = run.cfg, run.tokenizer, run.cfg.teacher_clamp or 1.0
+    cfg = run.cfg
+    tok = run.tokenizer
+    clamp = cfg.teacher_clamp or 1.0
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     first_groups = sorted({r.group for r in rows})[:cfg.log_samples_groups]
     logged = [r for r in rows if r.group in first_groups] if rank0 else []

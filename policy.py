@@ -61,7 +61,8 @@ class Policy(torch.nn.Module):
         parts = [recompute(chunk_fn, hidden[s:s + self.chunk], targets[s:s + self.chunk],
                            None if topk_ids is None else topk_ids[s:s + self.chunk], use_reentrant=False)
                  for s in range(0, max(targets.shape[0], 1), self.chunk)]
-        logp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [n], [n]
+        logp = torch.cat([p[0] for p in parts])  # [n]
+        ent = torch.cat([p[1] for p in parts])  # [n]
         return logp, ent, (torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])) if extra else None
 
 def device_mesh(device, world: int, shard_group: int = 0):
@@ -219,7 +220,9 @@ def collate(rows: list, device) -> dict:
     rmax = max(len(r.response) for r in rows)  # R
     ids = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
     attn = torch.zeros(len(rows), width, dtype=torch.long)  # [B, L]
-    src, dst, targets = [], [], []
+    src = []  # per row: the flat [B * L] positions that predict its response tokens
+    dst = []  # per row: its response tokens' slots in the flat [B * R] output
+    targets = []  # the response tokens, row after row
     for i, r in enumerate(rows):
         seq = r.prompt + r.response[:-1]
         ids[i, :len(seq)] = torch.tensor(seq)
@@ -297,7 +300,8 @@ class Metrics:
 
     def reduce(self, device) -> dict:
         """{name: value} merged over every rank (a collective: every rank calls it once per step)."""
-        names, max_names = sorted(self.sums), sorted(self.maxes)
+        names = sorted(self.sums)
+        max_names = sorted(self.maxes)
         scalar = lambda x: torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())  # noqa: E731
         local = [scalar(x) for name in names for x in self.sums[name]]
         local += [scalar(self.maxes[name]) for name in max_names]
