@@ -1,10 +1,11 @@
 """The miniature study end to end, shrunk to a few steps (experiments/mini_repro/mini_repro.py --quick, run from
 the repository root the way its README says): real train.py subprocesses (SFT from ground truth for a GPT-2 teacher
-and a smaller GPT-2 student, grpo / kdrl / rlad / rlad_weak / rlad_self / distill with vLLM CPU rollouts, the
-per-difference runs with one on the transformers engine), the student and the weak teacher chosen by their accuracy
-profile, diagnose.py and eval.py subprocesses, the results files, the curves; then a rerun that must skip every job.
-Also diagnose.py's gradient cosine on real tiny models, the arithmetic tokenizer and fixed-width prompt, and the
-aggregation arithmetic."""
+and two smaller GPT-2 students, the study's and the plateau control, grpo / kdrl / rlad / topd / topk_kd / rlad_weak
+/ rlad_self / distill with vLLM CPU rollouts from the first, grpo / rlad from the control, the per-difference runs
+with one on the transformers engine), the students and the weak teacher chosen by their accuracy profile,
+diagnose.py and eval.py subprocesses, the results files, the curves; then a rerun that must skip every job. Also
+diagnose.py's gradient cosine on real tiny models, the arithmetic tokenizer and fixed-width prompt, the aggregation
+arithmetic and the predictions' verdicts."""
 import json
 import os
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_DIR = os.path.join(ROOT, "experiments", "mini_repro")  # mini_repro.py, diagnose.py and configs/
 SCRIPT = os.path.join("experiments", "mini_repro", "mini_repro.py")  # relative to ROOT, as a user types it
-METHODS = ["grpo", "kdrl", "rlad", "rlad_weak", "rlad_self", "distill"]
-PROFILES = ["crossing"]
+METHODS = ["grpo", "kdrl", "rlad", "topd", "topk_kd", "rlad_weak", "rlad_self", "distill"]
+PROFILES = ["crossing", "plateau"]
+PROFILE_METHODS = {"crossing": METHODS, "plateau": ["grpo", "rlad"]}  # [quick.profiles.plateau] methods
 LEVELS = ["L2", "L3"]  # [quick] report_levels
 
 
@@ -68,9 +70,91 @@ def test_aggregate_paired_differences_and_prediction():
     assert d["average"]["mean"] == pytest.approx(0.125)  # (0.5 - 0.3 + 0.45 - 0.4) / 2
     assert out["rlad"]["diff_vs_kdrl"]["L3"]["per_seed"] == pytest.approx([0.1, -0.1])
     assert "diff_vs_grpo" not in out["grpo"] and "diff_vs_kdrl" not in out["kdrl"]
-    rule = {"min_gain": 0.05}  # every seed must gain: a mean gain with one losing seed fails
-    assert mini_repro.verdict({"average": {"per_seed": [0.06, 0.11]}}, rule) == "held"
-    assert mini_repro.verdict({"average": {"per_seed": [0.2, 0.04]}}, rule) == "failed"
+    assert "diff_vs_topd" not in out["rlad"]  # a rival that did not run is skipped
+
+
+def test_claim_verdicts():
+    """Each kind of claim on the per-seed differences: every seed at least x (a mean gain with one seed short fails;
+    exactly x holds, float rounding included), every seed above x (a tie is not "ahead"), the mean at most x or at
+    most the seeds' noise."""
+    mini_repro = study_module("mini_repro")
+    gain = {"method": "rlad", "vs": "grpo", "every_seed_at_least": 0.04}
+    assert mini_repro.claim_verdict([0.059, 0.061, 0.049], gain, 0.0) == "held"
+    assert mini_repro.claim_verdict([0.2, 0.2, 0.039], gain, 0.0) == "failed"
+    assert mini_repro.claim_verdict([0.35 - 0.31, 0.05, 0.06], gain, 0.0) == "held"  # 0.03999999999999998
+    ahead = {"method": "rlad", "vs": "kdrl", "every_seed_above": 0.0}
+    assert mini_repro.claim_verdict([0.001, 0.02, 0.3], ahead, 0.0) == "held"
+    assert mini_repro.claim_verdict([0.01, 0.02, 0.3 - 0.1 - 0.2], ahead, 0.0) == "failed"  # a tie (-2.8e-17)
+    assert mini_repro.claim_verdict([0.01, 0.02, -0.01], ahead, 0.0) == "failed"
+    bound = {"method": "rlad_weak", "vs": "grpo", "mean_at_most": "noise"}
+    assert mini_repro.claim_verdict([0.05, -0.01, 0.02], bound, 0.03) == "held"  # mean 0.02: one seed above is fine
+    assert mini_repro.claim_verdict([0.05, 0.03, 0.04], bound, 0.03) == "failed"  # mean 0.04
+    assert mini_repro.claim_verdict([0.05, 0.03, 0.04], {**bound, "mean_at_most": 0.05}, 0.0) == "held"
+    assert mini_repro.claim_text(gain) == "rlad - grpo >= +0.040 on every seed"
+    assert mini_repro.claim_text(ahead) == "rlad - kdrl > +0.000 on every seed"
+    assert mini_repro.claim_text(bound) == "mean over seeds of rlad_weak - grpo <= the seeds' noise"
+    with pytest.raises(SystemExit, match="exactly one of"):
+        mini_repro.claim_verdict([0.1], {"method": "rlad", "vs": "grpo"}, 0.0)
+    with pytest.raises(SystemExit, match="exactly one of"):
+        mini_repro.claim_text({**gain, "mean_at_most": 0.1})
+
+
+def test_noise_level_and_predictions():
+    """The seeds' noise: noise_std_k x the sample std of GRPO's per-seed greedy averages, never below noise_floor;
+    predictions() reads every claim on the per-seed differences of the greedy averages and marks a claim whose
+    method did not run."""
+    mini_repro = study_module("mini_repro")
+    rule = {"noise_std_k": 2.0, "noise_floor": 0.027}
+    assert mini_repro.noise_level([0.30, 0.34, 0.32], rule) == pytest.approx(0.04)  # 2 x std 0.02
+    assert mini_repro.noise_level([0.320, 0.321, 0.322], rule) == 0.027  # the floor
+    assert mini_repro.noise_level([0.3], rule) == 0.027  # one seed: no spread to measure
+    avg = lambda *xs: {"seeds": {str(s): {"average": x} for s, x in zip((1, 2, 3), xs)}}  # noqa: E731
+    greedy = {"grpo": avg(0.30, 0.34, 0.32), "rlad": avg(0.36, 0.39, 0.37), "kdrl": avg(0.31, 0.35, 0.38),
+              "rlad_weak": avg(0.35, 0.37, 0.33)}
+    rule["claims"] = {"gain": {"method": "rlad", "vs": "grpo", "every_seed_at_least": 0.04},
+                      "kdrl": {"method": "rlad", "vs": "kdrl", "every_seed_above": 0.0},
+                      "weak": {"method": "rlad_weak", "vs": "grpo", "mean_at_most": "noise"},
+                      "self": {"method": "rlad_self", "vs": "grpo", "mean_at_most": "noise"}}
+    out = mini_repro.predictions(greedy, [1, 2, 3], rule)
+    assert out["noise"] == pytest.approx(0.04) and out["noise_baseline_per_seed"] == [0.30, 0.34, 0.32]
+    c = out["claims"]
+    assert c["gain"]["per_seed"] == pytest.approx([0.06, 0.05, 0.05]) and c["gain"]["verdict"] == "held"
+    assert c["gain"]["threshold"] == 0.04 and c["gain"]["mean"] == pytest.approx(0.16 / 3)
+    assert c["kdrl"]["per_seed"] == pytest.approx([0.05, 0.04, -0.01]) and c["kdrl"]["verdict"] == "failed"
+    assert c["weak"]["mean"] == pytest.approx(0.03) and c["weak"]["threshold"] == pytest.approx(0.04)
+    assert c["weak"]["verdict"] == "held"
+    assert c["self"]["verdict"] == "not run" and "per_seed" not in c["self"]
+    study = mini_repro.load_study(mini_repro.STUDY, quick=False)  # the study's own claims, as written
+    claims = study["predict"]["claims"]
+    assert [(x["method"], x["vs"]) for x in claims.values()] == [
+        ("rlad", "grpo"), ("rlad", "kdrl"), ("rlad_weak", "grpo"), ("rlad_self", "grpo")]
+    assert [mini_repro.claim_text(x) for x in claims.values()] == [
+        "rlad - grpo >= +0.040 on every seed", "rlad - kdrl > +0.000 on every seed",
+        "mean over seeds of rlad_weak - grpo <= the seeds' noise",
+        "mean over seeds of rlad_self - grpo <= the seeds' noise"]
+    assert study["predict"]["profile"] in study["profiles"] and study["seeds"] == [1, 2, 3]
+    assert {m for x in claims.values() for m in (x["method"], x["vs"])} <= set(study["methods"])
+
+
+def test_mechanism_row():
+    """"Why the initialisation decides it", one profile: the SFT loss now and `horizon` steps later (means of
+    `window` steps), the start batch's diagnostics averaged over the levels, and how far grpo and rlad moved the
+    greedy average per seed."""
+    mini_repro = study_module("mini_repro")
+    losses = {t: 1.0 - 0.01 * t for t in range(1, 61)}
+    diag = {"L2": {k: 0.2 for k in mini_repro.MECHANISM_DIAG}, "L3": {k: 0.4 for k in mini_repro.MECHANISM_DIAG}}
+    seeds = lambda *xs: {"seeds": {str(s): {"average": x} for s, x in zip((1, 2), xs)}}  # noqa: E731
+    prof = {"student_step": 10, "start_greedy": {"average": 0.30}, "diagnostics": {"start": diag},
+            "greedy": {"grpo": seeds(0.32, 0.31), "rlad": {**seeds(0.40, 0.36),
+                                                           "diff_vs_grpo": {"average": {"per_seed": [0.08, 0.05]}}}}}
+    m = mini_repro.mechanism(prof, losses, horizon=20, window=5)
+    assert m["sft_loss"] == pytest.approx(0.92) and m["sft_loss_later"] == pytest.approx(0.72)  # steps 6-10, 26-30
+    assert m["sft_loss_ratio"] == pytest.approx(0.72 / 0.92) and m["start_greedy"] == 0.30
+    assert m["start"] == {k: pytest.approx(0.3) for k in mini_repro.MECHANISM_DIAG}
+    assert m["moved"]["grpo"]["per_seed"] == pytest.approx([0.02, 0.01])
+    assert m["moved"]["rlad"]["mean"] == pytest.approx(0.08) and m["rlad_minus_grpo"] == [0.08, 0.05]
+    late = mini_repro.mechanism({**prof, "student_step": 50}, losses, horizon=20, window=5)
+    assert late["sft_loss_later"] is None and late["sft_loss_ratio"] is None  # past the run's end
 
 
 def fake_sft_run(run_dir, losses: dict, evals: dict):
@@ -199,35 +283,62 @@ def test_quick_study_results(quick_study):
         res = json.load(f)
     assert res["seeds"] == [1] and res["quick"] is True and res["levels"] == LEVELS
     assert list(res["profiles"]) == PROFILES and list(res["teacher"]) == LEVELS
+    assert res["settings_tuned"] is False  # the config's flag, stated in results.md
+    for name, prof in res["profiles"].items():
+        assert prof["student"] == {"crossing": "student", "plateau": "control"}[name]
+        for kind in ("greedy", "sampled"):
+            assert list(prof[kind]) == PROFILE_METHODS[name]
+            for m, entry in prof[kind].items():
+                acc = entry["seeds"]["1"]
+                assert list(acc) == LEVELS + ["average"] and all(0.0 <= v <= 1.0 for v in acc.values()), (kind, m)
+                assert acc["average"] == pytest.approx(sum(acc[lv] for lv in LEVELS) / len(LEVELS))
+                assert entry["mean"] == acc and all(v == 0.0 for v in entry["std"].values())
+            d = prof[kind]["rlad"]["diff_vs_grpo"]["average"]
+            assert d["mean"] == pytest.approx(prof[kind]["rlad"]["mean"]["average"] -
+                                              prof[kind]["grpo"]["mean"]["average"])
+        assert set(prof["diagnostics"]) == {"start", "grpo", "rlad"}
+        for per_level in prof["diagnostics"].values():
+            assert list(per_level) == LEVELS
+            assert all(0.0 <= per_level[lv][k] <= 1.0 for lv in LEVELS
+                       for k in ("accuracy", "informative", "disagree", "masked_pos", "masked_neg", "masked_adv"))
+            assert all(per_level[lv]["student_nll"] > 0 and per_level[lv]["teacher_nll"] > 0 for lv in LEVELS)
+        assert list(prof["noise"]) == LEVELS and all(v["std"] >= 0 for v in prof["noise"].values())
+        assert list(prof["start_greedy"]) == LEVELS + ["average"]  # eval.py greedy on the start
+        mech = prof["mechanism"]
+        assert mech["student_step"] == prof["student_step"] and mech["start_greedy"] == prof["start_greedy"]["average"]
+        assert mech["init"] == {"crossing": "torch_default", "plateau": "N(0, 0.1)"}[name]
+        assert set(mech["start"]) == set(study_module("mini_repro").MECHANISM_DIAG)
+        for m in ("grpo", "rlad"):
+            assert mech["moved"][m]["per_seed"] == pytest.approx(
+                [prof["greedy"][m]["seeds"]["1"]["average"] - prof["start_greedy"]["average"]])
     prof = res["profiles"]["crossing"]
     for kind in ("greedy", "sampled"):
-        assert list(prof[kind]) == METHODS
-        for m, entry in prof[kind].items():
-            acc = entry["seeds"]["1"]
-            assert list(acc) == LEVELS + ["average"] and all(0.0 <= v <= 1.0 for v in acc.values()), (kind, m)
-            assert acc["average"] == pytest.approx(sum(acc[lv] for lv in LEVELS) / len(LEVELS))
-            assert entry["mean"] == acc and all(v == 0.0 for v in entry["std"].values())
-        d = prof[kind]["rlad"]["diff_vs_kdrl"]["average"]
-        assert d["mean"] == pytest.approx(prof[kind]["rlad"]["mean"]["average"] - prof[kind]["kdrl"]["mean"]["average"])
-    assert prof["prediction"] in ("held", "failed")
-    assert set(prof["diagnostics"]) == {"start", "grpo", "rlad"}
-    for per_level in prof["diagnostics"].values():
-        assert list(per_level) == LEVELS
-        assert all(0.0 <= per_level[lv][k] <= 1.0 for lv in LEVELS
-                   for k in ("accuracy", "informative", "disagree", "masked_pos", "masked_neg"))
-        assert all(per_level[lv]["student_nll"] > 0 and per_level[lv]["teacher_nll"] > 0 for lv in LEVELS)
-    assert list(prof["noise"]) == LEVELS and all(v["std"] >= 0 for v in prof["noise"].values())
-    assert set(prof["differences"]) == {"reference", "engine_hf"}
+        for rival in ("kdrl", "topk_kd", "topd", "distill"):
+            d = prof[kind]["rlad"]["diff_vs_" + rival]["average"]
+            assert d["mean"] == pytest.approx(prof[kind]["rlad"]["mean"]["average"] -
+                                              prof[kind][rival]["mean"]["average"])
+    claims = prof["predictions"]["claims"]
+    assert list(claims) == ["rlad_gain", "rlad_over_kdrl", "weak_teacher_no_gain", "clip_without_knowledge_no_gain"]
+    assert all(c["verdict"] in ("held", "failed") and len(c["per_seed"]) == 1 for c in claims.values())
+    assert prof["predictions"]["noise"] == 0.027  # one seed: the floor
+    assert "predictions" not in res["profiles"]["plateau"]  # the claims are about the crossing regime
+    assert set(prof["differences"]) == {"reference", "engine_hf"} and not res["profiles"]["plateau"]["differences"]
     for diff in prof["differences"].values():
         assert set(diff) == {"grpo", "rlad"} and all(0 <= v <= 1 for r in diff.values() for v in r.values())
     hf = json.load(open(os.path.join(out, "differences", "crossing", "engine_hf_rlad", "config.json")))
     assert hf["engine"] == "hf" and hf["method"] == "rlad" and hf["seed"] == 0
     table = open(os.path.join(out, "results.md")).read()
-    assert "### Profile `crossing`" in table and "One difference at a time" in table and "Prediction" in table
+    assert "### Profile `crossing`" in table and "### Profile `plateau`" in table and "Predictions" in table
+    assert "One difference at a time" in table and "### Why the initialisation decides it" in table
+    assert "NOT tuned" in table
     names = [r.split("|")[1].strip() for r in table.splitlines() if r.startswith("| ")]
     for m in METHODS:
         assert m in names and (m == "grpo" or f"{m} - grpo" in names), m
-    assert "rlad - kdrl" in names and "engine_hf" in names
+    assert all(f"rlad - {r}" in names for r in ("kdrl", "topk_kd", "topd", "distill")) and "engine_hf" in names
+    assert "rlad - grpo >= +0.040 on every seed" in names
+    assert "mean over seeds of rlad_self - grpo <= the seeds' noise" in names
+    assert "crossing (student, torch_default)" in names and "plateau (control, N(0, 0.1))" in names
+    assert len(res["curves"]) == 2
     for path in res["curves"]:
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 
@@ -242,12 +353,15 @@ def test_quick_study_chooses_student_and_weak_teacher_by_profile(quick_study):
     profiles = json.load(open(os.path.join(out, "profiles.json")))
     spec = study["profiles"]["crossing"]
     assert profiles["crossing"]["rule"] == {k: spec[k] for k in mini_repro.RULE_KEYS}
-    for run, chosen, target in (("student_sft", profiles["crossing"], {k: v for k, v in spec.items()
-                                                                       if k not in mini_repro.RULE_KEYS}),
+    assert profiles["plateau"]["rule"] == {"rule": "nearest"} and profiles["plateau"]["student"] == "control"
+    target = lambda name: {k: v for k, v in study["profiles"][name].items()  # noqa: E731
+                           if k not in mini_repro.RULE_KEYS + mini_repro.PROFILE_KEYS}
+    for run, chosen, target in (("student_sft", profiles["crossing"], target("crossing")),
+                                ("control_sft", profiles["plateau"], target("plateau")),
                                 ("teacher_sft", json.load(open(os.path.join(out, "weak_teacher.json"))),
                                  study["weak_teacher"])):
         evals = mini_repro.evaluations(os.path.join(out, run))
-        assert sorted(evals) == ([1, 2, 3] if run == "student_sft" else [2, 4])  # eval_every = save_every
+        assert sorted(evals) == ([2, 4] if run == "teacher_sft" else [1, 2, 3])  # eval_every = save_every
         if run == "student_sft":  # step 3 has no loss one step later
             evals = {s: e for s, e in evals.items() if s in mini_repro.falling_fast(
                 mini_repro.train_losses(os.path.join(out, run)), spec["horizon"], spec["max_loss_ratio"], 1)}
@@ -262,6 +376,18 @@ def test_quick_study_chooses_student_and_weak_teacher_by_profile(quick_study):
         assert cfg["model"] == student and cfg["seed"] == 1
         assert cfg["method"] == ("rlad" if m.startswith("rlad") else m)
         assert cfg["teacher"] == {"rlad_self": student, "rlad_weak": weak["checkpoint"]}.get(m, teacher)
+    topk = json.load(open(os.path.join(out, "runs", "crossing", "topk_kd_seed1", "config.json")))
+    assert topk["kd_topk"] == 4 and topk["kd_topk_tail"] is True  # k <= the arith tokenizer's 18 tokens
+    assert topk["kd_coef"] == study["methods"]["topk_kd"]["kd_coef"]
+    topd = json.load(open(os.path.join(out, "runs", "crossing", "topd_seed1", "config.json")))
+    assert topd["topd_alpha"] == study["methods"]["topd"]["topd_alpha"]
+    for m in ("grpo", "rlad"):  # the plateau control: the control student's checkpoint, the study's teacher
+        cfg = json.load(open(os.path.join(out, "runs", "plateau", f"{m}_seed1", "config.json")))
+        assert cfg["model"] == profiles["plateau"]["checkpoint"] and cfg["teacher"] == teacher
+    assert profiles["plateau"]["checkpoint"].startswith(os.path.join(out, "control_sft", "checkpoints"))
+    assert not os.path.exists(os.path.join(out, "runs", "plateau", "kdrl_seed1"))
+    made = json.load(open(os.path.join(out, "models", "control_init", "config.json")))
+    assert made["n_embd"] == 64 and made["initializer_range"] == 0.1
 
 
 def test_quick_study_runs_logged_and_checkpointed(quick_study):
@@ -279,15 +405,17 @@ def test_quick_study_runs_logged_and_checkpointed(quick_study):
 
 def test_quick_study_rerun_skips_finished_jobs(quick_study):
     out, cmd = quick_study
-    runs = [os.path.join(out, "runs", "crossing", f"{m}_seed1", "metrics.jsonl") for m in METHODS]
+    runs = [os.path.join(out, "runs", p, f"{m}_seed1", "metrics.jsonl") for p, ms in PROFILE_METHODS.items()
+            for m in ms]
     before = {path: os.path.getmtime(path) for path in runs}
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "] start " not in again.stdout and "jobs to do" not in again.stdout  # nothing launched
     assert {path: os.path.getmtime(path) for path in runs} == before
     seconds = json.load(open(os.path.join(out, "results.json")))["seconds"]["jobs"]
-    assert {"teacher_sft", "student_sft", "crossing/difference_engine_hf_rlad", "crossing/diagnose_start",
-            "teacher/noise_seed101", "crossing/rlad_seed1/sampled"} <= set(seconds)
+    assert {"teacher_sft", "student_sft", "control_sft", "crossing/difference_engine_hf_rlad",
+            "crossing/diagnose_start", "plateau/diagnose_rlad", "plateau/start_greedy", "teacher/noise_seed101",
+            "crossing/rlad_seed1/sampled", "plateau/grpo_seed1/sampled"} <= set(seconds)
     assert all(0 < s < 900 for s in seconds.values())  # the first invocation's wall times, read back
 
 
@@ -300,6 +428,13 @@ def test_study_config_errors_are_one_line(tmp_path):
     partial.write_text("seeds = [1]\n")
     with pytest.raises(SystemExit, match="missing .*'profiles'"):
         mini_repro.load_study(str(partial), quick=False)
+    text = open(mini_repro.STUDY).read()  # [profiles.plateau] holds the first of each line replaced
+    for line, typo, match in (('student = "control"', 'student = "nobody"', "plateau.* student = 'nobody'"),
+                              ('methods = ["grpo", "rlad"]', 'methods = ["ppo"]', r"plateau.* methods: \['ppo'\]")):
+        wrong = tmp_path / "wrong.toml"
+        wrong.write_text(text.replace(line, typo, 1))
+        with pytest.raises(SystemExit, match=match):
+            mini_repro.load_study(str(wrong), quick=False)
 
 
 def test_quick_demo_reuses_the_pair_and_prints_trrd_at_work(quick_study):
@@ -311,9 +446,13 @@ def test_quick_demo_reuses_the_pair_and_prints_trrd_at_work(quick_study):
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "start teacher_sft" not in demo.stdout and "start crossing/grpo_seed0" in demo.stdout
     text = open(os.path.join(out, "demo.md")).read()
-    assert text in demo.stdout and "masked_pos" in text and "rlad masked" in text
+    assert text in demo.stdout and "masked_adv" in text and "rlad masked" in text and "Wall time" in text
     rows = [ln.split() for ln in text.splitlines() if ln[:4].strip().isdigit()]
-    assert [int(r[0]) for r in rows] == [2] and all(0.0 <= float(x) <= 1.0 for x in rows[0][1:])
+    assert [int(r[0]) for r in rows] == [0, 2]  # the start (eval.py greedy) and the one evaluation
+    assert rows[0][1] == rows[0][2] and float(rows[0][3]) == 0.0
+    grpo, rlad, gap, masked = map(float, rows[1][1:])
+    assert 0 <= grpo <= 1 and 0 <= rlad <= 1 and 0 <= masked <= 1 and gap == pytest.approx(rlad - grpo, abs=1e-3)
+    assert open(os.path.join(out, "demo.png"), "rb").read(4) == b"\x89PNG"
     for m in ("grpo", "rlad"):
         cfg = json.load(open(os.path.join(out, "runs", "crossing", f"{m}_seed0", "config.json")))
         assert cfg["method"] == m and cfg["seed"] == 0 and cfg["max_steps"] == 2

@@ -8,6 +8,8 @@ For each arith level it samples one batch the way an RL step of the study does (
     disagree       share of sampled tokens with |logp_S - logp_T| >= 1 (where the TRRD teacher term saturates)
     masked_pos     share of tokens with A > 0 whose gradient TRRD's clip removes (the teacher rejects them)
     masked_neg     share of tokens with A < 0 whose gradient TRRD's clip removes (the teacher prefers them)
+    masked_adv     share of the advantage-bearing tokens (A != 0, either sign) whose gradient TRRD's clip removes:
+                   how much of the advantage's signal TRRD takes away from GRPO's
     cosine         cosine between the GRPO and the RLAD gradients of this level's batch (all parameters), on
                    the first PPO epoch (pi_S = pi_old), through rlad.policy_loss: 1 means TRRD changes nothing
     student_nll    the student's mean per-token NLL of its own samples (low: it is confident in them)
@@ -96,6 +98,7 @@ def batch_diagnostics(student, teacher, prompt_ids: list, response_ids: list, re
         # clip_frac_high / _low are shares of all tokens: renormalised to the tokens of that advantage's sign
         "masked_pos": m["clip_frac_high"].item() * n_tok / max(pos, 1),
         "masked_neg": m["clip_frac_low"].item() * n_tok / max(neg, 1),
+        "masked_adv": (m["clip_frac_high"] + m["clip_frac_low"]).item() * n_tok / max(pos + neg, 1),
         "cosine": (g_grpo @ g_rlad / norm).item() if norm > 0 else float("nan"),
         # per-token NLL of the student's own samples: low for the student and high for the teacher = confidently wrong
         "student_nll": -(logp.detach() * mask).sum().item() / n_tok,
