@@ -965,7 +965,9 @@ def demo(study: dict, out: str, a, log):
     t0 = time.time()
     study = {**study, "rl": {**study["rl"], **study.get("demo", {})}}
     profile, seed = next(iter(study["profiles"])), study.get("tune_seed", 0)
-    runs = [rl_job(study, out, profile, m, seed, study["methods"][m]) for m in ("grpo", "rlad")]
+    overrides = study.get("demo_methods", {})  # the demo's own settings over the study's (mini_study.toml)
+    runs = [rl_job(study, out, profile, m, seed, {**study["methods"][m], **overrides.get(m, {})})
+            for m in ("grpo", "rlad")]
     jobs = sft_jobs(study, out, [student_of(study, profile)]) + [diagnose_job(study, out, profile, "start"),
                                                                  start_job(study, out, profile)] + runs
     run_jobs(jobs, a.jobs, log)
