@@ -9,6 +9,7 @@ and the ratios RLAD / GRPO.
 
     python benchmarks/bench_stream_teacher.py                   # ~15 minutes on 2 cores
     python benchmarks/bench_stream_teacher.py --loads 0,0.5,1 --rounds 1 --steps 4
+    python benchmarks/bench_stream_teacher.py --pin    # the server and the trainer on different cores
 
 The run is shaped so that groups finish at different times, as a long tail of response lengths makes them do: 16
 prompts x 8 samples of up to 160 tokens per step and at most 16 sequences in the engine at once (8 waves); 2
@@ -85,9 +86,13 @@ def step_times(run_dir: str) -> dict:
     return {k: statistics.mean(m.get(f"time/{k}", 0.0) for m in lines) for k in ("step", "rollout", "teacher_wait")}
 
 
+TRAINER_CPUS = None  # --pin: the trainer's CPUs (the server and this proxy get the others)
+
+
 def train(run_dir: str, steps: int, extra: list) -> dict:
     cmd = [sys.executable, "train.py"] + RUN + ["--max_steps", str(steps), "--run_dir", run_dir] + extra
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    pin = (lambda: os.sched_setaffinity(0, TRAINER_CPUS)) if TRAINER_CPUS else None
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, preexec_fn=pin)
     if p.returncode:
         raise SystemExit(f"{' '.join(extra) or 'grpo'} failed:\n{p.stderr[-3000:]}")
     return step_times(run_dir)
@@ -99,6 +104,8 @@ def main():
                                                              "GRPO's generation time (D = load x generation / requests)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each contender per D, alternating")
     ap.add_argument("--steps", type=int, default=5, help="steps per run (the first is left out)")
+    ap.add_argument("--pin", action="store_true", help="the trainer on CPU 0, the server and the proxy on the "
+                                                       "others: a teacher on hardware of its own, as on GPUs")
     a = ap.parse_args()
     import preflight
     import tiny
@@ -108,6 +115,13 @@ def main():
     teacher_dir = tiny.save_tiny(os.path.join(work, "teacher"), seed=1, max_position_embeddings=4096, **kwargs)
     with open(os.path.join(work, "server.log"), "w") as log:
         server, url = bench_served_teacher.start_server(teacher_dir, 1, log)
+    if a.pin:
+        global TRAINER_CPUS
+        cpus = sorted(os.sched_getaffinity(0))
+        TRAINER_CPUS, others = {cpus[0]}, set(cpus[1:]) or {cpus[0]}
+        for pid in subprocess.run(["pgrep", "-g", str(server.pid)], capture_output=True, text=True).stdout.split():
+            os.sched_setaffinity(int(pid), others)  # the server and its engine-core process
+        os.sched_setaffinity(0, others)  # this process: the proxy's threads
     delay = {"s": 0.0, "requests": 0}
     teacher_url = proxy(url.removesuffix("/v1"), delay)
     try:
