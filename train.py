@@ -432,9 +432,13 @@ def check_engine(run, rows: list, metrics):
     first optimizer step: all of them unless a method without pi_old splits the step into mini-batches). Above
     --max_logprob_mismatch the engine sampled from other weights than the trainer holds: every rank stops, before
     the first optimizer step of the step."""
-    gaps = [(r.old_logp.float() - r.engine_logp.to(r.old_logp.device)).abs() for r in rows
-            if r.engine_logp is not None and r.old_logp is not None]  # [n] each
-    gap = torch.cat(gaps).double() if gaps else torch.zeros(0, dtype=torch.float64, device=run.device)  # [tokens]
+    both = [r for r in rows if r.engine_logp is not None and r.old_logp is not None]
+    if both:  # one host-to-device copy of the engine's log-probs for the step, not one per row
+        trainer_logp = torch.cat([r.old_logp for r in both]).float()  # [tokens], on the trainer's device
+        engine_logp = torch.cat([r.engine_logp for r in both]).to(trainer_logp.device)  # [tokens]
+        gap = (trainer_logp - engine_logp).abs().double()  # [tokens]
+    else:
+        gap = torch.zeros(0, dtype=torch.float64, device=run.device)
     metrics.mean("logprob_mismatch", gap.sum(), gap.numel())
     metrics.max("logprob_mismatch_max", gap.max() if gap.numel() else 0.0)
     if not run.cfg.max_logprob_mismatch:
