@@ -5,7 +5,8 @@ micro-batches (a Row is one response and what a step learns about it), and the l
 
     student = policy.load("Qwen/Qwen3-0.6B", device, world)                     # fp32 masters, FSDP2, trainable
     teacher = policy.load("Qwen/Qwen3-8B", device, world, trainable=False, shard=True)   # bf16 on GPU, frozen
-    logp, entropy = policy.forward(student, policy.collate(policy.pack(rows, 16384)[0], device))   # [B, R] each
+    logp, entropy, topk_logp = policy.forward(student, policy.collate(policy.pack(rows, 16384)[0], device))
+                                                                 # [B, R], [B, R], None or [B, R, k]
     logps, stats = policy.logprobs(teacher, rows, 16384, device) # no_grad, one [len(response)] tensor per row
     engine.load_weights(policy.full_params(student))             # full tensors, one at a time (a collective)
 
@@ -14,12 +15,13 @@ checkpointing, so no [T, V] logits tensor exists in forward or backward. Rows ar
 right-padded per micro-batch (collate counts the padding for train.py's `pad_frac`). Sequence packing (restarting
 positions, flash-attention's varlen kernel) is left out: on CPU's sdpa it cost 1.3-2x the padded layout (measured).
 """
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-import rlad
+import kernels
 
 class Policy(torch.nn.Module):
     """The model as FSDP2's root module: log-probs (and entropies) of given tokens, never full logits. Sharded,
@@ -49,12 +51,12 @@ class Policy(torch.nn.Module):
             ent = torch.zeros_like(t, dtype=torch.float32)  # [c]
             if with_entropy:
                 with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    ent = rlad.entropy(logits, self.chunk)  # [c]
+                    ent = kernels.entropy(logits, self.chunk)  # [c]
             if topk:  # this model's own k most likely tokens, chosen in this chunk: no [T, V] is kept
                 ids = logits.topk(topk, -1).indices  # [c, k]
             if ids is None:
-                return rlad.token_logprobs(logits, t, self.chunk), ent  # [c] float32
-            both = rlad.token_logprobs(logits, torch.cat([t[:, None], ids], -1), self.chunk)  # [c, 1 + K], one pass
+                return kernels.token_logprobs(logits, t, self.chunk), ent  # [c] float32
+            both = kernels.token_logprobs(logits, torch.cat([t[:, None], ids], -1), self.chunk)  # [c, 1 + K], one pass
             return both[:, 0], ent, ids, both[:, 1:]
 
         extra = topk_ids is not None or topk > 0
@@ -63,7 +65,11 @@ class Policy(torch.nn.Module):
                  for s in range(0, max(targets.shape[0], 1), self.chunk)]
         logp = torch.cat([p[0] for p in parts])  # [n]
         ent = torch.cat([p[1] for p in parts])  # [n]
-        return logp, ent, (torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])) if extra else None
+        if not extra:
+            return logp, ent, None
+        topk_ids = torch.cat([p[2] for p in parts])  # [n, K]
+        topk_logp = torch.cat([p[3] for p in parts])  # [n, K]
+        return logp, ent, (topk_ids, topk_logp)
 
 def device_mesh(device, world: int, shard_group: int = 0):
     """FSDP2's mesh over `world` ranks: flat when shard_group is 0 or the world size, else 2-D (replicate x shard),
@@ -162,8 +168,9 @@ def full_params(model: Policy, dtype=None):
 @dataclass
 class Row:
     """One response and everything a training step learns about it. train.py fills the fields in step order (the
-    numbers are its steps); collate() lays rows out as a micro-batch. Per-token tensors are float32 [n] on the CPU,
-    n = len(response), position t scoring response token t."""
+    numbers are its steps); collate() lays rows out as a micro-batch. Per-token tensors are float32 [n] (the top-k
+    fields [n, k], the ids int64), n = len(response), position t scoring response token t: engine_logp, the
+    teacher's fields and token_adv on the CPU, old_logp and ref_logp on the trainer's device."""
     prompt: list                                # prompt token ids (chat template and any prefill included)
     response: list                              # response token ids; ends with EOS unless truncated
     group: int = 0                              # 3. its prompt's index on this rank: the G responses of a prompt
@@ -232,13 +239,13 @@ def collate(rows: list, device) -> dict:
         dst.append(torch.arange(len(r.response)) + i * rmax)
         targets.extend(r.response)
     dst = torch.cat(dst)
-    real = not rows[0].dummy
-    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool).index_fill(0, dst, real)  # [B * R]
+    has_rows = not rows[0].dummy  # False: the placeholder, whose mask stays all False
+    mask = torch.zeros(len(rows) * rmax, dtype=torch.bool).index_fill(0, dst, has_rows)  # [B * R]
     batch = {"ids": ids, "attn": None if bool(attn.all()) else attn, "src": torch.cat(src), "dst": dst,
              "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
              "adv": torch.tensor([r.adv for r in rows], dtype=torch.float32),
              "wrong": torch.tensor([not r.correct for r in rows]), "rows": rows, "slots": len(rows) * width,
-             "tokens": sum(len(r.response) for r in rows if not r.dummy), "real": sum(lens) if real else 0}
+             "tokens": sum(len(r.response) for r in rows if not r.dummy), "real": sum(lens) if has_rows else 0}
     for field in TOKEN_FIELDS:  # per-row token values [n] (or [n, k]) -> [B, R] (or [B, R, k])
         if all(getattr(r, field) is not None for r in rows):
             values = [getattr(r, field) for r in rows]
@@ -256,10 +263,13 @@ def forward(model: Policy, batch: dict, *, entropy_grad=False, with_entropy=True
         topk_ids = topk_ids.view(B * R, -1).index_select(0, batch["dst"])  # [n, k] in the targets' order
     logp, ent, topk = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], entropy_grad=entropy_grad,
                             with_entropy=with_entropy, topk_ids=topk_ids)  # [n], [n], None or ([n, k], [n, k])
-    out = [logp, ent] + ([] if topk is None else [topk[1]])
-    laid_out = [torch.zeros((B * R, *x.shape[1:]), dtype=x.dtype, device=x.device).index_copy(0, batch["dst"], x)
-                .view(B, R, *x.shape[1:]) for x in out]  # [B, R] (or [B, R, k])
-    return laid_out[0], laid_out[1], laid_out[2] if topk is not None else None
+
+    def lay_out(x):  # [n] (or [n, k]) in the targets' order -> [B, R] (or [B, R, k]), 0 where nothing was scored
+        flat = torch.zeros((B * R, *x.shape[1:]), dtype=x.dtype, device=x.device)  # [B * R] (or [B * R, k])
+        return flat.index_copy(0, batch["dst"], x).view(B, R, *x.shape[1:])
+
+    topk_logp = None if topk is None else lay_out(topk[1])  # [B, R, k]
+    return lay_out(logp), lay_out(ent), topk_logp
 
 # ----------------------------------------------------------------------------- the loop's collectives
 def reduce_ints(values: list, op: str = "max") -> list:
@@ -302,6 +312,14 @@ class Metrics:
         """{name: value} merged over every rank (a collective: every rank calls it once per step)."""
         names = sorted(self.sums)
         max_names = sorted(self.maxes)
+        # Every rank must hold the same names, or the gather below mixes up values (gloo raises, NCCL may hang): one
+        # small all_reduce compares a checksum of them first.
+        checksum = zlib.crc32(" ".join(names + ["|"] + max_names).encode())
+        most, minus_least = reduce_ints([checksum, -checksum])
+        if most != -minus_least:
+            raise RuntimeError(f"the ranks recorded different metrics this step (rank {dist.get_rank()}: {names} "
+                               f"{max_names}): a metric added on some ranks only is a bug; record every name on "
+                               "every rank (with count 0 where a rank has no items)")
         scalar = lambda x: torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())  # noqa: E731
         local = [scalar(x) for name in names for x in self.sums[name]]
         local += [scalar(self.maxes[name]) for name in max_names]
@@ -337,7 +355,10 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
                                  topk=topk)  # [n]; None or ([n, k], [n, k])
             if micro:
                 sizes = [len(r.response) for r in micro]
-                per_row = zip(logp.split(sizes), *(x.split(sizes) for x in top)) if topk else logp.split(sizes)
+                if topk:  # (log-probs [n], top-k ids [n, k], their log-probs [n, k]) per row
+                    per_row = zip(logp.split(sizes), top[0].split(sizes), top[1].split(sizes))
+                else:  # log-probs [n] per row
+                    per_row = logp.split(sizes)
                 out.update(zip(map(id, micro), per_row))
                 stats["slots"] += batch["slots"]
                 stats["max_slots"] = max(stats["max_slots"], batch["slots"])

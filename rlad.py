@@ -8,12 +8,14 @@ Pure torch: no I/O, no distributed code. Read it next to docs/algorithm.md; equa
     KDRL   (2)  loss = GRPO + kd_coef * agg( k2(logp_S - logp_T) )
     TRRD (3)(4) log r = alpha (logp_S - logp_old) + (1 - alpha) clamp(logp_S - logp_T, -1, 1)   (App. B clamp)
     (5)         r = pi_S / (pi_old^alpha pi_T^(1-alpha)): PPO with its trust region centred on a mixture anchor
-    TOP-D       GRPO's loss with per-token advantages: the z-scored returns of log(a rho + 1 - a), rho = pi_T / pi_old
+    TOP-D       GRPO's loss with per-token advantages: the z-scored returns of log(a rho + 1 - a),
+                a = topd_alpha (the teacher's weight), rho = pi_T / pi_old
     top-k KD    loss = GRPO + kd_coef * agg( KL(teacher top-k || student) per position, with a tail bucket )
 
 What TRRD does ("selective imitation"), with alpha = 0.5, teacher clamp 1, first PPO epoch (pi_S = pi_old):
-once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside the clip range
-[log 0.8, log 1.28] = [-0.22, +0.25], so the teacher decides which tokens keep their gradient:
+once |logp_S - logp_T| >= 1 the teacher term alone puts log r at +0.5 (the student above the teacher) or -0.5
+(below it), outside the clip range [log 0.8, log 1.28] = [-0.22, +0.25], so the teacher decides which tokens keep
+their gradient:
 
     | token                    | log r | A > 0 (rewarded)              | A < 0 (penalised)                      |
     |--------------------------|-------|-------------------------------|----------------------------------------|
@@ -24,9 +26,9 @@ once |logp_S - logp_T| >= 1 the teacher term alone puts log r at -+0.5, outside 
 
 alpha = 1 is GRPO exactly; alpha -> 0 anchors the trust region on the teacher. "distill" is on-policy distillation
 (the KD term alone on the student's own samples); "sft" is the SFT baseline's cross-entropy. "topd" and "topk_kd"
-are the objectives RLAD is compared with (docs/algorithm.md has their equations and a comparison table). Your own objective: a
-function below, a row in METHODS, a default in DEFAULTS and a train.py Config field per new knob (read as
-knobs.<name>; docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's
+are the objectives RLAD is compared with (docs/algorithm.md has their equations and a comparison table). Your own
+objective: a function below, a row in METHODS, a default in DEFAULTS and a train.py Config field per new knob (read
+as knobs.<name>; docs/algorithm.md has an example). The chunked log-prob / entropy kernels are kernels.py's
 (rlad.token_logprobs).
 """
 import math
@@ -50,33 +52,35 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_is_informative(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """bool [P]: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
-    r = _groups(rewards, group_size)  # [P, G]
-    return r.amax(-1) > r.amin(-1)  # [P]
+    by_group = _groups(rewards, group_size)  # [P, G]
+    return by_group.amax(-1) > by_group.amin(-1)  # [P]
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """A_i = (r_i - mean r) / (std r + 1e-6), population std; scale=False is Dr. GRPO (no std). [N] -> [N]."""
-    r = _groups(rewards, group_size)  # [P, G]
-    adv = r - r.mean(-1, keepdim=True)  # [P, G]
+    by_group = _groups(rewards, group_size)  # [P, G]
+    adv = by_group - by_group.mean(-1, keepdim=True)  # [P, G]
     if scale:
-        adv = adv / (r.std(-1, unbiased=False, keepdim=True) + 1e-6)  # [P, G]
-    adv = torch.where((r.amax(-1) > r.amin(-1))[:, None], adv, 0.0)  # [P, G] equal rewards: exactly 0, never NaN
+        adv = adv / (by_group.std(-1, unbiased=False, keepdim=True) + 1e-6)  # [P, G]
+    informative = by_group.amax(-1) > by_group.amin(-1)  # [P]
+    adv = torch.where(informative[:, None], adv, 0.0)  # [P, G] equal rewards: exactly 0, never NaN
     return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)  # [N]
 
 # ----------------------------------------------------------------------------- the objectives, eqs (1)-(5)
-# Each takes `batch` (per-token [B, T], masked positions zeroed: logp, old_logp, adv, teacher_log_ratio =
-# logp - logp_T, mask, kd_mask), the hyperparameters `knobs` (DEFAULTS < Config < keywords) and a metrics dict to
-# fill, and returns its loss terms as (name, coefficient, per-token loss [B, T]); policy_loss minimises the sum of
-# coefficient x aggregate (logged as "loss/<name>").
+# Each takes `batch` (per-token [B, T] with masked positions zeroed: logp, old_logp, adv, teacher_log_ratio =
+# logp - logp_T; [B, T, k], zeroed too: teacher_topk_logp, topk_logp; as given: mask, and kd_mask [B, 1] or [B, T]),
+# the hyperparameters `knobs` (DEFAULTS < Config < keywords) and a metrics dict to fill, and returns its loss terms
+# as (name, coefficient, per-token loss [B, T]); policy_loss minimises the sum of coefficient x aggregate (logged as
+# "loss/<name>").
 def clipped_surrogate(log_ratio, batch, knobs, metrics):
     """min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) per token, eqs (1) / (4), and what the clip removed."""
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
     clipped_ratio = ratio.clamp(1 - knobs.eps_low, 1 + knobs.eps_high)  # [B, T]
     surrogate = torch.minimum(ratio * batch.adv, clipped_ratio * batch.adv)  # [B, T]
-    r = ratio.detach()  # [B, T]
+    ratio_value = ratio.detach()  # [B, T]
     # Where the min picks the clipped branch its gradient is 0: A < 0 below the range, A > 0 above it.
-    clipped_low = (batch.adv < 0) & (r < 1 - knobs.eps_low)  # [B, T]
-    clipped_high = (batch.adv > 0) & (r > 1 + knobs.eps_high)  # [B, T]
-    metrics["ratio_mean"] = masked_mean(r, batch.mask)
+    clipped_low = (batch.adv < 0) & (ratio_value < 1 - knobs.eps_low)  # [B, T]
+    clipped_high = (batch.adv > 0) & (ratio_value > 1 + knobs.eps_high)  # [B, T]
+    metrics["ratio_mean"] = masked_mean(ratio_value, batch.mask)
     metrics["clip_frac_low"] = masked_mean(clipped_low.float(), batch.mask)
     metrics["clip_frac_high"] = masked_mean(clipped_high.float(), batch.mask)
     if knobs.token_info is not None:  # the caller asked for the per-token view (train.py's sample logs)
@@ -149,16 +153,18 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 # ----------------------------------------------------------------------------- TOP-D: per-token advantages
-# TOP-D (Trust Region Policy Distillation) distils toward the *arithmetic* mixture alpha pi_T + (1 - alpha) pi_old,
+# TOP-D (Trust Region Policy Distillation) distils toward the *arithmetic* mixture
+# topd_alpha pi_T + (1 - topd_alpha) pi_old (topd_alpha is the TEACHER's weight; TRRD's alpha weighs pi_old),
 # where TRRD anchors at the geometric one. Its reward needs only the two log-probs of each sampled token; its
 # advantages need the whole group's tokens, so they are a step-level hook (METHODS' "advantages"), run once the
 # teacher's log-probs are in. Its loss is GRPO's clipped ratio pi / pi_old with these per-token advantages.
-def topd_rewards(teacher_logp, sampler_logp, alpha: float):
-    """Per sampled token, log(alpha rho + 1 - alpha) with rho = pi_T / pi_old: the log-ratio of the proximal teacher
-    to the sampler (TOP-D, Sec. 3.1). Floored at log(1 - alpha) for a token the teacher rejects (rho -> 0), growing
-    like log(alpha rho) for one it prefers, 0 where they agree. [n] x 2 -> [n], no gradient (a reward)."""
+def topd_rewards(teacher_logp, sampler_logp, topd_alpha: float):
+    """Per sampled token, log(topd_alpha rho + 1 - topd_alpha) with rho = pi_T / pi_old: the log-ratio of the
+    proximal teacher to the sampler (TOP-D, Sec. 3.1). Floored at log(1 - topd_alpha) for a token the teacher
+    rejects (rho -> 0), growing like log(topd_alpha rho) for one it prefers, 0 where they agree. [n] x 2 -> [n], no
+    gradient (a reward)."""
     log_rho = teacher_logp.clamp(min=TEACHER_LOGP_FLOOR) - sampler_logp  # [n]
-    return torch.logaddexp(log_rho + math.log(alpha), torch.full_like(log_rho, math.log1p(-alpha)))  # [n]
+    return torch.logaddexp(log_rho + math.log(topd_alpha), torch.full_like(log_rho, math.log1p(-topd_alpha)))  # [n]
 
 def topd_advantages(rows: list, config=None, **options) -> None:
     """Sets each row's token_adv [n]: TOP-D's per-token advantages for a step's rows (policy.Row: teacher_logp and

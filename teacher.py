@@ -1,5 +1,8 @@
 """The teacher pass that training calls (train.py, step 6): log pi_T(y_t | x, y_<t) for every sampled response
-token, and nothing more, plus the start-up checks that student and teacher share one tokenizer.
+token (with topk_kd also the teacher's k most likely tokens and their log-probs at each position), plus the start-up
+checks that student and teacher share one tokenizer. In training, `submit(rows)` hands over each group as it finishes
+(a served teacher sends it at once) and `finish()` sets every submitted row's teacher_logp (and top-k) at step 6;
+`logprobs(...)` below is the standalone call (evaluation, tests).
 
 KDRL (eq 2) and TRRD (eqs 3-5) need the teacher only through `logp_T[t]`, the log-probability of the token the
 student sampled (docs/algorithm.md). So the local teacher is a frozen `policy.Policy`, scored by the same code as the
@@ -61,7 +64,9 @@ class Teacher:
         start = time.perf_counter()
         outputs, stats = policy.logprobs(self.model, rows, self.token_budget, self.device, topk=self.topk)
         # One column per field: log-probs [n] (and with topk, the ids [n, k] and their log-probs [n, k]) of each row.
-        columns = (list(zip(*outputs)) if self.topk else [outputs]) if rows else []  # none: nothing to copy
+        columns = list(zip(*outputs)) if self.topk else [outputs]
+        if not rows:  # nothing to copy (this rank still took part in the collective forwards)
+            columns = []
         for field, column in zip(("teacher_logp", "teacher_topk_ids", "teacher_topk_logp"), columns):
             values = torch.cat(column).cpu().split([len(r.response) for r in rows])  # one host copy, not one per row
             for r, value in zip(rows, values):

@@ -182,15 +182,18 @@ def main(cfg: Config, task=None):
             examples = [run.train_examples[i] for i in indices]
             prompts = [run.prompts[i] for i in indices]  # (prompt_ids, prefill) per example
 
-            # 2. Sync: the sleeping engine takes the student's weights and wakes.
+            # 2. Sync: the sleeping engine takes the student's weights and wakes. generate_groups only queues the
+            # requests: the engine generates while block 3 iterates over it.
             if run.needs["samples"] == "student":
                 sync_engine(run, times, metrics)
                 groups = run.engine.generate_groups([ids for ids, _ in prompts], n=cfg.group_size,
                                                     max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                                     top_p=cfg.top_p, seed=sample_seed(cfg, first, cfg.group_size))
             else:  # the SFT baseline trains on each example's target text: a "group" of one
-                groups = enumerate([[tasks.target_sample(ex, prefill, run.tokenizer)] for ex, (_, prefill) in
-                                    zip(examples, prompts)])
+                targets = []
+                for example, (_, prefill) in zip(examples, prompts):
+                    targets.append([tasks.target_sample(example, prefill, run.tokenizer)])
+                groups = enumerate(targets)
 
             # 3. Rollout: G samples per prompt, handed over group by group as the engine finishes them. Each group is
             # at once 4. scored and 5. given its advantages, and kept or dropped; a served teacher starts scoring the
@@ -207,7 +210,7 @@ def main(cfg: Config, task=None):
                     group_kept = keep_rows(run, group, metrics)
                     rows += group
                     kept += group_kept
-                    if run.teacher is not None:  # a served teacher sends the group's requests now (6.)
+                    if run.teacher is not None:  # any teacher queues the group for 6.; a served one sends it now
                         run.teacher.submit(group_kept)
                 if run.needs["samples"] == "student":
                     run.engine.sleep()
@@ -314,27 +317,33 @@ def keep_rows(run, group: list, metrics) -> list:
     if run.needs["samples"] == "data":  # sft: one target per prompt, no groups
         return [r for r in group if r.response]
     reward = torch.tensor([r.reward for r in group], dtype=torch.float32)  # [G]
-    kept = bool(rlad.group_is_informative(reward, run.cfg.group_size)[0]) or not run.cfg.filter_groups
-    metrics.mean("groups_kept", int(kept), 1)
-    return [r for r in group if r.response] if kept else []
+    informative = bool(rlad.group_is_informative(reward, run.cfg.group_size)[0])
+    keep_group = informative or not run.cfg.filter_groups
+    metrics.mean("groups_kept", int(keep_group), 1)
+    if not keep_group:
+        return []
+    return [r for r in group if r.response]
 
 # ----------------------------------------------------------------------------- 6. frozen log-probs
 def frozen_logprobs(run, rows: list, metrics, times: dict):
-    """Sets old_logp, ref_logp and teacher_logp (the rows submitted at 3.) of each kept row: its tokens' log-probs
-    under the frozen models. The teacher comes last: a served teacher's last requests finish meanwhile."""
+    """Sets old_logp, ref_logp and teacher_logp (with topk_kd also teacher_topk_ids / teacher_topk_logp; the rows
+    submitted during 3.'s loop) of each kept row: its tokens' log-probs under the frozen models. The teacher comes
+    last: a served teacher's last requests finish meanwhile."""
     cfg = run.cfg
     # pi_old only when the policy moves within the step; otherwise the update's own first forward is pi_old
     moves = run.needs["old_logp"] and (cfg.ppo_epochs > 1 or cfg.mini_batches > 1)
     with timed(times, "old_logp"):
         if moves:
-            for r, logp in zip(rows, policy.logprobs(run.student, rows, cfg.micro_batch_tokens, run.device)[0]):
+            old_logps, _ = policy.logprobs(run.student, rows, cfg.micro_batch_tokens, run.device)  # [n] per row
+            for r, logp in zip(rows, old_logps):
                 r.old_logp = logp
         if run.ref is not None:
-            for r, logp in zip(rows, policy.logprobs(run.ref, rows, cfg.micro_batch_tokens, run.device)[0]):
+            ref_logps, _ = policy.logprobs(run.ref, rows, cfg.micro_batch_tokens, run.device)  # [n] per row
+            for r, logp in zip(rows, ref_logps):
                 r.ref_logp = logp
     if run.teacher is not None:  # a collective: every rank calls it, even with no rows
         with timed(times, "teacher_wait"):  # what the step waited for; a served teacher began during the rollout
-            run.teacher.finish()
+            run.teacher.finish()  # sets teacher_logp (and the top-k) of every row submitted this step
         times["teacher"] = run.teacher.last_stats["seconds"]  # from the first request to the last answer
         metrics.mean("teacher_pad_frac", run.teacher.last_stats.get("pad_fraction", 0.0), 1)
     memory(run, metrics, "teacher")
@@ -366,11 +375,11 @@ def update(run, rows: list, step: int, metrics):
     loss_shares = {"loss": 0.0}  # this rank's share of each loss term, summed over the step's optimizer steps
     optimizer_steps = 0
     metrics.mean("grad_norm", 0.0, 0)  # present (0) even in a step without an update (everything filtered)
-    for group in run.opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
+    for param_group in run.opt.param_groups:
+        param_group["lr"] = lr_at(step, cfg)
+    # Each epoch, a seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches.
+    n_uids = policy.reduce_ints([max((r.uid for r in rows), default=0) + 1], "max")[0]  # ids in the whole step
     for epoch in range(cfg.ppo_epochs):
-        # A seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches.
-        n_uids = policy.reduce_ints([max((r.uid for r in rows), default=0) + 1])[0]
         seeded = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
         deal = (torch.randperm(n_uids, generator=seeded) % n_mini).tolist()
         minis = [[r for r in rows if deal[r.uid] == k] for k in range(n_mini)]
@@ -378,7 +387,7 @@ def update(run, rows: list, step: int, metrics):
         # Global tokens, then global sequences, per mini-batch (the loss's denominators); micro-batches per rank.
         counts = policy.reduce_ints([sum(len(r.response) for r in mini) for mini in minis] +
                                     [len(mini) for mini in minis], "sum")
-        n_micro = policy.reduce_ints([len(plan) for plan in plans])
+        n_micro = policy.reduce_ints([len(plan) for plan in plans], "max")  # the busiest rank's count sets it
         for k in range(n_mini):
             if counts[k] == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
                 continue
@@ -387,15 +396,21 @@ def update(run, rows: list, step: int, metrics):
                 batch = policy.collate(plans[k][j] if j < len(plans[k]) else [], run.device)
                 mask = batch["mask"]  # [B, R]
                 tokens = batch["tokens"]  # real response tokens in this micro-batch
+                # logp, entropy [B, R]; topk_logp [B, R, k] when the batch carries the teacher's top-k ids, else None
                 logp, entropy, topk_logp = policy.forward(run.student, batch, entropy_grad=run.ent_coef > 0,
-                                                          with_entropy=exact_entropy)  # [B, R], [B, R], [B, R, k]
+                                                          with_entropy=exact_entropy)
                 old_logp = batch.get("old_logp", logp.detach())  # one epoch, one mini-batch: this forward IS pi_old
+                # The teacher's log-probs only for a method that reads the teacher: a placeholder batch carries every
+                # per-token field, and teacher_logp given to grpo or sft would add teacher metrics on that rank alone.
+                teacher_logp = batch.get("teacher_logp") if rlad.uses_teacher(cfg.method) else None  # [B, R]
+                # The advantages: TOP-D's per-token ones [B, R] (rlad.topd_advantages) when set, else each row's [B].
+                advantages = batch.get("token_adv", batch["adv"])
                 loss, loss_metrics = rlad.policy_loss(
-                    cfg.method, logp, old_logp, batch.get("token_adv", batch["adv"]), mask,
-                    teacher_logp=batch.get("teacher_logp"), ref_logp=batch.get("ref_logp"), topk_logp=topk_logp,
+                    cfg.method, logp, old_logp, advantages, mask,
+                    teacher_logp=teacher_logp, ref_logp=batch.get("ref_logp"), topk_logp=topk_logp,
                     teacher_topk_logp=batch.get("teacher_topk_logp"), num_tokens=denom, config=cfg,
                     kd_coef=kd_coef_at(step, cfg), max_len=cfg.max_tokens,
-                    kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)
+                    kd_mask=batch["wrong"] if cfg.kd_wrong_only else None)  # wrong: [B] bool, not row.correct
                 if run.ent_coef > 0:  # the entropy bonus (Skywork-OR1's adaptive control steers its coefficient)
                     loss = loss - run.ent_coef * rlad.aggregate(entropy, mask, cfg.loss_agg, denom, cfg.max_tokens)
                 (loss * run.world).backward()  # FSDP averages gradients over ranks: * world makes it the global sum
@@ -405,18 +420,19 @@ def update(run, rows: list, step: int, metrics):
                     else:  # token means of this micro-batch, weighted by its tokens
                         metrics.mean(name, value * tokens, tokens)
                 # The entropy: exact when the bonus or its control needs it, else its sample estimate mean -log p.
-                metrics.mean("entropy", rlad.masked_mean(entropy.detach() if exact_entropy else -logp.detach(), mask)
-                             * tokens, tokens)
+                token_entropy = entropy.detach() if exact_entropy else -logp.detach()  # [B, R]
+                metrics.mean("entropy", rlad.masked_mean(token_entropy, mask) * tokens, tokens)
                 real_slots = batch["slots"] if batch["real"] else 0  # a dummy micro-batch counts nothing
                 metrics.mean("pad_frac", (1.0 - batch["real"] / batch["slots"]) * real_slots, real_slots)
                 if "old_logp" not in batch:  # this forward was pi_old: keep it for the engine check
                     for i, r in enumerate(batch["rows"]):
                         r.old_logp = logp[i, :len(r.response)].detach()  # [n]
-            if optimizer_steps == 0 and run.needs.get("samples") == "student":  # before the step's first optimizer
-                check_engine(run, rows, metrics)  # step: did the engine sample from the trainer's weights?
+            # Before the step's first optimizer step: did the engine sample from the trainer's weights?
+            if optimizer_steps == 0 and run.needs.get("samples") == "student":
+                check_engine(run, rows, metrics)
             optimizer_steps += 1
             norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.max_grad_norm)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
             if torch.isfinite(norm):  # one host sync per optimizer step
                 run.opt.step()
                 metrics.mean("grad_norm", norm, 1)
@@ -470,9 +486,13 @@ def log_line(run, step: int, rows: list, kept: list, metrics) -> dict:
     metrics.total("tokens_trained", sum(len(r.response) for r in kept))
     metrics.max("response_len_max", max((len(r.response) for r in rows), default=0))
     line = metrics.reduce(run.device)
-    line.update(step=step + 1, lr=lr_at(step, run.cfg), kd_coef=kd_coef_at(step, run.cfg), ent_coef=run.ent_coef,
-                skipped_steps=run.skipped, tokens_per_s=line["tokens_generated"] / line["time/step"],
-                update_tokens_per_s=line["tokens_trained"] / max(line["time/update"], 1e-9))
+    line["step"] = step + 1
+    line["lr"] = lr_at(step, run.cfg)
+    line["kd_coef"] = kd_coef_at(step, run.cfg)
+    line["ent_coef"] = run.ent_coef
+    line["skipped_steps"] = run.skipped
+    line["tokens_per_s"] = line["tokens_generated"] / line["time/step"]
+    line["update_tokens_per_s"] = line["tokens_trained"] / max(line["time/update"], 1e-9)
     return line
 
 def write_line(run, step: int, line: dict, bar):

@@ -41,11 +41,15 @@ def test_collective_timeout_is_honoured_on_gloo():
     assert 5 <= float(waited.group(1)) < 25, out[-3000:]
 
 
-def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("method", ["rlad", "grpo"])
+def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir, method):
+    """The 2-rank update equals the 1-rank one, and so do the merged metrics. Rank 1 holds fewer rows, so it runs
+    placeholder micro-batches: with grpo (rows without teacher log-probs) they once added teacher metrics on rank 1
+    alone, and the merge failed."""
     helper = os.path.join(ROOT, "tests", "train_helper.py")
     one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    out1 = launch([sys.executable, helper, "update", one, tiny_model_dir])
-    out2 = launch(TORCHRUN + [helper, "update", two, tiny_model_dir])
+    out1 = launch([sys.executable, helper, "update", one, tiny_model_dir, "0", method])
+    out2 = launch(TORCHRUN + [helper, "update", two, tiny_model_dir, "0", method])
     kept = dict(re.findall(r"rank (\d): kept (\d+) rows", out2))
     assert kept == {"0": "8", "1": "4"}, out2[-2000:]  # group 3 (rank 1) filtered: uneven ranks
     assert "rank 0: kept 12 rows" in out1
@@ -54,6 +58,21 @@ def test_two_ranks_give_the_one_rank_gradient(tmp_path, tiny_model_dir):
     w0 = safetensors.torch.load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-2  # the update is not trivially empty
     assert max((w1[k] - w2[k]).abs().max().item() for k in w0) < 1e-5
+    m1, m2 = torch.load(one)["metrics"], torch.load(two)["metrics"]
+    assert m1.keys() == m2.keys() and ("teacher_log_ratio" in m1) == (method == "rlad")
+    m1.pop("pad_frac"), m2.pop("pad_frac")  # the padding depends on how rows are split into micro-batches
+    assert m2 == pytest.approx(m1, rel=1e-4, abs=1e-6)
+
+
+def test_ranks_with_different_metrics_stop_with_their_names():
+    """A metric recorded on one rank only would misalign the one all-gather that merges a step's metrics (gloo
+    raises a size error, NCCL may hang): Metrics.reduce compares the names first and stops every rank with them."""
+    helper = os.path.join(ROOT, "tests", "train_helper.py")
+    p = subprocess.run(TORCHRUN + [helper, "metrics"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "rank 0: the ranks recorded different metrics" in out and "rank 1: the ranks recorded" in out, out[-3000:]
+    assert "teacher_log_ratio" in out, out[-3000:]
 
 
 def test_hsdp_2x2_gives_the_one_rank_gradient(tmp_path, tiny_model_dir):

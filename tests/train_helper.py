@@ -1,8 +1,9 @@
 """Runs the project's real training loop (train.main) on a toy task, or one update step on fixed data.
 
     python tests/train_helper.py toy --config configs/tiny_cpu.toml --run_dir DIR [--key value ...]
-    [torchrun --nproc_per_node 2|4] tests/train_helper.py update OUT.pt MODEL_DIR [SHARD_GROUP]
+    [torchrun --nproc_per_node 2|4] tests/train_helper.py update OUT.pt MODEL_DIR [SHARD_GROUP [METHOD]]
     torchrun --nproc_per_node 2 tests/train_helper.py timeout MINUTES    # rank 1 arrives 30 s late
+    torchrun --nproc_per_node 2 tests/train_helper.py metrics            # rank 1 records a metric rank 0 does not
 
 toy: prompts whose reward is the fraction of generated characters that are lowercase letters or spaces. A
 random tiny model scores about 0.5 with a wide spread, so group advantages are informative from the first
@@ -12,7 +13,8 @@ for sft.
 
 update: a fixed batch of 4 prompts x 4 responses (rewards chosen so that group 3 is all-equal and filtered),
 split 2 + 2 groups over 2 ranks or all on one, goes through train.set_advantages, train.keep_rows, policy.logprobs
-and train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients.
+and train.update with SGD(lr=1): the saved weights are w - grad, so comparing them compares gradients. The step's
+metrics are then merged across ranks (policy.Metrics.reduce) and saved with the weights.
 """
 import dataclasses
 import os
@@ -47,10 +49,11 @@ class ToyTask:
         return out
 
 
-def update_case(out_path, model_dir, shard_group=0):
-    """One train.update on fixed data; rank r of w gets groups [r*4/w, (r+1)*4/w)."""
+def update_case(out_path, model_dir, shard_group=0, method="rlad"):
+    """One train.update on fixed data; rank r of w gets groups [r*4/w, (r+1)*4/w). The rows carry teacher log-probs
+    only when the method reads them, as train.main's do."""
     rank, world, device = train.setup_distributed()
-    cfg = train.Config(model=model_dir, method="rlad", group_size=4, prompts_per_step=4, mini_batches=2, ppo_epochs=2,
+    cfg = train.Config(model=model_dir, method=method, group_size=4, prompts_per_step=4, mini_batches=2, ppo_epochs=2,
                        micro_batch_tokens=48, filter_groups=True, max_grad_norm=1e9, max_tokens=16, seed=0,
                        temperature=1.0, lr=1.0, warmup_steps=0, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
@@ -63,6 +66,9 @@ def update_case(out_path, model_dir, shard_group=0):
             rows.append(policy.Row(prompt=prompt, response=torch.randint(3, 500, (n,), generator=g).tolist(), group=p,
                                    uid=4 * p + i, reward=float(rewards[4 * p + i]),
                                    correct=bool(rewards[4 * p + i] > 0), teacher_logp=-6 + torch.randn(n, generator=g)))
+    if not rlad.uses_teacher(method):
+        for r in rows:
+            r.teacher_logp = None
     per = 4 // world
     my_rows = [dataclasses.replace(r, group=r.group - rank * per) for r in rows[rank * per * 4:(rank + 1) * per * 4]]
     mesh = policy.device_mesh(device, world, shard_group)  # shard_group < world: HSDP (replicate x shard)
@@ -79,9 +85,10 @@ def update_case(out_path, model_dir, shard_group=0):
     for r, lp in zip(kept, policy.logprobs(student, kept, cfg.micro_batch_tokens, device)[0]):
         r.old_logp = lp
     train.update(run, kept, 0, m)
+    line = m.reduce(device)  # a collective: every rank must hold the same metric names
     weights = {name: t.clone() for name, t in policy.full_params(student)}
     if train.is_main():
-        torch.save({"weights": weights, "kept": len(kept)}, out_path)
+        torch.save({"weights": weights, "kept": len(kept), "metrics": line}, out_path)
     print(f"rank {rank}: kept {len(kept)} rows, mesh {tuple(mesh.shape)}", flush=True)
     from dist_load_worker import leave_together
     leave_together()
@@ -102,12 +109,29 @@ def late_rank(minutes: float):
         os._exit(3)
 
 
+def metrics_mismatch():
+    """Rank 1 records a metric that rank 0 does not: policy.Metrics.reduce stops both ranks, naming the metrics."""
+    rank, _, device = train.setup_distributed(0.5)
+    m = policy.Metrics()
+    m.mean("reward", 1.0, 1)
+    if rank == 1:
+        m.mean("teacher_log_ratio", 0.0, 0)
+    try:
+        m.reduce(device)
+    except RuntimeError as e:
+        print(f"rank {rank}: {e}", flush=True)
+        sys.exit(3)
+    print(f"rank {rank}: merged", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "toy":
         train.main(train.parse_config(sys.argv[2:]), task=ToyTask)
     elif sys.argv[1] == "update":
-        update_case(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+        update_case(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0, *sys.argv[5:6])
     elif sys.argv[1] == "timeout":
         late_rank(float(sys.argv[2]))
+    elif sys.argv[1] == "metrics":
+        metrics_mismatch()
     else:
         sys.exit(__doc__)
