@@ -219,8 +219,9 @@ def collate(rows: list, device) -> dict:
     flat [B * L] position whose hidden state predicts each response token, in row order) and targets (those tokens).
     Outputs go back through dst (each response token's flat [B * R] slot). mask [B, R] is True on real response
     tokens. Per-row values: adv [B], wrong [B]; per-token TOKEN_FIELDS [B, R] where every row has them. Counts:
-    tokens (real response tokens), slots (B x L) and real (unpadded positions), for pad_frac. An empty list becomes
-    one dummy row whose mask is all False, so that a rank without rows still runs the same forward and backward."""
+    tokens (real response tokens), slots (B x L) and unpadded (input positions that are not padding), for pad_frac.
+    An empty list becomes one dummy row whose mask is all False, so that a rank without rows still runs the same
+    forward and backward."""
     rows = rows or [dummy_row()]
     lens = [len(r.prompt) + len(r.response) - 1 for r in rows]  # the model's input length per row
     width = max(lens)  # L
@@ -245,7 +246,7 @@ def collate(rows: list, device) -> dict:
              "targets": torch.tensor(targets, dtype=torch.long), "mask": mask.view(len(rows), rmax),
              "adv": torch.tensor([r.adv for r in rows], dtype=torch.float32),
              "wrong": torch.tensor([not r.correct for r in rows]), "rows": rows, "slots": len(rows) * width,
-             "tokens": sum(len(r.response) for r in rows if not r.dummy), "real": sum(lens) if has_rows else 0}
+             "tokens": sum(len(r.response) for r in rows if not r.dummy), "unpadded": sum(lens) if has_rows else 0}
     for field in TOKEN_FIELDS:  # per-row token values [n] (or [n, k]) -> [B, R] (or [B, R, k])
         if all(getattr(r, field) is not None for r in rows):
             values = [getattr(r, field) for r in rows]
@@ -337,7 +338,7 @@ class Metrics:
 @torch.no_grad()
 def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
     """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old): float32
-    [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), real, pad_fraction,
+    [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), unpadded, pad_fraction,
     micro_batches / dummy_batches. topk > 0 (a teacher for topk_kd): each row's entry is (log-probs [n], its
     `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead. Sharded, a collective: every
     rank calls it with its own rows (even none)."""
@@ -346,7 +347,7 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
     if getattr(model, "offload", False):
         model.to(device)
     out = {}
-    stats = dict(slots=0, max_slots=0, real=0, micro_batches=len(batches), dummy_batches=n_micro - len(batches))
+    stats = dict(slots=0, max_slots=0, unpadded=0, micro_batches=len(batches), dummy_batches=n_micro - len(batches))
     try:
         for j in range(n_micro):
             micro = batches[j] if j < len(batches) else []
@@ -362,11 +363,11 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
                 out.update(zip(map(id, micro), per_row))
                 stats["slots"] += batch["slots"]
                 stats["max_slots"] = max(stats["max_slots"], batch["slots"])
-                stats["real"] += batch["real"]
+                stats["unpadded"] += batch["unpadded"]
     finally:
         if getattr(model, "offload", False):
             model.to("cpu")
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's gathered weights after a no-grad forward: free them
         model.reshard()
-    stats["pad_fraction"] = 1 - stats["real"] / stats["slots"] if stats["slots"] else 0.0
+    stats["pad_fraction"] = 1 - stats["unpadded"] / stats["slots"] if stats["slots"] else 0.0
     return [out[id(r)] for r in rows], stats

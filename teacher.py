@@ -71,7 +71,8 @@ class Teacher:
             values = torch.cat(column).cpu().split([len(r.response) for r in rows])  # one host copy, not one per row
             for r, value in zip(rows, values):
                 setattr(r, field, value)
-        self.last_stats = dict(stats, sequences=len(rows), tokens=stats["real"], seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.last_stats = dict(stats, sequences=len(rows), tokens=stats["unpadded"], seconds=seconds)
 
     def logprobs(self, sequences) -> list:
         """log pi_T(y_t | x, y_<t) for each (prompt_ids, response_ids): a list of float32 [len(response_ids)]."""
@@ -86,7 +87,7 @@ class Teacher:
                                  f"{self.vocab_size}); do student and teacher share a tokenizer? (check_tokenizers)")
         todo = [r for r in rows if r.response]
         out, stats = policy.logprobs(self.model, todo, self.token_budget, self.device)
-        self.last_stats = dict(stats, sequences=len(rows), tokens=stats["real"])
+        self.last_stats = dict(stats, sequences=len(rows), tokens=stats["unpadded"])
         flat = torch.cat(out).float().cpu() if out else torch.zeros(0)  # one host copy per call, not one per row
         parts = iter(flat.split([len(r.response) for r in todo]))
         return [next(parts) if r.response else torch.zeros(0) for r in rows]

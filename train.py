@@ -422,8 +422,8 @@ def update(run, rows: list, step: int, metrics):
                 # The entropy: exact when the bonus or its control needs it, else its sample estimate mean -log p.
                 token_entropy = entropy.detach() if exact_entropy else -logp.detach()  # [B, R]
                 metrics.mean("entropy", rlad.masked_mean(token_entropy, mask) * tokens, tokens)
-                real_slots = batch["slots"] if batch["real"] else 0  # a dummy micro-batch counts nothing
-                metrics.mean("pad_frac", (1.0 - batch["real"] / batch["slots"]) * real_slots, real_slots)
+                real_slots = batch["slots"] if batch["unpadded"] else 0  # a dummy micro-batch counts nothing
+                metrics.mean("pad_frac", (1.0 - batch["unpadded"] / batch["slots"]) * real_slots, real_slots)
                 if "old_logp" not in batch:  # this forward was pi_old: keep it for the engine check
                     for i, r in enumerate(batch["rows"]):
                         r.old_logp = logp[i, :len(r.response)].detach()  # [n]

@@ -495,7 +495,7 @@ def part_padding(args, state, res):
             b = policy.collate(mb, device)
             lp, _, _ = policy.forward(model, b)  # [B, R]
             ((lp * b["mask"]).sum() / max(b["tokens"], 1)).backward()
-            slots, real = slots + b["slots"], real + b["real"]
+            slots, real = slots + b["slots"], real + b["unpadded"]
         model.zero_grad(set_to_none=True)
         return slots, real
 

@@ -50,9 +50,9 @@ def test_collate_lays_out_rows_and_the_dummy(device):
     assert b["targets"].tolist() == [8, 9, 10, 11, 12, 13]
     assert b["src"].tolist() == [2, 3, 4, 5, 6, 7]  # the position that predicts each response token, [B * L] flat
     assert b["adv"].tolist() == [0.5, -1.0] and b["wrong"].tolist() == [False, True]
-    assert (b["tokens"], b["real"], b["slots"]) == (6, 8, 8)
+    assert (b["tokens"], b["unpadded"], b["slots"]) == (6, 8, 8)
     dummy = policy.collate([], device)  # a rank with no rows: one masked token, so its collectives still run
-    assert not dummy["mask"].any() and (dummy["tokens"], dummy["real"]) == (0, 0)
+    assert not dummy["mask"].any() and (dummy["tokens"], dummy["unpadded"]) == (0, 0)
     assert set(policy.TOKEN_FIELDS) <= set(dummy)
 
 
