@@ -34,13 +34,13 @@ def test_shutdown_wakes_a_sleeping_engine_first(tiny_model_dir, monkeypatch):
 
 
 def test_entropy_runs_only_when_the_bonus_needs_it(tiny_model_dir, monkeypatch):
+    import kernels
     import policy
-    import rlad
     import train
     _, _, device = train.setup_distributed()
     counted = []
-    real = rlad.entropy
-    monkeypatch.setattr(rlad, "entropy", lambda *a, **k: counted.append(1) or real(*a, **k))
+    real = kernels.entropy
+    monkeypatch.setattr(kernels, "entropy", lambda *a, **k: counted.append(1) or real(*a, **k))
     rows = [policy.Row(prompt=[5, 6, 7], response=[8, 9, 10], uid=i, adv=adv) for i, adv in enumerate([1.0, -1.0])]
     for ent_coef, ent_target, want_calls in ((0.0, 0.0, False), (0.01, 0.0, True), (0.0, 2.0, True)):
         cfg = train.Config(method="grpo", mini_batches=1, micro_batch_tokens=64, lr=1e-3, warmup_steps=0,
