@@ -204,6 +204,13 @@ def pack(rows: list, budget: int) -> list:
             out.append([r])
     return out
 
+def even_out(plans: list) -> list:
+    """Each plan (a list of micro-batches, from pack) padded with empty micro-batches to the most that any rank has
+    for it: every rank then runs the same number of forward and backward passes, which FSDP's collectives need, an
+    empty one on collate's placeholder row. One all_reduce for all the plans."""
+    most = reduce_ints([len(plan) for plan in plans], "max")
+    return [plan + [[] for _ in range(n - len(plan))] for plan, n in zip(plans, most)]
+
 def dummy_row() -> Row:
     """One masked-out token with every per-token field: a rank without data runs the same forward (a collective)."""
     row = Row(prompt=[0], response=[0], dummy=True, **{field: torch.zeros(1) for field in TOKEN_FIELDS})
@@ -343,14 +350,14 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
     `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead. Sharded, a collective: every
     rank calls it with its own rows (even none)."""
     batches = pack(rows, budget)
-    n_micro = reduce_ints([len(batches)])[0]  # same number of FSDP forwards on every rank
+    padded = even_out([batches])[0]  # as many forwards as the busiest rank (a sharded forward is a collective)
     if getattr(model, "offload", False):
         model.to(device)
     out = {}
-    stats = dict(slots=0, max_slots=0, unpadded=0, micro_batches=len(batches), dummy_batches=n_micro - len(batches))
+    stats = dict(slots=0, max_slots=0, unpadded=0, micro_batches=len(batches),
+                 dummy_batches=len(padded) - len(batches))
     try:
-        for j in range(n_micro):
-            micro = batches[j] if j < len(batches) else []
+        for micro in padded:
             batch = collate([Row(prompt=r.prompt, response=r.response) for r in micro], device)
             logp, _, top = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], with_entropy=False,
                                  topk=topk)  # [n]; None or ([n, k], [n, k])

@@ -383,17 +383,17 @@ def update(run, rows: list, step: int, metrics):
         seeded = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + epoch)
         deal = (torch.randperm(n_uids, generator=seeded) % n_mini).tolist()
         minis = [[r for r in rows if deal[r.uid] == k] for k in range(n_mini)]
-        plans = [policy.pack(mini, cfg.micro_batch_tokens) for mini in minis]  # micro-batches per mini-batch
-        # Global tokens, then global sequences, per mini-batch (the loss's denominators); micro-batches per rank.
+        # Each mini-batch's micro-batches, as many on this rank as on the busiest (the others empty: placeholders).
+        plans = policy.even_out([policy.pack(mini, cfg.micro_batch_tokens) for mini in minis])
+        # Global tokens, then global sequences, per mini-batch: the loss's denominators.
         counts = policy.reduce_ints([sum(len(r.response) for r in mini) for mini in minis] +
                                     [len(mini) for mini in minis], "sum")
-        n_micro = policy.reduce_ints([len(plan) for plan in plans], "max")  # the busiest rank's count sets it
         for k in range(n_mini):
             if counts[k] == 0:  # nothing anywhere (every group filtered): no step at all, on every rank
                 continue
             denom = counts[k] if cfg.loss_agg == "token-mean" else counts[n_mini + k]
-            for j in range(n_micro[k]):
-                batch = policy.collate(plans[k][j] if j < len(plans[k]) else [], run.device)
+            for micro in plans[k]:
+                batch = policy.collate(micro, run.device)
                 mask = batch["mask"]  # [B, R]
                 tokens = batch["tokens"]  # real response tokens in this micro-batch
                 # logp, entropy [B, R]; topk_logp [B, R, k] when the batch carries the teacher's top-k ids, else None
