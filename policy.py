@@ -35,10 +35,11 @@ class Policy(torch.nn.Module):
         self.temperature = temperature  # divides the logits
 
     def forward(self, input_ids, attention_mask, src, targets, *, entropy_grad: bool = False, with_entropy=True,
-                topk: int = 0, topk_ids=None):
+                topk: int = 0, topk_ids=None, topk_vocab=None):
         """Per response token (src: the flat positions that predict them, targets: the tokens): the target's log-prob
         [n], the entropy [n] (0 without with_entropy), and top-k log-probs: of the given ids, topk_ids [n, K] (a
-        student scoring its teacher's top-k), or of this model's own `topk` most likely ids (a frozen teacher).
+        student scoring its teacher's top-k), or of this model's own `topk` most likely ids (a frozen teacher) among
+        the first `topk_vocab` ids (a student's vocabulary, when the teacher's embedding has more rows; None: all).
         Returns (logp, entropy, topk) with topk None or (ids [n, K], log-probs [n, K]); all float32."""
         from torch.utils.checkpoint import checkpoint as recompute  # activation checkpointing, not checkpoint.py
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -53,7 +54,7 @@ class Policy(torch.nn.Module):
                 with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                     ent = kernels.entropy(logits, self.chunk)  # [c]
             if topk:  # this model's own k most likely tokens, chosen in this chunk: no [T, V] is kept
-                ids = logits.topk(topk, -1).indices  # [c, k]
+                ids = logits[:, :topk_vocab].topk(topk, -1).indices  # [c, k] (the log-probs stay full-vocabulary)
             if ids is None:
                 return kernels.token_logprobs(logits, t, self.chunk), ent  # [c] float32
             both = kernels.token_logprobs(logits, torch.cat([t[:, None], ids], -1), self.chunk)  # [c, 1 + K], one pass
@@ -343,11 +344,12 @@ class Metrics:
         return out
 
 @torch.no_grad()
-def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
+def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0, topk_vocab=None):
     """Log-probs of each row's response under a frozen `model` (the teacher, the reference, or pi_old): float32
     [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), unpadded, pad_fraction,
     micro_batches / dummy_batches. topk > 0 (a teacher for topk_kd): each row's entry is (log-probs [n], its
-    `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead. Sharded, a collective: every
+    `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead, chosen among ids below
+    topk_vocab (None: every id). Sharded, a collective: every
     rank calls it with its own rows (even none)."""
     batches = pack(rows, budget)
     padded = even_out([batches])[0]  # as many forwards as the busiest rank (a sharded forward is a collective)
@@ -360,7 +362,7 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0):
         for micro in padded:
             batch = collate([Row(prompt=r.prompt, response=r.response) for r in micro], device)
             logp, _, top = model(batch["ids"], batch["attn"], batch["src"], batch["targets"], with_entropy=False,
-                                 topk=topk)  # [n]; None or ([n, k], [n, k])
+                                 topk=topk, topk_vocab=topk_vocab)  # [n]; None or ([n, k], [n, k])
             if micro:
                 sizes = [len(r.response) for r in micro]
                 if topk:  # (log-probs [n], top-k ids [n, k], their log-probs [n, k]) per row

@@ -34,13 +34,18 @@ class Teacher:
     `last_stats` holds sequences, tokens (real forward tokens) and policy.logprobs's stats (padding, micro-batches)."""
 
     def __init__(self, model, *, device=None, world=None, token_budget: int = 16384, shard: bool = False,
-                 offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0, mesh=None, topk: int = 0):
+                 offload: bool = False, chunk_size: int = 1024, temperature: float = 1.0, mesh=None, topk: int = 0,
+                 topk_vocab=None):
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
         self.token_budget = token_budget  # most padded tokens in one forward
         self.topk = topk  # > 0: finish() also sets each row's teacher_topk_ids / teacher_topk_logp
+        # The top-k is chosen among ids below this, the student's vocabulary size (None: every id). A teacher of the
+        # same family may have more embedding rows (DeepSeek-R1-Distill-Qwen-7B: 152064, its 1.5B: 151936); the
+        # student could not score an id past its own, and the teacher's mass there counts in the tail bucket.
+        self.topk_vocab = topk_vocab
         self.last_stats = {}  # what the last call did (sequences, tokens, padding, seconds)
         self.submitted = []  # rows waiting for finish()
         if shard and not dist.is_initialized():
@@ -62,7 +67,8 @@ class Teacher:
         rows = sorted(self.submitted, key=lambda r: r.uid)  # step order: the same micro-batches however groups finished
         self.submitted = []
         start = time.perf_counter()
-        outputs, stats = policy.logprobs(self.model, rows, self.token_budget, self.device, topk=self.topk)
+        outputs, stats = policy.logprobs(self.model, rows, self.token_budget, self.device, topk=self.topk,
+                                         topk_vocab=self.topk_vocab)
         # One column per field: log-probs [n] (and with topk, the ids [n, k] and their log-probs [n, k]) of each row.
         columns = list(zip(*outputs)) if self.topk else [outputs]
         if not rows:  # nothing to copy (this rank still took part in the collective forwards)
@@ -118,7 +124,7 @@ class ServedTeacher:
 
     def __init__(self, urls: str, tokenizer=None, *, temperature: float = 1.0, max_len: int = 0,
                  token_budget: int = 16384, max_in_flight: int = 8, timeout_s: float = 300.0, name: str = "student",
-                 stream: bool = True, topk: int = 0):
+                 stream: bool = True, topk: int = 0, topk_vocab=None):
         check_served_temperature(temperature)
         self.urls = [u.strip().rstrip("/") for u in urls.split(",") if u.strip()]
         self.token_budget = token_budget  # most tokens in one request
@@ -126,6 +132,7 @@ class ServedTeacher:
         self.timeout_s = timeout_s  # how long a failing request is retried
         self.stream = stream  # send each submitted group's requests at once
         self.topk = topk  # > 0: also each position's k most likely tokens (prompt_logprobs = k; vllm --max-logprobs)
+        self.topk_vocab = topk_vocab  # the student's vocabulary size: a top-k id past it stops the run (see _score)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.models = {}  # url -> the served model's name
         self.last_stats = {}  # what the last step's requests did (sequences, tokens, requests, seconds)
@@ -193,7 +200,18 @@ class ServedTeacher:
                              "prompt_logprobs": self.topk})
         if self.topk:  # k + 1 entries per position: the JSON parser it is (about 1 ms per 1,000 entries)
             choices = sorted(json.loads(raw)["choices"], key=lambda c: c["index"])
-            return [_topk(choice["prompt_logprobs"], r.response, self.topk) for choice, r in zip(choices, rows)]
+            if len(choices) != len(rows):
+                raise ValueError(f"served teacher {self.urls[start]}: {len(choices)} answers for {len(rows)} sequences")
+            out = [_topk(choice["prompt_logprobs"], r.response, self.topk) for choice, r in zip(choices, rows)]
+            # The server ranks the teacher's whole vocabulary; a local Teacher takes its top-k among the student's ids.
+            largest = max((int(ids.max()) for _, ids, _ in out if ids.numel()), default=-1)
+            if self.topk_vocab and largest >= self.topk_vocab:
+                raise ValueError(f"served teacher {self.urls[start]}: its top-{self.topk} holds token id {largest}, "
+                                 f"past the student's vocabulary ({self.topk_vocab} ids): the teacher's embedding has "
+                                 "more rows than the student's. A local teacher (--teacher, no --teacher_url) takes "
+                                 "its top-k among the student's ids; kdrl and rlad read only the sampled token's "
+                                 "log-prob")
+            return out
         lens = [len(r.prompt) + len(r.response) - 1 for r in rows]  # every prompt token but the first has a log-prob
         flat = torch.tensor(list(map(float, _LOGPROB.findall(raw))), dtype=torch.float32)  # vLLM: -inf -> -9999
         if flat.numel() != sum(lens):

@@ -241,7 +241,9 @@ def main(cfg: Config, task=None):
             line = log_line(run, step, rows, kept, metrics)
             stop = line.pop("stop") > 0
             last = step + 1 == cfg.max_steps
-            if cfg.ent_target > 0:  # Skywork-OR1 adaptive entropy control: push the coefficient toward the target
+            # Skywork-OR1 adaptive entropy control: push the coefficient toward the target. A step that trained on no
+            # token (every group filtered) measured no entropy and leaves the coefficient as it is.
+            if cfg.ent_target > 0 and line["tokens_trained"] > 0:
                 delta = cfg.ent_delta if line["entropy"] < cfg.ent_target else -cfg.ent_delta
                 run.ent_coef = min(max(run.ent_coef + delta, 0.0), cfg.ent_coef_max)
             if run.eval_examples and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
@@ -375,6 +377,7 @@ def update(run, rows: list, step: int, metrics):
     loss_shares = {"loss": 0.0}  # this rank's share of each loss term, summed over the step's optimizer steps
     optimizer_steps = 0
     metrics.mean("grad_norm", 0.0, 0)  # present (0) even in a step without an update (everything filtered)
+    metrics.mean("entropy", 0.0, 0)  # idem
     for param_group in run.opt.param_groups:
         param_group["lr"] = lr_at(step, cfg)
     # Each epoch, a seeded shuffle of the step's GLOBAL response ids deals responses to mini-batches.
@@ -581,7 +584,7 @@ class Run:
 
 def setup(cfg: Config, task=None) -> Run:
     """Everything the loop needs, every cheap check before the first model loads. Returns the run's state."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     import teacher as teacher_lib
     preflight.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     rank, world, device = setup_distributed(cfg.dist_timeout_min)
@@ -602,7 +605,8 @@ def setup(cfg: Config, task=None) -> Run:
         run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
                                                 max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
                                                 token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s,
-                                                stream=cfg.teacher_stream, topk=preflight.topk_ids(cfg))
+                                                stream=cfg.teacher_stream, topk=preflight.topk_ids(cfg),
+                                                topk_vocab=AutoConfig.from_pretrained(run.student_path).vocab_size)
     if run.teacher_path:
         try:
             teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,
@@ -669,11 +673,11 @@ def load_models(run):
         run.ref = policy.load(run.student_path, device, world, chunk=cfg.logit_chunk, temperature=cfg.temperature,
                               trainable=False, mesh=run.mesh)
     if rlad.uses_teacher(cfg.method) and run.teacher is None:  # not served: a frozen policy on these ranks
+        student_vocab = run.student.lm.get_output_embeddings().weight.shape[0]
         run.teacher = teacher_lib.Teacher(run.teacher_path, device=device, world=world, shard=cfg.teacher_shard,
                                           token_budget=cfg.teacher_token_budget, offload=cfg.teacher_offload,
                                           chunk_size=cfg.logit_chunk, temperature=cfg.temperature, mesh=run.mesh,
-                                          topk=preflight.topk_ids(cfg))
-        student_vocab = run.student.lm.get_output_embeddings().weight.shape[0]
+                                          topk=preflight.topk_ids(cfg), topk_vocab=student_vocab)
         if run.teacher.vocab_size < student_vocab:  # once here, not per step: the student samples ids below its size
             raise SystemExit(f"the teacher's vocabulary ({run.teacher.vocab_size}) is smaller than the student's "
                              f"({student_vocab}): a sampled token could have no teacher log-prob; pick a teacher whose "

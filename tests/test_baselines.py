@@ -210,6 +210,45 @@ def test_local_teacher_topk_is_the_full_softmax_topk(tiny_model_dir):
                               atol=1e-5)
 
 
+def padded_teacher(model_dir, out_dir, rows=640, loud_id=600):
+    """The tiny model with its embeddings padded to `rows` ids (a same-family teacher with a larger embedding, like
+    DeepSeek-R1-Distill-Qwen-7B's 152064 rows against its 1.5B's 151936): the padded LM-head row loud_id scores far
+    above every real token, so an unrestricted top-k would pick it at every position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lm.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        lm.get_output_embeddings().weight[loud_id] = 50 * lm.get_output_embeddings().weight[:512].std() * \
+            torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    lm.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def test_local_teacher_topk_is_chosen_among_the_students_ids(tiny_model_dir, tmp_path):
+    """A teacher with more embedding rows than the student: its top-k comes from the student's ids only (the
+    student could not score the others), with the teacher's full-vocabulary log-probs, so the teacher's mass on its
+    extra ids counts in the tail bucket."""
+    import policy
+    import teacher
+    from transformers import AutoModelForCausalLM
+    teacher_dir = padded_teacher(tiny_model_dir, str(tmp_path / "teacher"))
+    rows = {}
+    for topk_vocab in (None, 512):
+        t = teacher.Teacher(teacher_dir, device="cpu", token_budget=64, chunk_size=5, topk=6, topk_vocab=topk_vocab)
+        rows[topk_vocab] = [policy.Row(prompt=[5, 6, 7, 8], response=[9, 10, 11, 12, 13], uid=0)]
+        t.submit(rows[topk_vocab])
+        t.finish()
+    assert (rows[None][0].teacher_topk_ids == 600).any()  # unrestricted, the padded id is in the top-k
+    r = rows[512][0]
+    lm = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(lm(torch.tensor([r.prompt + r.response[:-1]])).logits[0, len(r.prompt) - 1:], -1)
+    top = logp[:, :512].topk(6, -1)  # [n, 6] among the student's ids, log-probs over all 640
+    assert int(r.teacher_topk_ids.max()) < 512 and torch.equal(r.teacher_topk_ids, top.indices)
+    assert torch.allclose(r.teacher_topk_logp.double(), top.values, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- through train.py
 @pytest.mark.parametrize("method", ["topd", "topk_kd"])
 def test_two_training_steps_through_train_py(method, tmp_path):
@@ -230,3 +269,19 @@ def test_two_training_steps_through_train_py(method, tmp_path):
     else:
         assert all(m["topk_kl"] > 0 and m["loss/kd"] > 0 for m in metrics)
         assert len(s["topk_kl"]) == len(s["tokens"])
+
+
+def test_topk_kd_trains_with_a_teacher_of_a_larger_vocabulary(tmp_path, tiny_model_dir):
+    """train.py's topk_kd with a teacher whose embedding has more rows than the student's (the student: the tiny
+    model of 512 ids; the teacher: padded to 640, a padded id scoring highest): a step trains (a top-k id past the
+    student's vocabulary used to stop the run with an index error in the student's forward)."""
+    run_dir = str(tmp_path / "run")
+    teacher_dir = padded_teacher(tiny_model_dir, str(tmp_path / "teacher"))
+    cmd = [sys.executable, "train.py", "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--method",
+           "topk_kd", "--model", tiny_model_dir, "--teacher", teacher_dir, "--task", "examples.lowercase:task",
+           "--max_prompt_tokens", "256", "--max_tokens", "16", "--max_steps", "1", "--eval_every", "0",
+           "--save_every", "0", "--kd_topk", "8", "--run_dir", run_dir]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert metrics[0]["grad_norm"] > 0 and metrics[0]["topk_kl"] > 0

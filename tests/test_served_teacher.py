@@ -224,6 +224,17 @@ def test_served_topk_equals_the_local_teachers(server):
         assert (a.teacher_logp - b.teacher_logp).abs().max() < 1e-5
 
 
+def test_served_topk_past_the_students_vocabulary_stops_with_the_cause(server):
+    """The server ranks the teacher's whole vocabulary. A top-k id past the student's (a student of 100 ids here,
+    against the served model's 512) stops the step with the cause and the way out, before any student forward."""
+    import policy
+    import teacher
+    served = teacher.ServedTeacher(server.url, token_budget=2048, topk=8, topk_vocab=100)
+    served.submit([policy.Row(prompt=[5, 6, 7], response=[8, 9, 10, 11, 12], uid=0)])
+    with pytest.raises(SystemExit, match=r"past the student's vocabulary \(100 ids\).*A local teacher"):
+        served.finish()
+
+
 @pytest.mark.parametrize("method", ["topd", "topk_kd"])
 def test_new_baselines_train_with_a_served_teacher(server, tmp_path, method):
     run_dir = str(tmp_path / method)

@@ -316,3 +316,14 @@ def test_evaluation_does_not_change_the_training_trajectory(tmp_path):
     assert "eval_accuracy" in read_metrics(str(tmp_path / "3"))[2]
     a, b = (open(os.path.join(final_checkpoint(str(tmp_path / e)), "model.safetensors"), "rb").read() for e in "03")
     assert a == b
+
+
+def test_a_step_with_every_group_filtered_keeps_the_entropy_coefficient(tmp_path):
+    """With filter_groups, a random tiny model's K&K groups (reward -3 on every sample) are all dropped: no token is
+    trained, so no entropy is measured, and the adaptive entropy control leaves its coefficient as it was (such a
+    step used to stop the run with KeyError 'entropy')."""
+    metrics = run([PY, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"),
+                   "--method", "grpo", "--max_steps", "2", "--filter_groups", "true", "--ent_target", "9",
+                   "--ent_coef", "0.001", "--eval_every", "0", "--save_every", "0"], str(tmp_path / "run"))
+    assert [m["tokens_trained"] for m in metrics] == [0, 0] and [m["groups_kept"] for m in metrics] == [0, 0]
+    assert [m["ent_coef"] for m in metrics] == [0.001, 0.001] and metrics[-1]["entropy"] == 0.0
