@@ -659,6 +659,16 @@ def load_models(run):
     device = run.device
     world = run.world
     ckpt = checkpoint.latest_checkpoint(cfg.run_dir) if cfg.resume else None
+    # Every rank must resume at the same step: where run_dir is not one shared directory (a node's local disk, a
+    # relative path from different working directories) ranks would start apart and their collectives never meet.
+    seen = int(os.path.basename(ckpt)[len("step_"):]) if ckpt else 0
+    most, minus_least = policy.reduce_ints([seen, -seen], "max")
+    if most != -minus_least:
+        other = most if most != seen else -minus_least
+        found = {n: f"the step-{n} checkpoint" if n else "no checkpoint" for n in (seen, other)}
+        raise SystemExit(f"--resume: rank {run.rank} finds {found[seen]} in {os.path.abspath(cfg.run_dir)}, another "
+                         f"rank {found[other]}: run_dir must be one directory every rank sees (a shared filesystem "
+                         "on several nodes, an absolute path)")
     start_from = ckpt or run.student_path
     if run.needs["samples"] == "student" or (cfg.eval_every and run.eval_examples):
         run.engine = rollout.make_engine(start_from, cfg.engine, device, seed=cfg.seed + run.rank,

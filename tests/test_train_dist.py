@@ -135,3 +135,29 @@ def test_default_config_with_hub_names_runs_offline(hub_cache, tmp_path, ranks):
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "--teacher Qwen/Qwen3-32B: not a local directory" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
     assert "hf download Qwen/Qwen3-32B" in p.stderr
+
+
+def test_ranks_that_find_different_checkpoints_stop_before_training(tmp_path):
+    """--resume where run_dir is not one directory for every rank (here a relative path, each rank working in a
+    directory of its own; on several nodes, a node's local disk): rank 0 finds the step-2 checkpoint, rank 1 none.
+    Both stop at start-up with the cause instead of training from different steps."""
+    flags = ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"), "--max_steps", "2", "--eval_every", "0",
+             "--save_every", "2", "--log_samples_every", "0", "--run_dir", "run"]
+    first, second = tmp_path / "node0", tmp_path / "node1"
+    first.mkdir()
+    second.mkdir()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + flags, cwd=first, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and os.listdir(first / "run" / "checkpoints") == ["step_000002"], p.stderr[-3000:]
+    helper = os.path.join(ROOT, "tests", "train_helper.py")
+    made = first / "run" / "models"  # absolute model paths, as hub names would be on every node
+    models = ["--model", str(made / "tiny"), "--teacher", str(made / "tiny-teacher")]
+    p = subprocess.run(TORCHRUN + [helper, "apart", str(first), str(second)] + flags + models +
+                       ["--max_steps", "4", "--resume", "true"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert (f"--resume: rank 0 finds the step-2 checkpoint in {first / 'run'}, another rank no checkpoint: run_dir "
+            "must be one directory every rank sees") in out, out[-3000:]
+    assert f"--resume: rank 1 finds no checkpoint in {second / 'run'}, another rank the step-2 checkpoint" in out
+    assert not (first / "run" / "checkpoints" / "step_000004").exists()

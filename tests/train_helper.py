@@ -4,6 +4,8 @@
     [torchrun --nproc_per_node 2|4] tests/train_helper.py update OUT.pt MODEL_DIR [SHARD_GROUP [METHOD]]
     torchrun --nproc_per_node 2 tests/train_helper.py timeout MINUTES    # rank 1 arrives 30 s late
     torchrun --nproc_per_node 2 tests/train_helper.py metrics            # rank 1 records a metric rank 0 does not
+    torchrun --nproc_per_node 2 tests/train_helper.py apart DIR0 DIR1 --config ... --run_dir RELATIVE [--key value ...]
+        # train.main with rank r working in DIRr: a relative run_dir names a different directory on each rank
 
 toy: prompts whose reward is the fraction of generated characters that are lowercase letters or spaces. A
 random tiny model scores about 0.5 with a wide spread, so group advantages are informative from the first
@@ -133,5 +135,8 @@ if __name__ == "__main__":
         late_rank(float(sys.argv[2]))
     elif sys.argv[1] == "metrics":
         metrics_mismatch()
+    elif sys.argv[1] == "apart":
+        os.chdir(sys.argv[2 + int(os.environ.get("RANK", 0))])
+        train.main(train.parse_config(sys.argv[4:]))
     else:
         sys.exit(__doc__)
