@@ -349,8 +349,7 @@ def logprobs(model: Policy, rows: list, budget: int, device, *, topk: int = 0, t
     [len(response)] per row, in order, and stats: slots / max_slots (padded tokens), unpadded, pad_fraction,
     micro_batches / dummy_batches. topk > 0 (a teacher for topk_kd): each row's entry is (log-probs [n], its
     `topk` most likely ids at each position [n, k], their log-probs [n, k]) instead, chosen among ids below
-    topk_vocab (None: every id). Sharded, a collective: every
-    rank calls it with its own rows (even none)."""
+    topk_vocab (None: every id). Sharded, a collective: every rank calls it with its own rows (even none)."""
     batches = pack(rows, budget)
     padded = even_out([batches])[0]  # as many forwards as the busiest rank (a sharded forward is a collective)
     if getattr(model, "offload", False):
