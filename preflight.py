@@ -7,6 +7,7 @@ resolve_model: model names as local directories.
     python train.py --config configs/kk_qwen3_0.6b_8k.toml --plan true --plan_gpus 8x140  # 8 GPUs of 140 GiB
 """
 import dataclasses
+import math
 import os
 import tomllib
 
@@ -27,10 +28,10 @@ OUTSIDE_TENSORS = 3 * GIB
 # ----------------------------------------------------------------------------- 1. the config's types and ranges
 RULES = [("max_steps group_size prompts_per_step mini_batches ppo_epochs micro_batch_tokens max_tokens "
           "max_prompt_tokens train_per_level eval_per_level eval_n keep_last logit_chunk teacher_token_budget "
-          "max_num_seqs kd_topk".split(), lambda v: v >= 1, ">= 1"),
+          "max_num_seqs kd_topk log_samples_groups".split(), lambda v: v >= 1, ">= 1"),
          ("seed eval_every save_every warmup_steps kv_cache_memory_mb weight_decay kd_coef kd_coef_end kd_anneal "
           "kd_clamp kl_coef ent_coef ent_target ent_delta ent_coef_max teacher_clamp eval_temperature "
-          "max_logprob_mismatch".split(),
+          "max_logprob_mismatch log_samples_every shard_group".split(),
           lambda v: v >= 0, ">= 0"),
          ("lr temperature max_grad_norm dist_timeout_min teacher_timeout_s".split(), lambda v: v > 0, "> 0"),
          ("alpha min_lr_ratio".split(), lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -51,7 +52,10 @@ def parse_flags(Config, argv):
         if not os.path.isfile(path):
             raise SystemExit(f"--config {path!r}: no such file (presets are in configs/)")
         with open(path, "rb") as f:
-            values = tomllib.load(f)
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise SystemExit(f"--config {path}: not valid TOML ({e})") from None
         del args[i:i + 2]
     if len(args) % 2 or not all(a.startswith("--") for a in args[::2]):
         raise SystemExit(f"arguments must be --key value pairs; got {args}")
@@ -74,6 +78,8 @@ def check_config(cfg, world: int):
         value, want = getattr(cfg, f.name), ((int, float) if f.type is float else f.type)  # an int may be a float
         if not isinstance(value, want) or (isinstance(value, bool) and f.type is not bool):  # but a bool is no int
             raise SystemExit(f"--{f.name} {value!r}: expected {f.type.__name__} (check the preset or the flag)")
+        if f.type is float and not math.isfinite(value):  # inf passes every range below; nan fails them unclearly
+            raise SystemExit(f"--{f.name} {value!r}: must be a finite number")
     for names, rule, text in RULES:
         for name in names:
             if not rule(getattr(cfg, name)):
@@ -98,6 +104,8 @@ def check_config(cfg, world: int):
         raise SystemExit(f"--group_size {cfg.group_size}: group advantages need at least 2 responses per prompt")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is not divisible by the world size {world}")
+    if cfg.shard_group and world % cfg.shard_group and not cfg.plan_gpus:  # --plan_gpus: a plan for other machines
+        raise SystemExit(f"--shard_group {cfg.shard_group} does not divide the world size {world} (0: a node's ranks)")
     if needs_teacher(cfg) and not cfg.teacher:
         raise SystemExit(f"--method {cfg.method} needs a teacher: pass --teacher PATH_OR_HUB_NAME")
     for name in ("model", "teacher") if needs_teacher(cfg) else ("model",):
@@ -105,6 +113,18 @@ def check_config(cfg, world: int):
         local = not path.startswith("tiny") and (path.startswith(("/", ".", "~")) or path.count("/") > 1)
         if local and not os.path.isdir(os.path.expanduser(path)):
             raise SystemExit(f"--{name} {path}: no such directory (give a local checkpoint or a hub name)")
+
+def check_model(cfg, config) -> None:
+    """The settings that need the student's config.json (read, no weights yet): the context and the vocabulary."""
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    context = getattr(config, "max_position_embeddings", None)
+    if context and scaling.get("factor"):  # YaRN and the like stretch the positions (vLLM derives its limit alike)
+        context = int(context * scaling["factor"])
+    if context and cfg.max_prompt_tokens + cfg.max_tokens > context:
+        raise SystemExit(f"--max_prompt_tokens {cfg.max_prompt_tokens} + --max_tokens {cfg.max_tokens} exceeds "
+                         f"{cfg.model}'s context of {context} positions (max_position_embeddings): lower either")
+    if rlad.METHODS[cfg.method].get("teacher_topk") and cfg.kd_topk > config.vocab_size:
+        raise SystemExit(f"--kd_topk {cfg.kd_topk} exceeds the student's vocabulary ({config.vocab_size} ids)")
 
 def needs_teacher(cfg) -> bool:
     """The teacher's weights live on these ranks: the method scores tokens with it, and not via --teacher_url."""

@@ -184,8 +184,7 @@ def load_examples(task, cfg, tokenizer, say=print):
     levels = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731  "3,4" -> (3, 4)
     files = lambda text: tuple(f for f in text.split(",") if f)  # noqa: E731  "a.jsonl,b.jsonl" -> (...)
     if cfg.sft_data:
-        with open(cfg.sft_data) as f:
-            train = [json.loads(line) for line in f if line.strip()]
+        train = read_sft_data(cfg.sft_data)
     else:
         train = task.examples("train", Source(files(cfg.train_data), levels(cfg.train_levels), cfg.train_per_level,
                                               cfg.seed))
@@ -200,8 +199,31 @@ def load_examples(task, cfg, tokenizer, say=print):
         out.append((kept, prompts))
     return out[0][0], out[0][1], out[1][0]
 
+def read_sft_data(path: str) -> list:
+    """The examples of an sft_data jsonl (eval.py --sft_out writes one): a JSON object per line, with its target
+    text in "target" (or "answer") and the fields its task's prompt reads ("question" for the built-in tasks)."""
+    examples = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--sft_data {path}, line {number}: not JSON ({e})") from None
+            if not isinstance(example, dict) or not (example.get("target") or example.get("answer")):
+                raise ValueError(f"--sft_data {path}, line {number}: expected a JSON object with a \"target\" (or "
+                                 "\"answer\") text, as eval.py --sft_out writes")
+            examples.append(example)
+    return examples
+
 def build_prompts(task, examples, tokenizer, max_prompt_tokens: int):
     """(kept examples, their (prompt_ids, prefill)): those whose prompt fits max_prompt_tokens."""
-    prompts = [prompt_ids(task, ex, tokenizer) for ex in examples]
+    prompts = []
+    for i, example in enumerate(examples):
+        try:
+            prompts.append(prompt_ids(task, example, tokenizer))
+        except KeyError as e:
+            raise ValueError(f"example {i} has no field {e}, which the prompt of task {task.name!r} reads") from None
     keep = [i for i, (ids, _) in enumerate(prompts) if len(ids) <= max_prompt_tokens]
     return [examples[i] for i in keep], [prompts[i] for i in keep]

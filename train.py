@@ -601,12 +601,14 @@ def setup(cfg: Config, task=None) -> Run:
     if preflight.needs_teacher(cfg):
         run.teacher_path = preflight.resolve_model(cfg.teacher, cfg, "teacher")
     run.tokenizer = AutoTokenizer.from_pretrained(run.student_path)
+    student_config = AutoConfig.from_pretrained(run.student_path)
+    preflight.check_model(cfg, student_config)
     if cfg.teacher_url and rlad.uses_teacher(cfg.method):  # checked now (answers, same tokenizer), before any weights
         run.teacher = teacher_lib.ServedTeacher(cfg.teacher_url, run.tokenizer, temperature=cfg.temperature,
                                                 max_len=cfg.max_prompt_tokens + cfg.max_tokens, name=cfg.model,
                                                 token_budget=cfg.teacher_token_budget, timeout_s=cfg.teacher_timeout_s,
                                                 stream=cfg.teacher_stream, topk=preflight.topk_ids(cfg),
-                                                topk_vocab=AutoConfig.from_pretrained(run.student_path).vocab_size)
+                                                topk_vocab=student_config.vocab_size)
     if run.teacher_path:
         try:
             teacher_lib.check_tokenizers(run.tokenizer, AutoTokenizer.from_pretrained(run.teacher_path), cfg.model,

@@ -244,6 +244,9 @@ def test_config_parsing_and_errors(tmp_path):
     (["--eval_levels", "1,2"], "--eval_levels '1,2': expected comma-separated integers >= 2"),
     (["--loss_agg", "mean"], "use one of token-mean"),
     (["--plan_gpus", "eight"], "--plan_gpus 'eight': expected GPUSxGIB"),
+    (["--lr", "inf"], "--lr inf: must be a finite number"),  # used to train with a NaN loss
+    (["--shard_group", "3"], "--shard_group 3 does not divide the world size 1"),  # used to be a traceback
+    (["--log_samples_every", "-1"], "--log_samples_every -1: must be >= 0"),  # used to log every step
 ])
 def test_bad_settings_are_one_line_errors(flags, message):
     import train
@@ -261,10 +264,28 @@ def test_bad_data_and_preset_types_are_one_line_errors(tmp_path):
     no_answer.write_text('{"question": "1 + 1?"}\n')
     preset = tmp_path / "typed.toml"
     preset.write_text('lr = "abc"\n')
+    not_toml = tmp_path / "twice.toml"
+    not_toml.write_text('lr = 1.0\nlr = 2.0\n')
+    sft_not_json = tmp_path / "sft_not_json.jsonl"
+    sft_not_json.write_text('{"question": "q", "target": "t"\n')
+    sft_no_target = tmp_path / "sft_no_target.jsonl"
+    sft_no_target.write_text('{"question": "q", "target": "t"}\n{"question": "q"}\n')
+    sft_no_question = tmp_path / "sft_no_question.jsonl"
+    sft_no_question.write_text('{"target": "t"}\n')
+    sft = ["--method", "sft", "--sft_data"]
     cases = [(["--task", "math", "--train_data", str(bad_line)], f"{bad_line}, line 2: not a JSON object"),
              (["--task", "math", "--train_data", str(no_answer)], f"{no_answer}, line 1: missing answer field"),
              (["--task", "math", "--train_data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
-             (["--config", str(preset)], "--lr 'abc': expected float")]
+             (["--config", str(preset)], "--lr 'abc': expected float"),
+             (["--config", str(not_toml)], f"--config {not_toml}: not valid TOML (Cannot overwrite a value"),
+             (sft + [str(sft_not_json)], f"--sft_data {sft_not_json}, line 1: not JSON"),
+             (sft + [str(sft_no_target)], f"--sft_data {sft_no_target}, line 2: expected a JSON object with a "
+                                          '"target"'),
+             (sft + [str(sft_no_question)], "example 0 has no field 'question', which the prompt of task 'kk' reads"),
+             # Read from the student's config.json, before any weights load (both used to fail after them).
+             (["--max_tokens", "100000"], "--max_prompt_tokens 1024 + --max_tokens 100000 exceeds tiny's context of "
+                                          "2048 positions"),
+             (["--method", "topk_kd", "--kd_topk", "100000"], "--kd_topk 100000 exceeds the student's vocabulary")]
     for flags, message in cases:
         base = [] if "--config" in flags else ["--config", os.path.join(ROOT, "configs", "tiny_cpu.toml")]
         with pytest.raises(SystemExit) as e:
