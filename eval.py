@@ -272,13 +272,23 @@ def parse_args(argv):
     p.add_argument("--sft_out", default=None, help="also write the correct samples as examples with a \"target\": "
                    "the SFT baseline's data (train.py --sft_data)")
     a = p.parse_args(argv)
+    if a.n < 1:
+        p.error(f"--n {a.n}: must be >= 1")
     try:
         a.ks = [int(k) for k in a.k.split(",") if k.strip()] if a.k else sorted({1, a.n})
+    except ValueError:
+        p.error(f"--k {a.k!r}: expected comma-separated integers, e.g. 1,8,32")
+    try:
         levels = tuple(int(x) for x in a.levels.split(",") if x)
     except ValueError:
-        p.error(f"--k {a.k!r} / --levels {a.levels!r}: expected comma-separated integers, e.g. 1,8,32")
-    if a.n < 1 or not a.ks or min(a.ks) < 1 or max(a.ks) > a.n:
+        p.error(f"--levels {a.levels!r}: expected comma-separated integers, e.g. 3,4,5")
+    if not a.ks or min(a.ks) < 1 or max(a.ks) > a.n:
         p.error(f"--k {a.k} with --n {a.n}: every k must be in 1..n (raise --n or lower --k)")
+    for name, ok, text in (("temperature", a.temperature >= 0, ">= 0 (0: greedy)"),
+                           ("top_p", 0 < a.top_p <= 1, "in (0, 1]"),
+                           ("gpu_memory_utilization", 0 < a.gpu_memory_utilization <= 1, "in (0, 1]")):
+        if not ok:
+            p.error(f"--{name} {getattr(a, name)}: must be {text}")
     if (a.limit is not None and a.limit < 1) or (a.max_tokens is not None and a.max_tokens < 1):
         p.error("--limit and --max_tokens must be >= 1")
     if not os.path.isfile(os.path.join(a.model, "config.json")):

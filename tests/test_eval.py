@@ -348,6 +348,11 @@ def test_cli_hf_engine_on_data_files(tiny_model_dir, tmp_path, capsys):
     (["--task", "kk", "--limit", "1", "--max_tokens", "5000"], "exceeds the model's context (2048)"),
     (["--task", "math"], "task 'math' needs data files"),
     (["--task", "kk", "--data", "/nonexistent/kk.jsonl"], "no such file"),
+    (["--task", "kk", "--n", "0"], "--n 0: must be >= 1"),  # used to blame the unset --k
+    (["--task", "kk", "--levels", "x"], "--levels 'x': expected comma-separated integers"),
+    (["--task", "kk", "--temperature", "-1"], "--temperature -1.0: must be >= 0"),  # these used to be vLLM tracebacks
+    (["--task", "kk", "--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+    (["--task", "kk", "--gpu_memory_utilization", "0"], "--gpu_memory_utilization 0.0: must be in (0, 1]"),
 ])
 def test_cli_errors(tiny_model_dir, capsys, args, message):
     with pytest.raises(SystemExit) as e:
