@@ -161,3 +161,21 @@ def test_ranks_that_find_different_checkpoints_stop_before_training(tmp_path):
             "must be one directory every rank sees") in out, out[-3000:]
     assert f"--resume: rank 1 finds no checkpoint in {second / 'run'}, another rank the step-2 checkpoint" in out
     assert not (first / "run" / "checkpoints" / "step_000004").exists()
+
+
+@pytest.mark.parametrize("method", ["sft", "topd", "topk_kd", "distill"])
+def test_every_kind_of_method_trains_on_two_ranks(tmp_path, method):
+    """Each method's own path (the SFT targets, TOP-D's step-level advantages, the teacher's top-k, no pi_old) at 2
+    ranks, two PPO epochs, and as many mini-batches as the step has rows: each mini-batch holds one row, so one rank
+    runs a placeholder micro-batch in every one. The step merges its metrics and trains (rlad and grpo: the update
+    tests above)."""
+    run_dir = str(tmp_path / method)
+    rows = 4 if method == "sft" else 16  # 4 prompts x (1 target, or 4 samples)
+    launch(TORCHRUN + [os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny_cpu.toml"),
+                       "--method", method, "--task", "examples.lowercase:task", "--max_prompt_tokens", "256",
+                       "--max_tokens", "16", "--kd_topk", "8", "--mini_batches", str(rows), "--ppo_epochs", "2",
+                       "--max_steps", "1", "--eval_every", "0", "--save_every", "0", "--run_dir", run_dir])
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["grad_norm"] > 0, metrics
+    assert metrics[0]["kept_rows"] == rows, metrics
