@@ -297,12 +297,15 @@ def test_main_rejects_empty_data_and_foreign_teacher(tmp_path, tiny_model_dir):
     import tiny
     import train
     from train_helper import ToyTask
-    cfg = train.Config(model=tiny_model_dir, teacher=tiny_model_dir, run_dir=str(tmp_path / "a"), eval_every=0)
+    # max_tokens: the default 1024 + 2048 positions would not fit the tiny model's 2048
+    cfg = train.Config(model=tiny_model_dir, teacher=tiny_model_dir, run_dir=str(tmp_path / "a"), eval_every=0,
+                       max_tokens=512)
     with pytest.raises(SystemExit, match="empty training set"):
         train.main(cfg, task=type("Empty", (ToyTask,), {"examples": staticmethod(lambda split, source: [])}))
     other = tiny.make_tokenizer(corpus="completely different words for another vocabulary " * 20, vocab_size=300)
     foreign = tiny.save_tiny(str(tmp_path / "foreign"), other)
-    cfg = train.Config(model=tiny_model_dir, teacher=foreign, run_dir=str(tmp_path / "b"), eval_every=0)
+    cfg = train.Config(model=tiny_model_dir, teacher=foreign, run_dir=str(tmp_path / "b"), eval_every=0,
+                       max_tokens=512)
     with pytest.raises(SystemExit, match="tokenizer mismatch"):  # one line, before any model loads
         train.main(cfg, task=ToyTask)
 
