@@ -219,7 +219,7 @@ def arith_examples(levels=range(2, 9), per_level=100, seed=0, split="train"):
     return _examples("arith", levels, per_level, seed, split=split, make=make)
 
 # ----------------------------------------------------------------------- loaders: jsonl / parquet in the public formats
-def _rows(path):
+def read_rows(path):
     """(where, row) for each row of a .jsonl / .parquet file or hub dataset (hf:...); `where` is for error messages."""
     if path.startswith("hf:"):
         yield from _hub_rows(path)
@@ -282,7 +282,7 @@ def _hub_rows(path):
 def load_kk(path):
     """K&K Examples from a public-format file (fields quiz, names, solution; solution_text_format optional)."""
     out, stem = [], os.path.basename(path).split(".")[0]
-    for where, row in _rows(path):
+    for where, row in read_rows(path):
         if missing := [field for field in ("quiz", "names", "solution") if field not in row]:
             raise ValueError(f"{where}: missing field {missing[0]!r} (K&K rows need quiz, names, solution)")
         names, solution = row["names"], row["solution"]
@@ -353,7 +353,7 @@ def load_math(path, question_key=None, answer_key=None, level=None):
         if level.lower() in ("train", "test", "validation", "val", "dev"):  # HF layout: name/test-0000.parquet
             level = os.path.basename(os.path.dirname(os.path.abspath(path))) or level
     out = []
-    for where, row in _rows(path):
+    for where, row in read_rows(path):
         qkeys = [question_key] if question_key else ["question", "problem", "prompt"]
         qkey = next((k for k in qkeys if _field(row, k) is not None), None)
         if qkey is None:

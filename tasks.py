@@ -11,7 +11,6 @@ turn, prefill included. TASKS maps names to tasks as rlad.METHODS maps names to 
 trainer looks at a task's name. Generators and loaders live in data.py, scorers in rewards.py.
 """
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -200,21 +199,14 @@ def load_examples(task, cfg, tokenizer, say=print):
     return out[0][0], out[0][1], out[1][0]
 
 def read_sft_data(path: str) -> list:
-    """The examples of an sft_data jsonl (eval.py --sft_out writes one): a JSON object per line, with its target
-    text in "target" (or "answer") and the fields its task's prompt reads ("question" for the built-in tasks)."""
+    """The examples of sft_data (eval.py --sft_out writes a jsonl; parquet and hf:... read alike, data.read_rows):
+    each an object with its target text in "target" (or "answer") and the fields its task's prompt reads
+    ("question" for the built-in tasks)."""
     examples = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--sft_data {path}, line {number}: not JSON ({e})") from None
-            if not isinstance(example, dict) or not (example.get("target") or example.get("answer")):
-                raise ValueError(f"--sft_data {path}, line {number}: expected a JSON object with a \"target\" (or "
-                                 "\"answer\") text, as eval.py --sft_out writes")
-            examples.append(example)
+    for where, example in data.read_rows(path):
+        if not (example.get("target") or example.get("answer")):
+            raise ValueError(f"--sft_data {where}: no \"target\" (or \"answer\") text, as eval.py --sft_out writes")
+        examples.append(example)
     return examples
 
 def build_prompts(task, examples, tokenizer, max_prompt_tokens: int):

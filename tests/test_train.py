@@ -278,9 +278,8 @@ def test_bad_data_and_preset_types_are_one_line_errors(tmp_path):
              (["--task", "math", "--train_data", str(tmp_path / "none.jsonl")], "none.jsonl: no such file"),
              (["--config", str(preset)], "--lr 'abc': expected float"),
              (["--config", str(not_toml)], f"--config {not_toml}: not valid TOML (Cannot overwrite a value"),
-             (sft + [str(sft_not_json)], f"--sft_data {sft_not_json}, line 1: not JSON"),
-             (sft + [str(sft_no_target)], f"--sft_data {sft_no_target}, line 2: expected a JSON object with a "
-                                          '"target"'),
+             (sft + [str(sft_not_json)], f"{sft_not_json}, line 1: not a JSON object"),
+             (sft + [str(sft_no_target)], f"--sft_data {sft_no_target}, line 2: no \"target\" (or \"answer\") text"),
              (sft + [str(sft_no_question)], "example 0 has no field 'question', which the prompt of task 'kk' reads"),
              # Read from the student's config.json, before any weights load (both used to fail after them).
              (["--max_tokens", "100000"], "--max_prompt_tokens 1024 + --max_tokens 100000 exceeds tiny's context of "
